@@ -1,0 +1,191 @@
+"""Settings from the environment (SPEC §9). Invalid values stop start-up with one line naming the fix.
+
+Every variable has the prefix ``CCAT_WORKFLOW_MANAGER_`` except the ops-db URL (``CCAT_OPS_DB_URL``) and the
+local data directory (``CCAT_DAGSTER_DATA_DIR``) that the laptop defaults live under.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ccat_dagster.errors import CcatError
+
+PREFIX = "CCAT_WORKFLOW_MANAGER_"
+OPS_DB_URL_VAR = "CCAT_OPS_DB_URL"
+DATA_DIR_VAR = "CCAT_DAGSTER_DATA_DIR"
+
+HPC_BACKENDS = ("local", "slurm", "kubernetes")
+CONTAINER_RUNTIMES = ("apptainer", "bubblewrap")
+STAGERS = ("local", "external")
+
+
+class SettingsError(CcatError, ValueError):
+    """A setting ccat-dagster cannot use; the message names the variable and the allowed values."""
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise SettingsError(f"{name}={raw!r} is invalid: allowed values are {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _int(minimum: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r} is invalid: expected a whole number ≥ {minimum}") from None
+        if value < minimum:
+            raise SettingsError(f"{name}={raw!r} is invalid: expected a whole number ≥ {minimum}")
+        return value
+
+    return parse
+
+
+def _optional_int(name: str, raw: str) -> int | None:
+    return None if raw.strip() == "" else _int(1)(name, raw)
+
+
+def _path(name: str, raw: str) -> Path:
+    if not raw.strip():
+        raise SettingsError(f"{name} is empty: give an absolute or relative directory path")
+    return Path(raw).expanduser().resolve()
+
+
+def _str(_name: str, raw: str) -> str:
+    return raw.strip()
+
+
+def _db_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith(("postgresql", "sqlite")):
+        raise SettingsError(
+            f"{name}={_redact_url(value)!r} is invalid: expected a SQLAlchemy URL starting with "
+            "postgresql:// (production) or sqlite:/// (first-run demo)"
+        )
+    return value
+
+
+def _redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All configuration of one ccat-dagster deployment (one processing location)."""
+
+    data_dir: Path
+    ops_db_url: str
+    hpc_backend: str
+    container_runtime: str
+    pipeline_base_dir: Path
+    processing_location_id: int | None
+    slurm_partition: str
+    k8s_namespace: str
+    sif_cache_dir: Path
+    stager: str
+    max_concurrent_jobs: int
+    max_partitions_per_run: int
+    poll_interval_seconds: int
+    staging_timeout_seconds: int
+    sensor_batch_limit: int
+    watermark_overlap_seconds: int
+    retention_days: int
+
+    @property
+    def redacted_ops_db_url(self) -> str:
+        return _redact_url(self.ops_db_url)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        data_dir = _path(DATA_DIR_VAR, env.get(DATA_DIR_VAR, ".data"))
+        defaults: dict[str, str] = {
+            "HPC_BACKEND": "local",
+            "CONTAINER_RUNTIME": "apptainer",
+            "PIPELINE_BASE_DIR": str(data_dir / "pipelines"),
+            "PROCESSING_LOCATION_ID": "",
+            "SLURM_PARTITION": "",
+            "K8S_NAMESPACE": "ccat",
+            "SIF_CACHE_DIR": str(data_dir / "sif-cache"),
+            "STAGER": "local",
+            "MAX_CONCURRENT_JOBS": "4",
+            "MAX_PARTITIONS_PER_RUN": "200",
+            "POLL_INTERVAL_SECONDS": "2",
+            "STAGING_TIMEOUT_SECONDS": "3600",
+            "SENSOR_BATCH_LIMIT": "5000",
+            "WATERMARK_OVERLAP_SECONDS": "300",
+            "RETENTION_DAYS": "30",
+        }
+        parsers: dict[str, Callable[[str, str], Any]] = {
+            "HPC_BACKEND": _choice(HPC_BACKENDS),
+            "CONTAINER_RUNTIME": _choice(CONTAINER_RUNTIMES),
+            "PIPELINE_BASE_DIR": _path,
+            "PROCESSING_LOCATION_ID": _optional_int,
+            "SLURM_PARTITION": _str,
+            "K8S_NAMESPACE": _str,
+            "SIF_CACHE_DIR": _path,
+            "STAGER": _choice(STAGERS),
+            "MAX_CONCURRENT_JOBS": _int(1),
+            "MAX_PARTITIONS_PER_RUN": _int(1),
+            "POLL_INTERVAL_SECONDS": _int(1),
+            "STAGING_TIMEOUT_SECONDS": _int(1),
+            "SENSOR_BATCH_LIMIT": _int(1),
+            "WATERMARK_OVERLAP_SECONDS": _int(0),
+            "RETENTION_DAYS": _int(0),
+        }
+        values: dict[str, Any] = {"data_dir": data_dir}
+        for key, parse in parsers.items():
+            name = PREFIX + key
+            values[key.lower()] = parse(name, env.get(name, defaults[key]))
+        values["ops_db_url"] = _db_url(
+            OPS_DB_URL_VAR, env.get(OPS_DB_URL_VAR, f"sqlite:///{data_dir / 'opsdb.sqlite'}")
+        )
+        return cls(**values)
+
+    def as_environment(self) -> dict[str, str]:
+        """The settings as environment variables (for child processes such as the Dagster code server)."""
+        env = {DATA_DIR_VAR: str(self.data_dir), OPS_DB_URL_VAR: self.ops_db_url}
+        for field in fields(self):
+            if field.name in ("data_dir", "ops_db_url"):
+                continue
+            value = getattr(self, field.name)
+            env[PREFIX + field.name.upper()] = "" if value is None else str(value)
+        return env
+
+
+def variable_reference() -> list[tuple[str, str, str]]:
+    """(variable, default, allowed values) for the configuration reference and ``doctor``."""
+    return [
+        (DATA_DIR_VAR, "./.data", "a directory"),
+        (OPS_DB_URL_VAR, "sqlite:///<data dir>/opsdb.sqlite", "postgresql://… or sqlite:///…"),
+        (PREFIX + "HPC_BACKEND", "local", ", ".join(HPC_BACKENDS)),
+        (PREFIX + "CONTAINER_RUNTIME", "apptainer", ", ".join(CONTAINER_RUNTIMES)),
+        (PREFIX + "PIPELINE_BASE_DIR", "<data dir>/pipelines", "a writable directory"),
+        (PREFIX + "PROCESSING_LOCATION_ID", "(the only processing location)", "a DataLocation id"),
+        (PREFIX + "SLURM_PARTITION", "(cluster default)", "a Slurm partition name"),
+        (PREFIX + "K8S_NAMESPACE", "ccat", "a Kubernetes namespace"),
+        (PREFIX + "SIF_CACHE_DIR", "<data dir>/sif-cache", "a writable directory"),
+        (PREFIX + "STAGER", "local", ", ".join(STAGERS)),
+        (PREFIX + "MAX_CONCURRENT_JOBS", "4", "jobs in flight per backend from this location, ≥ 1"),
+        (PREFIX + "MAX_PARTITIONS_PER_RUN", "200", "sub-groups one Dagster run materializes, ≥ 1"),
+        (PREFIX + "POLL_INTERVAL_SECONDS", "2", "seconds between job status polls, ≥ 1"),
+        (PREFIX + "STAGING_TIMEOUT_SECONDS", "3600", "seconds a run waits for staging, ≥ 1"),
+        (PREFIX + "SENSOR_BATCH_LIMIT", "5000", "changed packages read per sensor tick, ≥ 1"),
+        (PREFIX + "WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark, ≥ 0"),
+        (PREFIX + "RETENTION_DAYS", "30", "days before consumed intermediates may be deleted, ≥ 0"),
+    ]

@@ -1,0 +1,115 @@
+"""Shared fixtures: throwaway ops-db databases on PostgreSQL (the real server) and SQLite.
+
+PostgreSQL is required: where the server is down the fixture starts it; in CI (``CI`` set) a missing server
+fails the run instead of skipping, so the PostgreSQL tests can never silently disappear.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+
+from ccat_dagster.opsdb.engine import make_engine
+from ccat_dagster.opsdb.migrate import upgrade
+
+PG_ADMIN_URL = os.environ.get("CCAT_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_available() -> bool:
+    engine = create_engine(PG_ADMIN_URL)
+    try:
+        with engine.connect():
+            return True
+    except Exception:  # noqa: BLE001 - any connection failure means "not available"
+        return False
+    finally:
+        engine.dispose()
+
+
+def _ensure_pg() -> None:
+    if _pg_available():
+        return
+    if shutil.which("pg_ctlcluster"):
+        versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+        for version in versions:
+            subprocess.run(
+                ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
+                check=False,
+                capture_output=True,
+            )
+    if not _pg_available():
+        message = f"PostgreSQL is not reachable at {PG_ADMIN_URL} and could not be started"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def create_pg_database(prefix: str = "ccat_test") -> str:
+    """Create an empty database with a unique name; returns its URL."""
+    _ensure_pg()
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_pg_database(url: str) -> None:
+    name = url.rsplit("/", 1)[1]
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A migrated PostgreSQL ops-db shared by the session (tests must not depend on each other's rows)."""
+    url = create_pg_database()
+    upgrade(url)
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """An empty (unmigrated) PostgreSQL database for one test."""
+    url = create_pg_database()
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path / 'opsdb.sqlite'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request, tmp_path) -> Iterator[str]:
+    """A fresh migrated ops-db, once per dialect."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'opsdb.sqlite'}"
+        upgrade(url)
+        yield url
+        return
+    url = create_pg_database()
+    upgrade(url)
+    yield url
+    drop_pg_database(url)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    yield engine
+    engine.dispose()
