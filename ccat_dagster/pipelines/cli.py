@@ -1,0 +1,265 @@
+"""``ccat-dagster pipelines …``: check pipeline YAML files, store them in ops-db, list, show, enable, disable.
+
+Exit codes: 0 everything worked; 1 a file or name was rejected (every problem is printed on stderr);
+2 ops-db could not be used at all (unreachable, not migrated) or bad settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from ccat_dagster.opsdb.engine import make_engine, session_scope
+from ccat_dagster.pipelines.apply import (
+    ApplyResult,
+    PipelineApplyError,
+    PipelineNotFoundError,
+    apply_pipeline_spec,
+    export_pipeline,
+    get_pipeline,
+    list_pipelines,
+    set_pipeline_enabled,
+)
+from ccat_dagster.pipelines.spec import PipelineSpec, PipelineSpecError, load_pipeline_spec
+from ccat_dagster.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+EXIT_OK, EXIT_REJECTED, EXIT_OPSDB = 0, 1, 2
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add the ``pipelines`` command group to the ``ccat-dagster`` parser."""
+    group = commands.add_parser(
+        "pipelines",
+        help="pipeline YAML files: validate, apply to ops-db, list, show, enable, disable",
+        description="Pipelines are YAML files (docs/pipeline-yaml.md) stored in ops-db by `apply`.",
+    )
+    sub = group.add_subparsers(dest="pipelines_command", required=True, metavar="COMMAND")
+
+    validate = sub.add_parser(
+        "validate",
+        help="check files; also checks them against ops-db (read only) unless --offline",
+        description="Check pipeline files as `apply` would, writing nothing. Exit 1 if any is invalid.",
+    )
+    validate.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    validate.add_argument(
+        "--offline",
+        action="store_true",
+        help="check the files only (schema and meaning); skip the ops-db checks (locations, modules, "
+        "presets, registered software versions)",
+    )
+    validate.set_defaults(handler=_validate)
+
+    apply = sub.add_parser(
+        "apply",
+        help="create or update pipelines from files (each file in its own transaction)",
+        description="Create or update the pipeline in each file. A rejected file changes nothing; the others "
+        "are still applied. Exit 1 if any file was rejected.",
+    )
+    apply.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    apply.set_defaults(handler=_apply)
+
+    list_cmd = sub.add_parser("list", help="the stored pipelines")
+    list_cmd.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    list_cmd.set_defaults(handler=_list)
+
+    show = sub.add_parser("show", help="a stored pipeline as pipeline YAML (re-appliable)")
+    show.add_argument("name", metavar="NAME")
+    show.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    show.set_defaults(handler=_show)
+
+    disable = sub.add_parser("disable", help="stop sensors and schedules from evaluating a pipeline")
+    disable.add_argument("name", metavar="NAME")
+    disable.set_defaults(handler=_toggle, enabled=False)
+
+    enable = sub.add_parser("enable", help="let sensors and schedules evaluate a pipeline again")
+    enable.add_argument("name", metavar="NAME")
+    enable.set_defaults(handler=_toggle, enabled=True)
+
+
+# ---------------------------------------------------------------------------------------------- handlers
+
+
+class _OpsDbUnusable(Exception):
+    """Internal: ops-db raised a database error; reported once as exit code 2."""
+
+
+@contextmanager
+def _engine(settings: Settings) -> Iterator[Engine]:
+    engine = make_engine(settings.ops_db_url)
+    try:
+        yield engine
+    except SQLAlchemyError as error:
+        detail = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+        print(
+            f"ccat-dagster: error: cannot use ops-db at {settings.redacted_ops_db_url}: {detail}; "
+            "check CCAT_OPS_DB_URL and run `ccat-dagster db upgrade`",
+            file=sys.stderr,
+        )
+        raise _OpsDbUnusable from error
+    finally:
+        engine.dispose()
+
+
+def _report_rejected(
+    path: Path, error: PipelineSpecError | PipelineApplyError | PipelineNotFoundError
+) -> None:
+    problems = getattr(error, "problems", None) or (str(error),)
+    print(f"rejected {path}: {len(problems)} problem(s)", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+
+
+def _print_result(result: ApplyResult, path: Path, *, dry_run: bool = False) -> None:
+    verb = f"would be {result.outcome.value}" if dry_run else result.outcome.value
+    ident = f" (id {result.pipeline_id})" if not (dry_run and result.outcome.value == "created") else ""
+    print(f"{verb}: pipeline {result.pipeline_name}{ident} from {path}")
+    for change in result.changes:
+        print(f"  - {change}")
+
+
+def _validate(args: argparse.Namespace, settings: Settings) -> int:
+    specs: list[tuple[Path, PipelineSpec]] = []
+    rejected = 0
+    for path in args.files:
+        try:
+            specs.append((path, load_pipeline_spec(path)))
+        except PipelineSpecError as error:
+            _report_rejected(path, error)
+            rejected += 1
+    if args.offline:
+        for path, spec in specs:
+            print(f"valid: pipeline {spec.name} ({len(spec.steps)} steps) in {path} (ops-db not consulted)")
+        return EXIT_REJECTED if rejected else EXIT_OK
+    try:
+        with _engine(settings) as engine:
+            for path, spec in specs:
+                # The whole apply runs and is rolled back: every ops-db check, nothing written.
+                session = Session(engine)
+                try:
+                    result = apply_pipeline_spec(session, spec, source_path=path)
+                except PipelineApplyError as error:
+                    _report_rejected(path, error)
+                    rejected += 1
+                    continue
+                finally:
+                    session.rollback()
+                    session.close()
+                _print_result(result, path, dry_run=True)
+    except _OpsDbUnusable:
+        return EXIT_OPSDB
+    return EXIT_REJECTED if rejected else EXIT_OK
+
+
+def _apply(args: argparse.Namespace, settings: Settings) -> int:
+    rejected = 0
+    seen: dict[str, Path] = {}
+    try:
+        with _engine(settings) as engine:
+            for path in args.files:
+                try:
+                    spec = load_pipeline_spec(path)
+                    if spec.name in seen:
+                        raise PipelineApplyError(
+                            [
+                                f"{path}: pipeline: {spec.name!r} is also defined by {seen[spec.name]} in "
+                                "this command; one pipeline, one file"
+                            ]
+                        )
+                    seen[spec.name] = path
+                    with session_scope(engine) as session:
+                        result = apply_pipeline_spec(session, spec, source_path=path)
+                except (PipelineSpecError, PipelineApplyError) as error:
+                    _report_rejected(path, error)
+                    rejected += 1
+                    continue
+                _print_result(result, path)
+    except _OpsDbUnusable:
+        return EXIT_OPSDB
+    return EXIT_REJECTED if rejected else EXIT_OK
+
+
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        with _engine(settings) as engine, session_scope(engine) as session:
+            summaries = list_pipelines(session)
+    except _OpsDbUnusable:
+        return EXIT_OPSDB
+    if args.json:
+        print(json.dumps([summary.to_json() for summary in summaries], indent=2))
+        return EXIT_OK
+    if not summaries:
+        print("no pipelines in ops-db (apply one with `ccat-dagster pipelines apply FILE`)")
+        return EXIT_OK
+    rows = [("NAME", "ENABLED", "TRIGGER", "LOCATION", "GROUPING", "PRIORITY", "STEPS")]
+    for s in summaries:
+        trigger = s.trigger_type + (f" {s.trigger_config['cron']!r}" if s.trigger_type == "cron" else "")
+        rows.append(
+            (
+                s.name,
+                "yes" if s.enabled else "no",
+                trigger,
+                s.processing_location,
+                s.data_grouping,
+                str(s.priority),
+                " → ".join(s.steps),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    return EXIT_OK
+
+
+def _show(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        with _engine(settings) as engine, session_scope(engine) as session:
+            try:
+                exported = export_pipeline(session, args.name)
+                pipeline = get_pipeline(session, args.name)
+            except PipelineNotFoundError as error:
+                print(f"ccat-dagster: error: {error}", file=sys.stderr)
+                return EXIT_REJECTED
+            header = (
+                f"# pipeline id {pipeline.id}; stored definition sha256 {pipeline.spec_sha256}; "
+                f"updated {pipeline.updated_at:%Y-%m-%d %H:%M:%S} UTC\n"
+                + "".join(
+                    f"# step {step.name}: id {step.id}, config ReductionStepConfig #{step.config.id}\n"
+                    for step in pipeline.steps
+                )
+            )
+    except _OpsDbUnusable:
+        return EXIT_OPSDB
+    if args.json:
+        print(json.dumps(exported, indent=2, ensure_ascii=False))
+    else:
+        print(header + yaml.safe_dump(exported, sort_keys=False, allow_unicode=True, width=110), end="")
+    return EXIT_OK
+
+
+def _toggle(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        with _engine(settings) as engine, session_scope(engine) as session:
+            try:
+                previous = set_pipeline_enabled(session, args.name, enabled=args.enabled)
+            except PipelineNotFoundError as error:
+                print(f"ccat-dagster: error: {error}", file=sys.stderr)
+                return EXIT_REJECTED
+    except _OpsDbUnusable:
+        return EXIT_OPSDB
+    state = "enabled" if args.enabled else "disabled"
+    if previous == args.enabled:
+        print(f"pipeline {args.name} was already {state}")
+    else:
+        print(f"pipeline {args.name} {state}")
+    return EXIT_OK
