@@ -1,0 +1,375 @@
+"""LocalBackend: real subprocesses, state in files, bounded concurrency, process-group cancel,
+re-attach from another process, clean environment, time limit. Also the JobSpec validation every
+backend relies on."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ccat_dagster.execution.hpc.base import (
+    InvalidJobSpecError,
+    JobInfo,
+    JobResources,
+    JobSpec,
+    JobState,
+    JobSubmissionError,
+    UnknownJobError,
+    describe_exit_code,
+)
+from ccat_dagster.execution.hpc.local import LocalBackend
+
+# Generous: these bound how long a broken test hangs, they are not timing assertions.
+WAIT_SECONDS = 30
+
+
+def spec(tmp_path: Path, name: str, command: list[str], **overrides) -> JobSpec:
+    values = dict(
+        command=command,
+        resources=JobResources(cpu=1, memory_gb=0.5, time_hours=1.0),
+        env={"CCAT_JOB": name},
+        job_name=name,
+        log_dir=tmp_path / "logs" / name,
+    )
+    values.update(overrides)
+    return JobSpec(**values)
+
+
+def wait_for(backend: LocalBackend, job_ids: list[str], predicate, *, what: str) -> dict[str, JobInfo]:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        infos = backend.status_many(job_ids)
+        if predicate(infos):
+            return infos
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}: {infos}")
+        time.sleep(0.1)
+
+
+def wait_terminal(backend: LocalBackend, job_id: str) -> JobInfo:
+    return wait_for(backend, [job_id], lambda infos: infos[job_id].is_terminal, what="a terminal state")[job_id]
+
+
+def wait_until(condition, *, what: str) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def process_gone(pid: int) -> bool:
+    """Not running: no such process, or a zombie nobody has collected (this machine's pid 1 does not reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
+@pytest.fixture
+def backend(tmp_path) -> LocalBackend:
+    return LocalBackend(tmp_path / "state", max_concurrent_jobs=2, kill_grace_seconds=1.0)
+
+
+# --- basic lifecycle --------------------------------------------------------------------------------
+
+
+def test_completed_job_reports_usage_and_logs(backend, tmp_path):
+    job_id = backend.submit(
+        spec(
+            tmp_path,
+            "ok",
+            [
+                sys.executable,
+                "-c",
+                "x = bytearray(64 * 2**20); print('hello'); import sys; print('warn', file=sys.stderr)",
+            ],
+        )
+    )
+    info = wait_terminal(backend, job_id)
+    assert info.state is JobState.COMPLETED
+    assert info.exit_code == 0
+    assert info.reason is None
+    assert info.wall_time_seconds is not None and info.wall_time_seconds > 0
+    assert info.cpu_hours is not None and info.cpu_hours > 0
+    assert info.peak_memory_gb is not None and info.peak_memory_gb > 0.06
+    logs = backend.logs(job_id)
+    assert "==> job.out <==\nhello" in logs
+    assert "==> job.err <==\nwarn" in logs
+    assert (tmp_path / "logs" / "ok" / "job.out").read_text() == "hello\n"
+
+
+def test_failing_job_fails_with_its_exit_code(backend, tmp_path):
+    job_id = backend.submit(spec(tmp_path, "fail", ["bash", "-c", "exit 3"]))
+    info = wait_terminal(backend, job_id)
+    assert info.state is JobState.FAILED
+    assert info.exit_code == 3
+    assert info.reason == "exit code 3"
+
+
+def test_job_killed_by_sigkill_reports_137(backend, tmp_path):
+    job_id = backend.submit(spec(tmp_path, "kill9", ["bash", "-c", "kill -9 $$"]))
+    info = wait_terminal(backend, job_id)
+    assert info.state is JobState.FAILED
+    assert info.exit_code == 137
+    assert "signal 9" in info.reason and "out of memory" in info.reason
+
+
+def test_missing_command_fails_with_127(backend, tmp_path):
+    job_id = backend.submit(spec(tmp_path, "missing", ["/nonexistent/program"]))
+    info = wait_terminal(backend, job_id)
+    assert info.state is JobState.FAILED
+    assert info.exit_code == 127
+    assert "/nonexistent/program" in info.reason
+
+
+def test_logs_tail_lines(backend, tmp_path):
+    job_id = backend.submit(spec(tmp_path, "many", ["bash", "-c", "for i in $(seq 1 100); do echo line$i; done"]))
+    wait_terminal(backend, job_id)
+    logs = backend.logs(job_id, tail_lines=3)
+    assert "line98\nline99\nline100\n" in logs
+    assert "line97" not in logs
+
+
+# --- environment / workdir ----------------------------------------------------------------------
+
+
+def test_job_sees_only_its_env_plus_path(backend, tmp_path, monkeypatch):
+    monkeypatch.setenv("CCAT_MUST_NOT_LEAK", "secret")
+    # `env` itself, not Python (which would add LC_CTYPE by locale coercion).
+    job_id = backend.submit(spec(tmp_path, "env", ["env", "-0"], env={"A": "1", "B": "two words"}))
+    assert wait_terminal(backend, job_id).state is JobState.COMPLETED
+    output = (tmp_path / "logs" / "env" / "job.out").read_text()
+    seen = dict(entry.split("=", 1) for entry in output.split("\0") if entry)
+    assert seen == {"A": "1", "B": "two words", "PATH": os.environ["PATH"]}
+
+
+def test_env_path_overrides_inherited_path(backend, tmp_path):
+    job_id = backend.submit(
+        spec(tmp_path, "path", ["/bin/sh", "-c", 'echo "$PATH"'], env={"PATH": "/custom/bin:/usr/bin:/bin"})
+    )
+    wait_terminal(backend, job_id)
+    assert (tmp_path / "logs" / "path" / "job.out").read_text() == "/custom/bin:/usr/bin:/bin\n"
+
+
+def test_workdir_is_the_cwd(backend, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    job_id = backend.submit(spec(tmp_path, "cwd", ["pwd"], workdir=workdir))
+    wait_terminal(backend, job_id)
+    assert (tmp_path / "logs" / "cwd" / "job.out").read_text() == f"{workdir}\n"
+
+
+def test_missing_workdir_is_refused_at_submit(backend, tmp_path):
+    with pytest.raises(InvalidJobSpecError, match="does not exist"):
+        backend.submit(spec(tmp_path, "nowork", ["true"], workdir=tmp_path / "absent"))
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+
+def test_jobs_beyond_the_bound_stay_pending_until_a_slot_frees(backend, tmp_path):
+    gate = tmp_path / "gate"
+    wait_gate = ["bash", "-c", f'while [ ! -e "{gate}" ]; do sleep 0.05; done']
+    job_ids = [backend.submit(spec(tmp_path, f"gated{n}", wait_gate)) for n in range(4)]
+    infos = wait_for(
+        backend, job_ids, lambda infos: sum(i.state is JobState.RUNNING for i in infos.values()) == 2, what="2 running"
+    )
+    states = [infos[job_id].state for job_id in job_ids]
+    # Oldest first: the first two run, the last two wait.
+    assert states == [JobState.RUNNING, JobState.RUNNING, JobState.PENDING, JobState.PENDING]
+    assert "max_concurrent_jobs=2" in infos[job_ids[2]].reason
+    # A second look (and a fresh instance counting from the files) must not start a third job.
+    again = LocalBackend(backend.state_dir, max_concurrent_jobs=2).status_many(job_ids)
+    assert sum(info.state is JobState.RUNNING for info in again.values()) == 2
+    gate.touch()
+    final = wait_for(backend, job_ids, lambda infos: all(i.is_terminal for i in infos.values()), what="all done")
+    assert all(info.state is JobState.COMPLETED for info in final.values())
+
+
+def test_submit_many_is_all_or_nothing(backend, tmp_path):
+    good = spec(tmp_path, "good", ["sleep", "30"])
+    bad = spec(tmp_path, "bad", ["true"], workdir=tmp_path / "absent")
+    with pytest.raises(JobSubmissionError):
+        backend.submit_many([good, bad])
+    job_ids = [path.name.removesuffix(".spec.json") for path in backend.state_dir.glob("*.spec.json")]
+    assert len(job_ids) == 1
+    assert wait_terminal(backend, job_ids[0]).state is JobState.CANCELLED
+
+
+# --- cancel -----------------------------------------------------------------------------------
+
+
+def test_cancel_kills_the_whole_process_group(backend, tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    # bash (the payload) starts a grandchild and waits; both must die on cancel.
+    job_id = backend.submit(spec(tmp_path, "tree", ["bash", "-c", f'sleep 300 & echo $! > "{pid_file}"; wait']))
+    wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), what="the grandchild pid")
+    grandchild = int(pid_file.read_text())
+    assert not process_gone(grandchild)
+    assert backend.status(job_id).state is JobState.RUNNING
+    backend.cancel(job_id)
+    info = wait_terminal(backend, job_id)
+    assert info.state is JobState.CANCELLED
+    wait_until(lambda: process_gone(grandchild), what="the grandchild to die")
+    status_record = json.loads((backend.state_dir / f"{job_id}.json").read_text())
+    wait_until(lambda: process_gone(status_record["pgid"]), what="the payload to die")
+
+
+def test_cancel_a_queued_job_means_it_never_starts(tmp_path):
+    backend = LocalBackend(tmp_path / "state", max_concurrent_jobs=1, kill_grace_seconds=1.0)
+    marker = tmp_path / "started"
+    blocker = backend.submit(spec(tmp_path, "blocker", ["sleep", "30"]))
+    queued = backend.submit(spec(tmp_path, "queued", ["touch", str(marker)]))
+    assert backend.status(queued).state is JobState.PENDING
+    backend.cancel(queued)
+    backend.cancel(blocker)
+    assert wait_terminal(backend, blocker).state is JobState.CANCELLED
+    assert backend.status(queued).state is JobState.CANCELLED
+    backend.status_many([queued, blocker])  # a scheduling pass with a free slot
+    assert not marker.exists()
+
+
+def test_cancel_after_completion_is_a_no_op(backend, tmp_path):
+    job_id = backend.submit(spec(tmp_path, "quick", ["true"]))
+    wait_terminal(backend, job_id)
+    backend.cancel(job_id)
+    assert backend.status(job_id).state is JobState.COMPLETED
+
+
+# --- time limit -------------------------------------------------------------------------------
+
+
+def test_time_limit_kills_with_timeout_after_the_warning_signal(backend, tmp_path):
+    # The payload ignores SIGTERM (it only logs it), so the wrapper must escalate to SIGKILL.
+    job_id = backend.submit(
+        spec(
+            tmp_path,
+            "slow",
+            ["bash", "-c", 'trap "echo got TERM" TERM; while true; do sleep 0.1; done'],
+            resources=JobResources(time_hours=1.5 / 3600),
+        )
+    )
+    info = wait_terminal(backend, job_id)
+    assert info.state is JobState.FAILED
+    assert info.reason == "TIMEOUT"
+    assert info.exit_code == 137
+    # The pre-walltime SIGTERM (half the limit before the end) reached the payload.
+    assert "got TERM" in backend.logs(job_id)
+
+
+# --- re-attach from another process -------------------------------------------------------------
+
+
+def run_in_other_process(state_dir: Path, code: str) -> dict:
+    """Run `code` in a fresh interpreter with `backend` = LocalBackend(state_dir); it prints JSON."""
+    program = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from ccat_dagster.execution.hpc.local import LocalBackend\n"
+        f"backend = LocalBackend(Path({str(state_dir)!r}))\n" + code
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+def test_another_process_can_status_logs_and_cancel(backend, tmp_path):
+    job_id = backend.submit(spec(tmp_path, "attach", ["bash", "-c", "echo started; sleep 300"]))
+    wait_until(lambda: "started" in backend.logs(job_id), what="the job's first output")
+    seen = run_in_other_process(
+        backend.state_dir,
+        f"info = backend.status({job_id!r})\n"
+        f"print(json.dumps({{'state': info.state.value, 'logs': backend.logs({job_id!r})}}))\n",
+    )
+    assert seen["state"] == "running"
+    assert "started" in seen["logs"]
+    run_in_other_process(backend.state_dir, f"backend.cancel({job_id!r})\nprint('{{}}')\n")
+    assert wait_terminal(backend, job_id).state is JobState.CANCELLED
+
+
+def test_job_outlives_the_process_that_submitted_it(tmp_path):
+    state_dir = tmp_path / "state"
+    log_dir = tmp_path / "logs" / "orphan"
+    submitted = run_in_other_process(
+        state_dir,
+        "from ccat_dagster.execution.hpc.base import JobResources, JobSpec\n"
+        f"job_id = backend.submit(JobSpec(command=['bash', '-c', 'sleep 0.5; echo survived'], resources=JobResources(),"
+        f" env={{}}, job_name='orphan', log_dir=Path({str(log_dir)!r})))\n"
+        "print(json.dumps({'job_id': job_id}))\n",
+    )
+    fresh = LocalBackend(state_dir)
+    info = wait_terminal(fresh, submitted["job_id"])
+    assert info.state is JobState.COMPLETED
+    assert "survived" in fresh.logs(submitted["job_id"])
+
+
+def test_dead_wrapper_without_exit_status_is_failed(backend, tmp_path):
+    job_id = backend.submit(spec(tmp_path, "orphaned", ["sleep", "300"]))
+    status_file = backend.state_dir / f"{job_id}.json"
+    wait_until(status_file.exists, what="the wrapper's first record")
+    record = json.loads(status_file.read_text())
+    os.kill(record["wrapper_pid"], signal.SIGKILL)
+    try:
+        info = wait_terminal(backend, job_id)
+        assert info.state is JobState.FAILED
+        assert info.exit_code is None
+        assert "without recording an exit status" in info.reason
+    finally:
+        os.killpg(record["pgid"], signal.SIGKILL)
+
+
+# --- ids and specs ----------------------------------------------------------------------------
+
+
+def test_unknown_and_malformed_job_ids(backend):
+    with pytest.raises(UnknownJobError) as unknown:
+        backend.status("0" * 32)
+    assert unknown.value.job_ids == ("0" * 32,)
+    for bad in ("../../etc/passwd", "abc"):
+        with pytest.raises(UnknownJobError, match="not local job ids"):
+            backend.status(bad)
+        with pytest.raises(UnknownJobError):
+            backend.logs(bad)
+
+
+@pytest.mark.parametrize("name", ["", "has space", "semi;colon", "slash/name", "-leading-dash", "x" * 129, "new\nline"])
+def test_job_name_must_be_safe(tmp_path, name):
+    with pytest.raises(InvalidJobSpecError, match="job_name"):
+        spec(tmp_path, "x", ["true"], job_name=name)
+
+
+@pytest.mark.parametrize("name", ["1ABC", "A-B", "A B", "A=B", ""])
+def test_env_names_must_be_valid(tmp_path, name):
+    with pytest.raises(InvalidJobSpecError, match="env name"):
+        spec(tmp_path, "x", ["true"], env={name: "v"})
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [dict(cpu=0), dict(memory_gb=0), dict(time_hours=-1), dict(gpus=-1), dict(cpu=1.5)],
+)
+def test_resources_must_be_positive(resources):
+    with pytest.raises(InvalidJobSpecError):
+        JobResources(**resources)
+
+
+def test_command_must_be_an_argument_list(tmp_path):
+    with pytest.raises(InvalidJobSpecError, match="argument list"):
+        spec(tmp_path, "x", "echo hello")  # type: ignore[arg-type]
+    with pytest.raises(InvalidJobSpecError):
+        spec(tmp_path, "x", [])
+
+
+def test_exit_code_137_is_spelled_out():
+    assert "out of memory" in describe_exit_code(137)
+    assert describe_exit_code(0) is None
+    assert describe_exit_code(2) == "exit code 2"
+    assert describe_exit_code(143, signal_number=15) == "killed by signal 15"
