@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ccat_dagster.errors import CcatError
 from ccat_dagster.settings import Settings, SettingsError
@@ -59,6 +60,12 @@ def _demo_archive(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _demo_run(args: argparse.Namespace, settings: Settings) -> int:
+    from ccat_dagster.demo.run import run_demo
+
+    return run_demo(settings, example=args.pipeline.resolve())
+
+
 def _settings_show(args: argparse.Namespace, settings: Settings) -> int:
     env = settings.as_environment()
     env["CCAT_OPS_DB_URL"] = settings.redacted_ops_db_url
@@ -78,13 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser("upgrade", help="migrate ops-db to the newest schema (safe to repeat)").set_defaults(
         handler=_db_upgrade
     )
-    db.add_parser("current", help="show the schema revision; exit 1 unless at head").set_defaults(
-        handler=_db_current
-    )
+    db.add_parser("current", help="show the schema revision; exit 1 unless at head").set_defaults(handler=_db_current)
 
-    demo = commands.add_parser("demo", help="the demo observatory").add_subparsers(
-        dest="demo_command", required=True
-    )
+    demo = commands.add_parser("demo", help="the demo observatory").add_subparsers(dest="demo_command", required=True)
     seed = demo.add_parser("seed", help="create the synthetic observatory and its raw data files")
     seed.add_argument("--scans", type=int, default=20, help="number of executed obs units (default 20)")
     seed.add_argument("--seed", type=int, default=253, help="random seed (default 253)")
@@ -92,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     archive = demo.add_parser("archive", help="play data-transfer: archive waiting/transferring packages")
     archive.add_argument("--limit", type=int, default=None)
     archive.set_defaults(handler=_demo_archive)
+    run = demo.add_parser("run", help="apply the CHAI example and let its sensor run it end to end")
+    run.add_argument(
+        "--pipeline",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "examples" / "pipelines" / "chai_ngc253_co43.yaml",
+        help="pipeline YAML to apply and run (default: the CHAI NGC253 CO(4-3) example)",
+    )
+    run.set_defaults(handler=_demo_run)
 
     settings_cmd = commands.add_parser("settings", help="show the effective settings (secrets redacted)")
     settings_cmd.add_argument("--json", action="store_true")
@@ -104,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Feature modules add their sub-commands here (see the ``register`` functions they export).
 _EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+_EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.grouping.cli", fromlist=["_"]).register(c))
+_EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.pipelines.cli", fromlist=["_"]).register(c))
+_EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.provenance.cli", fromlist=["_"]).register(c))
+_EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.doctor", fromlist=["_"]).register(c))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,5 +1,109 @@
-"""The Dagster code location. Built from ops-db when it loads (pipelines are wired in by the asset factory)."""
+"""The Dagster code location, built from ops-db when it loads.
+
+For every enabled pipeline of ``PROCESSING_LOCATION_ID``: one asset per step, the raw-data external asset, and a
+sensor (CONTINUOUS) or a schedule (CRON). Applying a changed pipeline needs only a code-location reload. A
+pipeline row that cannot be built is skipped; its error is logged and shown in the UI as the description of a
+``<pipeline>/load_error`` asset, so one broken row never takes the whole location down.
+"""
+
+from __future__ import annotations
+
+import logging
 
 import dagster as dg
+from sqlalchemy import select
 
-defs = dg.Definitions()
+from ccat_dagster.assets.factory import build_pipeline_assets
+from ccat_dagster.assets.retention import build_retention_definitions
+from ccat_dagster.assets.snapshot import load_pipeline_snapshots
+from ccat_dagster.errors import CcatError
+from ccat_dagster.opsdb import models as m
+from ccat_dagster.opsdb.engine import session_scope, shared_engine
+from ccat_dagster.opsdb.enums import LocationType
+from ccat_dagster.resources import HpcBackendResource, resources_from_settings
+from ccat_dagster.sensors.gaps import build_pipeline_schedule, build_pipeline_sensor
+from ccat_dagster.sensors.reconcile import build_reconcile_sensors
+from ccat_dagster.settings import Settings
+
+log = logging.getLogger("ccat_dagster")
+
+
+class LocationError(CcatError):
+    """The processing location of this code location cannot be determined."""
+
+
+def resolve_processing_location_id(session, settings: Settings) -> int:  # type: ignore[no-untyped-def]
+    if settings.processing_location_id is not None:
+        location = session.get(m.DataLocation, settings.processing_location_id)
+        if location is None or location.location_type is not LocationType.PROCESSING:
+            raise LocationError(
+                f"CCAT_WORKFLOW_MANAGER_PROCESSING_LOCATION_ID={settings.processing_location_id} is not a "
+                "processing DataLocation in ops-db; list them with `ccat-dagster doctor`"
+            )
+        return location.id
+    ids = session.scalars(
+        select(m.DataLocation.id).where(m.DataLocation.location_type == LocationType.PROCESSING)
+    ).all()
+    if len(ids) != 1:
+        raise LocationError(
+            f"ops-db has {len(ids)} processing locations; set CCAT_WORKFLOW_MANAGER_PROCESSING_LOCATION_ID "
+            "to the one this deployment serves" + ("" if ids else " (or seed/create one: `ccat-dagster demo seed`)")
+        )
+    return ids[0]
+
+
+def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or Settings.from_env()
+    engine = shared_engine(settings.ops_db_url)
+    with session_scope(engine) as session:
+        location_id = resolve_processing_location_id(session, settings)
+        snapshots = load_pipeline_snapshots(session, processing_location_id=location_id)
+
+    assets: list = []
+    sensors: list = []
+    schedules: list = []
+    for name, snapshot in snapshots:
+        try:
+            if isinstance(snapshot, Exception):
+                raise snapshot
+            pipeline_assets = build_pipeline_assets(
+                snapshot,
+                backend=settings.hpc_backend,
+                runtime=settings.container_runtime,
+                max_partitions_per_run=settings.max_partitions_per_run,
+            )
+            pipeline_sensors, pipeline_schedules = [], []
+            if snapshot.trigger_type == "continuous":
+                pipeline_sensors.append(build_pipeline_sensor(snapshot, settings=settings))
+            elif snapshot.trigger_type == "cron":
+                pipeline_schedules.append(build_pipeline_schedule(snapshot, settings=settings))
+        except Exception as error:  # noqa: BLE001 - isolate one broken pipeline from the others
+            log.error("pipeline %r skipped: %s", name, error)
+            assets.append(
+                dg.AssetSpec(
+                    key=dg.AssetKey([_safe(name), "load_error"]),
+                    group_name="load_errors",
+                    description=f"Pipeline {name!r} could not be loaded and is skipped: {error}",
+                )
+            )
+            continue
+        assets.extend(pipeline_assets)
+        sensors.extend(pipeline_sensors)
+        schedules.extend(pipeline_schedules)
+
+    resources = resources_from_settings(settings, processing_location_id=location_id)
+    hpc: HpcBackendResource = resources["hpc"]
+    sensors.extend(build_reconcile_sensors(settings=settings, backend_factory=hpc.get))
+    retention_jobs, retention_schedules = build_retention_definitions(settings)
+    schedules.extend(retention_schedules)
+    return dg.Definitions(assets=assets, sensors=sensors, schedules=schedules, jobs=retention_jobs, resources=resources)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "pipeline"
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    """Loaded lazily by Dagster (so importing this module never touches ops-db)."""
+    return build_definitions()

@@ -98,9 +98,7 @@ def seed_demo(session: Session, *, data_dir: Path, scans: int = 20, seed: int = 
     archive_dir.mkdir(parents=True, exist_ok=True)
     processing_dir.mkdir(parents=True, exist_ok=True)
 
-    site_chile = Site(
-        name="Fred Young Submillimeter Telescope", short_name="fyst", location="Cerro Chajnantor"
-    )
+    site_chile = Site(name="Fred Young Submillimeter Telescope", short_name="fyst", location="Cerro Chajnantor")
     site_cologne = Site(name="University of Cologne", short_name="cologne", location="Cologne")
     archive = DataLocation(
         name=ARCHIVE_LOCATION,
@@ -139,9 +137,7 @@ def seed_demo(session: Session, *, data_dir: Path, scans: int = 20, seed: int = 
     programs = {short: ObservingProgram(short_name=short, name=name) for short, name in PROGRAMS}
     obs_units = {}
     for name, source, program, line, *_ in OBS_UNITS:
-        obs_units[name] = ObsUnit(
-            name=name, source=sources[source], observing_program=programs[program], line_id=line
-        )
+        obs_units[name] = ObsUnit(name=name, source=sources[source], observing_program=programs[program], line_id=line)
     session.add_all([*sources.values(), *programs.values(), *obs_units.values()])
     session.flush()
 
@@ -269,9 +265,7 @@ def _chai_files(
     }
 
 
-def _primecam_files(
-    rng: random.Random, package_name: str, source: str, start: dt.datetime
-) -> dict[str, bytes]:
+def _primecam_files(rng: random.Random, package_name: str, source: str, start: dt.datetime) -> dict[str, bytes]:
     samples = [rng.gauss(0.0, 1.0) for _ in range(2048)]
     header = {
         "scan_id": package_name,
@@ -299,9 +293,7 @@ def _deterministic_tar(package_name: str, files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def _summary(
-    session: Session, archive_dir: Path, processing_dir: Path, *, already_seeded: bool
-) -> SeedSummary:
+def _summary(session: Session, archive_dir: Path, processing_dir: Path, *, already_seeded: bool) -> SeedSummary:
     packages = session.scalars(select(RawDataPackage)).all()
     by_state: dict[str, int] = {}
     for package in packages:

@@ -1,0 +1,225 @@
+"""Build a pipeline's Dagster assets: one asset per ReductionStep, partitioned by sub_group_key.
+
+Key ``[pipeline, step]``; dynamic partitions shared by the steps of a pipeline with the same ``group_by`` (so
+identity mapping holds between them); a non-data dependency per ``depends_on`` (identity mapping when the
+group_by is equal, all-partitions otherwise: Dagster cannot express "the per-scan sub-groups inside this
+per-night sub-group", so the UI shows a dependency on all upstream partitions while ops-db keeps the exact
+sub-group lineage); an external asset ``[pipeline, raw_data]`` stands for the grouping's raw data.
+
+One run of a step asset handles many sub-groups (a backfill range, or the keys a sensor put in the run
+config): each completed sub-group is reported as its own materialization (data version = input fingerprint);
+failed sub-groups fail the run after the others are reported, and a re-execution only re-runs what is not
+up to date.
+"""
+
+# No `from __future__ import annotations`: Dagster reads the config class from the real annotation.
+
+import dagster as dg
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
+
+from ccat_dagster.assets.snapshot import PipelineSnapshot, StepSnapshot
+from ccat_dagster.execution.runner import OutcomeKind, RunnerConfig, StepRunner
+
+TRIGGER_TAG = "ccat/trigger"
+PIPELINE_TAG = "ccat/pipeline"
+STEP_TAG = "ccat/step"
+BACKEND_TAG = "ccat/backend"
+
+
+class StepRunConfig(dg.Config):
+    """Run configuration of a step asset. Sensors list the sub-groups here; the UI/CLI use partitions instead."""
+
+    sub_group_keys: list[str] = []
+    force: bool | None = None
+
+
+def partitions_name(pipeline: str, group_by: tuple[str, ...]) -> str:
+    return f"{pipeline}__{'__'.join(group_by) if group_by else 'all'}"
+
+
+def partitions_def(pipeline: str, group_by: tuple[str, ...]) -> dg.DynamicPartitionsDefinition:
+    return dg.DynamicPartitionsDefinition(name=partitions_name(pipeline, group_by))
+
+
+def step_asset_key(pipeline: str, step: str) -> dg.AssetKey:
+    return dg.AssetKey([pipeline, step])
+
+
+def step_job_name(pipeline: str, step: str) -> str:
+    """One asset job per step: a run targets one step (its partitions differ from the other steps')."""
+    return f"{pipeline}__{step}__job"
+
+
+def build_step_jobs(pipeline: PipelineSnapshot) -> list:
+    return [
+        dg.define_asset_job(
+            name=step_job_name(pipeline.name, step.name),
+            selection=dg.AssetSelection.assets(step_asset_key(pipeline.name, step.name)),
+            description=f"Runs step {step.name!r} of pipeline {pipeline.name!r} for the requested sub-groups.",
+            tags={PIPELINE_TAG: pipeline.name, STEP_TAG: step.name},
+        )
+        for step in pipeline.steps
+    ]
+
+
+def raw_data_key(pipeline: str) -> dg.AssetKey:
+    return dg.AssetKey([pipeline, "raw_data"])
+
+
+def build_pipeline_assets(
+    pipeline: PipelineSnapshot, *, backend: str, runtime: str = "apptainer", max_partitions_per_run: int
+) -> list[dg.AssetsDefinition | dg.AssetSpec]:
+    raw = dg.AssetSpec(
+        key=raw_data_key(pipeline.name),
+        group_name=pipeline.name,
+        description=(
+            f"Archived RawDataPackages selected by the data grouping {pipeline.grouping_name!r} "
+            "(ops-db; written by data-transfer, watched by the pipeline's sensor)."
+        ),
+        kinds={"postgres"},
+        metadata={
+            "grouping": pipeline.grouping_name,
+            "filter_rules": dg.MetadataValue.json(pipeline.grouping_rules),
+        },
+    )
+    assets: list[dg.AssetsDefinition | dg.AssetSpec] = [raw]
+    for step in pipeline.steps:
+        assets.append(
+            _step_asset(pipeline, step, backend=backend, runtime=runtime, max_partitions_per_run=max_partitions_per_run)
+        )
+    return assets
+
+
+def _step_asset(
+    pipeline: PipelineSnapshot, step: StepSnapshot, *, backend: str, runtime: str, max_partitions_per_run: int
+) -> dg.AssetsDefinition:
+    deps: list[dg.AssetDep] = []
+    if not step.depends_on:
+        deps.append(dg.AssetDep(raw_data_key(pipeline.name)))
+    for upstream_name in step.depends_on:
+        upstream = pipeline.step(upstream_name)
+        mapping = dg.IdentityPartitionMapping() if upstream.group_by == step.group_by else dg.AllPartitionMapping()
+        deps.append(dg.AssetDep(step_asset_key(pipeline.name, upstream_name), partition_mapping=mapping))
+    is_final = not pipeline.downstream_of(step.name)
+    description = (
+        f"{step.description or step.name} — software {step.software} ({step.version_policy} {step.version_spec}), "
+        f"one partition per sub-group of group_by {list(step.group_by) or '[] (everything)'}, "
+        f"cooldown {step.cooldown_seconds}s, max_retries {step.max_retries}"
+        + ("; final step: products under output/" if is_final else "; intermediate step: products in workspace/")
+    )
+
+    @dg.asset(
+        key=step_asset_key(pipeline.name, step.name),
+        partitions_def=partitions_def(pipeline.name, step.group_by),
+        deps=deps,
+        group_name=pipeline.name,
+        description=description,
+        code_version=step.code_version,
+        kinds={runtime, backend},
+        tags={"ccat/software": _tag_value(step.software)},
+        op_tags={PIPELINE_TAG: pipeline.name, STEP_TAG: step.name, BACKEND_TAG: backend},
+        output_required=False,
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=max_partitions_per_run),
+        metadata={"group_by": dg.MetadataValue.json(list(step.group_by)), "resources": step.resources},
+        required_resource_keys={"opsdb", "hpc", "container_runtime", "stager", "execution"},
+    )
+    def _step(context: dg.AssetExecutionContext, config: StepRunConfig):  # type: ignore[no-untyped-def]
+        yield from run_step(context, config, pipeline_name=pipeline.name, step_name=step.name)
+
+    return _step
+
+
+def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeline_name: str, step_name: str):  # type: ignore[no-untyped-def]
+    """The asset body: hand the requested sub-groups to the StepRunner and mirror the outcomes into Dagster."""
+    keys = _requested_keys(context, config)
+    if not keys:
+        raise dg.Failure(
+            f"no sub-group requested for {pipeline_name}/{step_name}: materialize a partition "
+            "(--partition KEY), a range, or pass run config sub_group_keys"
+        )
+    force = (
+        config.force if config.force is not None else context.run.tags.get(TRIGGER_TAG) not in ("sensor", "schedule")
+    )
+    res = context.resources
+    execution = res.execution
+    instance = context.instance
+
+    def is_run_alive(run_id: str) -> bool:
+        run = instance.get_run_by_id(run_id)
+        return run is not None and not run.is_finished
+
+    runner = StepRunner(
+        engine=res.opsdb.engine(),
+        backend=res.hpc.get(),
+        runtime=res.container_runtime.get(),
+        stager=res.stager.get(),
+        config=RunnerConfig(
+            pipeline_base_dir=_path(execution.pipeline_base_dir),
+            processing_location_id=execution.processing_location_id,
+            sif_cache_dir=_path(execution.sif_cache_dir),
+            max_in_flight=execution.max_in_flight,
+            poll_interval_seconds=execution.poll_interval_seconds,
+            staging_timeout_seconds=execution.staging_timeout_seconds,
+        ),
+        report=context.log.info,
+        is_run_alive=is_run_alive,
+    )
+    outcomes = runner.run(
+        pipeline_name=pipeline_name,
+        step_name=step_name,
+        sub_group_keys=keys,
+        dagster_run_id=context.run.run_id,
+        force=force,
+    )
+    failed = []
+    for outcome in outcomes:
+        if outcome.kind is OutcomeKind.COMPLETED:
+            metadata = {k: v for k, v in outcome.metadata.items() if v is not None}
+            metadata["products_dir"] = dg.MetadataValue.path(metadata.get("products_dir", ""))
+            yield dg.AssetMaterialization(
+                asset_key=context.asset_key,
+                partition=outcome.sub_group_key,
+                metadata=metadata,
+                tags={DATA_VERSION_TAG: outcome.fingerprint or ""},
+            )
+        elif outcome.kind in (OutcomeKind.FAILED, OutcomeKind.CANCELLED):
+            failed.append(outcome)
+    done = sum(1 for o in outcomes if o.kind is OutcomeKind.COMPLETED)
+    skipped = sum(1 for o in outcomes if o.kind is OutcomeKind.SKIPPED)
+    context.log.info(
+        f"{pipeline_name}/{step_name}: {done} completed, {len(failed)} failed, {skipped} skipped "
+        f"of {len(outcomes)} sub-group(s)"
+    )
+    if failed:
+        lines = [
+            f"{o.sub_group_key}: {o.kind.value} (attempt {o.attempt_id}): {(o.detail or '').partition(chr(10))[0]}"
+            for o in failed[:20]
+        ]
+        raise dg.Failure(
+            description=f"{len(failed)} of {len(outcomes)} sub-group(s) of {pipeline_name}/{step_name} failed:\n"
+            + "\n".join(lines),
+            metadata={
+                "failed_sub_groups": dg.MetadataValue.json([o.sub_group_key for o in failed]),
+                "completed": done,
+            },
+        )
+
+
+def _requested_keys(context: dg.AssetExecutionContext, config: StepRunConfig) -> list[str]:
+    if config.sub_group_keys:
+        return list(config.sub_group_keys)
+    if context.has_partition_key_range:
+        return list(context.partition_keys)
+    if context.has_partition_key:
+        return [context.partition_key]
+    return []
+
+
+def _tag_value(value: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in value)[:63]
+
+
+def _path(value: str):  # type: ignore[no-untyped-def]
+    from pathlib import Path
+
+    return Path(value)

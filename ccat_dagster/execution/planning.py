@@ -1,0 +1,342 @@
+"""Gap evaluation (SPEC §5): which sub-groups of a step need a run now, with which inputs.
+
+Used by the sensors and schedules (to request runs) and by the step asset (to decide, at run time, what each
+requested sub-group consumes). A sub-group of a step has a *gap* when no COMPLETED attempt has the current
+input fingerprint and no attempt is in flight. Dependent steps are planned only when every upstream sub-group
+feeding them is itself up to date (recursively), so a fan-in step waits for in-flight upstream work.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from collections import defaultdict
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_dagster.errors import CcatError
+from ccat_dagster.execution.fingerprint import config_sha256, input_fingerprint, resolve_version
+from ccat_dagster.grouping.engine import SubGroup, resolve, resolve_touched
+from ccat_dagster.opsdb import models as m
+from ccat_dagster.opsdb.enums import TERMINAL_RUN_STATUSES, RunStatus
+
+
+class PlanningError(CcatError):
+    """A pipeline or step cannot be planned (unknown name, no software version, …)."""
+
+
+class Readiness(enum.StrEnum):
+    GAP = "gap"
+    UP_TO_DATE = "up_to_date"
+    IN_FLIGHT = "in_flight"
+    COOLDOWN = "cooldown"
+    EXHAUSTED = "exhausted"
+    UPSTREAM_NOT_READY = "upstream_not_ready"
+    EMPTY = "empty"
+
+
+@dataclass(frozen=True)
+class UpstreamProductRef:
+    product_id: int
+    sha256: str
+    step_name: str
+    sub_group_key: str
+    relative_path: str
+    product_type: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class SubGroupPlan:
+    """Everything one attempt of one step for one sub-group consumes, and the decision about it."""
+
+    step_id: int
+    step_name: str
+    sub_group_key: str
+    readiness: Readiness
+    package_ids: tuple[int, ...] = ()
+    upstream_products: tuple[UpstreamProductRef, ...] = ()
+    upstream_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    software_version_id: int | None = None
+    config_id: int | None = None
+    fingerprint: str | None = None
+    due_at: dt.datetime | None = None
+    detail: str = ""
+    total_bytes: int = 0
+
+
+@dataclass
+class _StepInfo:
+    step: m.ReductionStep
+    version: m.ReductionSoftwareVersion
+    config_sha: str
+    upstream: list[m.ReductionStep]
+
+
+class Planner:
+    """Plans the sub-groups of one pipeline's steps. One instance per session and evaluation (it memoizes)."""
+
+    def __init__(self, session: Session, pipeline: m.Pipeline, *, now: dt.datetime) -> None:
+        self.session = session
+        self.pipeline = pipeline
+        self.now = now
+        self._steps: dict[str, _StepInfo] = {}
+        self._memo: dict[tuple[int, str], SubGroupPlan] = {}
+        grouping = pipeline.data_grouping
+        self._rules = list(grouping.filter_rules or [])
+        self._module_id = grouping.instrument_module_id
+
+    # ------------------------------------------------------------------ public
+
+    def step_info(self, step_name: str) -> _StepInfo:
+        if step_name not in self._steps:
+            step = next((s for s in self.pipeline.steps if s.name == step_name), None)
+            if step is None:
+                names = ", ".join(s.name for s in self.pipeline.steps)
+                raise PlanningError(f"pipeline {self.pipeline.name!r} has no step {step_name!r}; its steps: {names}")
+            versions = {v.version: v for v in step.software.versions}
+            chosen = resolve_version(
+                policy=step.version_policy.value,
+                spec=step.version_spec,
+                available=list(versions),
+                software=step.software.name,
+            )
+            self._steps[step_name] = _StepInfo(
+                step=step,
+                version=versions[chosen],
+                config_sha=step.config.parameters_sha256 or config_sha256(step.config.parameters),
+                upstream=list(step.depends_on),
+            )
+        return self._steps[step_name]
+
+    def sub_groups(
+        self,
+        step_name: str,
+        *,
+        keys: Collection[str] | None = None,
+        changed_package_ids: Collection[int] | None = None,
+    ) -> dict[str, SubGroup]:
+        """Current sub-groups of a step: all, those named, or those touching changed packages."""
+        group_by = list(self.step_info(step_name).step.group_by or [])
+        if changed_package_ids is not None:
+            if not changed_package_ids:
+                return {}
+            found = resolve_touched(
+                self.session,
+                filter_rules=self._rules,
+                group_by=group_by,
+                instrument_module_id=self._module_id,
+                changed_package_ids=list(changed_package_ids),
+            )
+        else:
+            found = resolve(
+                self.session,
+                filter_rules=self._rules,
+                group_by=group_by,
+                instrument_module_id=self._module_id,
+            )
+        groups = {g.key: g for g in found}
+        if keys is not None:
+            groups = {k: g for k, g in groups.items() if k in set(keys)}
+        return groups
+
+    def plan(
+        self,
+        step_name: str,
+        sub_groups: Iterable[SubGroup],
+        *,
+        respect_cooldown: bool = True,
+        force: bool = False,
+    ) -> list[SubGroupPlan]:
+        """Decide each sub-group of ``step_name``. ``force`` plans up-to-date sub-groups as gaps too."""
+        groups = list(sub_groups)
+        info = self.step_info(step_name)
+        attempts = self._attempts(info.step.id, [g.key for g in groups])
+        plans = []
+        for group in groups:
+            plan = self._plan_one(info, group, attempts.get(group.key, []), respect_cooldown, force)
+            self._memo[(info.step.id, group.key)] = plan
+            plans.append(plan)
+        return plans
+
+    def plan_keys(self, step_name: str, keys: Sequence[str], **kwargs: bool) -> list[SubGroupPlan]:
+        """Plan named sub-groups; a key with no current members is reported EMPTY."""
+        groups = self.sub_groups(step_name, keys=keys)
+        plans = {p.sub_group_key: p for p in self.plan(step_name, groups.values(), **kwargs)}
+        step_id = self.step_info(step_name).step.id
+        return [
+            plans.get(key)
+            or SubGroupPlan(
+                step_id=step_id,
+                step_name=step_name,
+                sub_group_key=key,
+                readiness=Readiness.EMPTY,
+                detail="no archived raw data package of the grouping falls in this sub-group",
+            )
+            for key in keys
+        ]
+
+    # ------------------------------------------------------------------ internals
+
+    def _attempts(self, step_id: int, keys: Sequence[str]) -> dict[str, list[m.ExecutedReductionStep]]:
+        by_key: dict[str, list[m.ExecutedReductionStep]] = defaultdict(list)
+        if not keys:
+            return by_key
+        for chunk_start in range(0, len(keys), 1000):
+            chunk = keys[chunk_start : chunk_start + 1000]
+            rows = self.session.scalars(
+                select(m.ExecutedReductionStep)
+                .where(m.ExecutedReductionStep.reduction_step_id == step_id)
+                .where(m.ExecutedReductionStep.sub_group_key.in_(chunk))
+                .order_by(m.ExecutedReductionStep.attempt)
+            )
+            for row in rows:
+                by_key[row.sub_group_key].append(row)
+        return by_key
+
+    def _plan_one(
+        self,
+        info: _StepInfo,
+        group: SubGroup,
+        attempts: list[m.ExecutedReductionStep],
+        respect_cooldown: bool,
+        force: bool,
+    ) -> SubGroupPlan:
+        step = info.step
+        base = dict(
+            step_id=step.id,
+            step_name=step.name,
+            sub_group_key=group.key,
+            package_ids=tuple(group.package_ids),
+            software_version_id=info.version.id,
+            config_id=step.reduction_step_config_id,
+            total_bytes=group.total_bytes,
+        )
+        upstream_products: list[UpstreamProductRef] = []
+        upstream_keys: dict[str, tuple[str, ...]] = {}
+        for upstream in info.upstream:
+            ready, products, keys, detail = self._upstream_inputs(upstream, group)
+            if not ready:
+                return SubGroupPlan(**base, readiness=Readiness.UPSTREAM_NOT_READY, detail=detail)
+            upstream_products.extend(products)
+            upstream_keys[upstream.name] = keys
+        packages = (
+            self.session.execute(
+                select(m.RawDataPackage.id, m.RawDataPackage.checksum).where(m.RawDataPackage.id.in_(group.package_ids))
+            ).all()
+            if not info.upstream
+            else []
+        )
+        fingerprint = input_fingerprint(
+            packages=[(i, c) for i, c in packages],
+            upstream_products=[(p.product_id, p.sha256) for p in upstream_products],
+            software_version=f"{step.software.name}=={info.version.version}",
+            image_digest=info.version.image_digest,
+            config_sha=info.config_sha,
+        )
+        plan = dict(
+            base,
+            upstream_products=tuple(upstream_products),
+            upstream_keys=upstream_keys,
+            fingerprint=fingerprint,
+        )
+        in_flight = [a for a in attempts if a.status not in TERMINAL_RUN_STATUSES]
+        if in_flight:
+            return SubGroupPlan(
+                **plan,
+                readiness=Readiness.IN_FLIGHT,
+                detail=f"attempt {in_flight[-1].id} is {in_flight[-1].status.value}",
+            )
+        done = [a for a in attempts if a.status is RunStatus.COMPLETED and a.input_fingerprint == fingerprint]
+        if done and not force:
+            return SubGroupPlan(**plan, readiness=Readiness.UP_TO_DATE, detail=f"attempt {done[-1].id} is current")
+        same_inputs_failed = [
+            a
+            for a in attempts
+            if a.input_fingerprint == fingerprint and a.status in (RunStatus.FAILED, RunStatus.CANCELLED)
+        ]
+        if len(same_inputs_failed) > step.max_retries and not force:
+            return SubGroupPlan(
+                **plan,
+                readiness=Readiness.EXHAUSTED,
+                detail=f"{len(same_inputs_failed)} attempts with these inputs failed (max_retries {step.max_retries}); "
+                "materialize the partition by hand to try again",
+            )
+        if respect_cooldown and attempts and step.cooldown_seconds > 0:
+            due = attempts[-1].created_at + dt.timedelta(seconds=step.cooldown_seconds)
+            if due > self.now:
+                return SubGroupPlan(
+                    **plan,
+                    readiness=Readiness.COOLDOWN,
+                    due_at=due,
+                    detail=f"cooldown until {due.isoformat()}",
+                )
+        return SubGroupPlan(**plan, readiness=Readiness.GAP)
+
+    def _upstream_inputs(
+        self, upstream: m.ReductionStep, group: SubGroup
+    ) -> tuple[bool, list[UpstreamProductRef], tuple[str, ...], str]:
+        """The upstream sub-groups inside ``group``, whether all are up to date, and their current products."""
+        upstream_groups = self.sub_groups(upstream.name, changed_package_ids=group.package_ids)
+        pending = [g for g in upstream_groups.values() if (upstream.id, g.key) not in self._memo]
+        if pending:
+            self.plan(upstream.name, pending, respect_cooldown=False)
+        not_ready = [
+            (key, self._memo[(upstream.id, key)])
+            for key in sorted(upstream_groups)
+            if self._memo[(upstream.id, key)].readiness is not Readiness.UP_TO_DATE
+        ]
+        if not_ready:
+            key, plan = not_ready[0]
+            return (
+                False,
+                [],
+                (),
+                (
+                    f"{len(not_ready)} of {len(upstream_groups)} upstream sub-group(s) of {upstream.name!r} are not "
+                    f"complete, e.g. {key!r}: {plan.readiness.value} {plan.detail}".rstrip()
+                ),
+            )
+        keys = tuple(sorted(upstream_groups))
+        return True, self._current_products(upstream, keys), keys, ""
+
+    def _current_products(self, upstream: m.ReductionStep, keys: Sequence[str]) -> list[UpstreamProductRef]:
+        products: list[UpstreamProductRef] = []
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            rows = self.session.scalars(
+                select(m.DataProduct)
+                .join(
+                    m.ExecutedReductionStep,
+                    m.DataProduct.executed_reduction_step_id == m.ExecutedReductionStep.id,
+                )
+                .where(m.DataProduct.reduction_step_id == upstream.id)
+                .where(m.DataProduct.sub_group_key.in_(chunk))
+                .where(m.DataProduct.superseded_by_id.is_(None))
+                .where(m.ExecutedReductionStep.status == RunStatus.COMPLETED)
+                .order_by(m.DataProduct.sub_group_key, m.DataProduct.relative_path)
+            )
+            products.extend(
+                UpstreamProductRef(
+                    product_id=p.id,
+                    sha256=p.sha256,
+                    step_name=upstream.name,
+                    sub_group_key=p.sub_group_key,
+                    relative_path=p.relative_path,
+                    product_type=p.product_type.value,
+                    size_bytes=p.size_bytes,
+                )
+                for p in rows
+            )
+        return products
+
+
+def load_pipeline(session: Session, name: str) -> m.Pipeline:
+    pipeline = session.scalars(select(m.Pipeline).where(m.Pipeline.name == name)).one_or_none()
+    if pipeline is None:
+        known = ", ".join(session.scalars(select(m.Pipeline.name).order_by(m.Pipeline.name))) or "none"
+        raise PlanningError(f"pipeline {name!r} is not in ops-db (known: {known}); apply its YAML first")
+    return pipeline

@@ -1,0 +1,107 @@
+"""The resources every step asset uses. Each builds its domain object; no domain logic lives here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from sqlalchemy import Engine
+
+from ccat_dagster.execution.hpc.base import HpcBackend
+from ccat_dagster.execution.runtimes import ContainerRuntime, get_runtime
+from ccat_dagster.execution.staging import ExternalStager, LocalStager, Stager
+from ccat_dagster.opsdb.engine import shared_engine
+from ccat_dagster.settings import OPS_DB_URL_VAR, Settings
+
+
+class OpsDbResource(dg.ConfigurableResource):
+    """The operations database (PostgreSQL in production). ``url`` is a SQLAlchemy URL; keep secrets in the
+    environment (``dg.EnvVar("CCAT_OPS_DB_URL")``) so they never reach the run config shown in the UI."""
+
+    url: str
+
+    def engine(self) -> Engine:
+        return shared_engine(self.url)
+
+
+class HpcBackendResource(dg.ConfigurableResource):
+    """Where jobs run: ``local`` (subprocesses on this host) or ``slurm`` (sbatch on a cluster)."""
+
+    kind: str = "local"
+    state_dir: str = ""
+    max_concurrent_jobs: int = 4
+    slurm_partition: str = ""
+
+    def get(self) -> HpcBackend:
+        if self.kind == "local":
+            from ccat_dagster.execution.hpc.local import LocalBackend
+
+            return LocalBackend(state_dir=Path(self.state_dir), max_concurrent_jobs=self.max_concurrent_jobs)
+        if self.kind == "slurm":
+            from ccat_dagster.execution.hpc.slurm import SlurmBackend
+
+            return SlurmBackend(partition=self.slurm_partition or None)
+        raise dg.Failure(
+            f"HPC backend {self.kind!r} is not available in this deployment: use local or slurm "
+            "(kubernetes is configured through Dagster's own k8s run launcher)"
+        )
+
+
+class ContainerRuntimeResource(dg.ConfigurableResource):
+    """How the reduction container runs: ``apptainer`` (production) or ``bubblewrap`` (same contract, no Apptainer)."""
+
+    kind: str = "apptainer"
+
+    def get(self) -> ContainerRuntime:
+        return get_runtime(self.kind)
+
+
+class StagerResource(dg.ConfigurableResource):
+    """How raw data reaches the processing location: ``local`` copies from the archive disk, ``external`` asks
+    data-transfer through StagingJob rows and waits."""
+
+    kind: str = "local"
+    poll_interval_seconds: float = 5.0
+
+    def get(self) -> Stager:
+        if self.kind == "external":
+            return ExternalStager(poll_interval_seconds=self.poll_interval_seconds)
+        return LocalStager()
+
+
+class ExecutionSettingsResource(dg.ConfigurableResource):
+    """Paths and limits of this processing location (see docs/configuration.md)."""
+
+    pipeline_base_dir: str
+    sif_cache_dir: str
+    processing_location_id: int
+    max_in_flight: int = 4
+    poll_interval_seconds: float = 2.0
+    staging_timeout_seconds: float = 3600.0
+
+
+def resources_from_settings(settings: Settings, *, processing_location_id: int) -> dict[str, Any]:
+    return {
+        # From the environment when set, so a password never appears in the resource config the UI shows.
+        "opsdb": OpsDbResource(
+            url=dg.EnvVar(OPS_DB_URL_VAR) if os.environ.get(OPS_DB_URL_VAR) else settings.ops_db_url
+        ),
+        "hpc": HpcBackendResource(
+            kind=settings.hpc_backend,
+            state_dir=str(settings.pipeline_base_dir / ".local-jobs"),
+            max_concurrent_jobs=settings.max_concurrent_jobs,
+            slurm_partition=settings.slurm_partition,
+        ),
+        "container_runtime": ContainerRuntimeResource(kind=settings.container_runtime),
+        "stager": StagerResource(kind=settings.stager),
+        "execution": ExecutionSettingsResource(
+            pipeline_base_dir=str(settings.pipeline_base_dir),
+            sif_cache_dir=str(settings.sif_cache_dir),
+            processing_location_id=processing_location_id,
+            max_in_flight=settings.max_concurrent_jobs,
+            poll_interval_seconds=float(settings.poll_interval_seconds),
+            staging_timeout_seconds=float(settings.staging_timeout_seconds),
+        ),
+    }

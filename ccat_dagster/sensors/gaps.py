@@ -1,0 +1,202 @@
+"""Triggers: a sensor per CONTINUOUS pipeline, a schedule per CRON pipeline (SPEC §5), as thin Dagster wrappers
+around ``ccat_dagster.execution.triggers``; plus the sensor that mirrors dead Dagster runs into ops-db."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from ccat_dagster.assets.factory import (
+    BACKEND_TAG,
+    PIPELINE_TAG,
+    STEP_TAG,
+    TRIGGER_TAG,
+    build_step_jobs,
+    partitions_name,
+    step_job_name,
+)
+from ccat_dagster.assets.snapshot import PipelineSnapshot
+from ccat_dagster.execution.planning import load_pipeline
+from ccat_dagster.execution.triggers import StepRequest, TickCursor, TickResult, evaluate_all, evaluate_tick
+from ccat_dagster.opsdb.engine import session_scope, shared_engine
+from ccat_dagster.opsdb.models import utcnow
+from ccat_dagster.settings import Settings
+
+
+def sensor_name(pipeline: str) -> str:
+    return f"{pipeline}__new_data"
+
+
+def build_pipeline_sensor(pipeline: PipelineSnapshot, *, settings: Settings) -> dg.SensorDefinition:
+    jobs = build_step_jobs(pipeline)
+
+    @dg.sensor(
+        name=sensor_name(pipeline.name),
+        description=(
+            f"Watches ops-db for raw data of grouping {pipeline.grouping_name!r} that became archived or changed, "
+            "and for finished upstream attempts; requests runs for the sub-groups with a gap (SPEC §5)."
+        ),
+        minimum_interval_seconds=30,
+        jobs=jobs,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+    )
+    def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        engine = shared_engine(settings.ops_db_url)
+        cursor = TickCursor.loads(context.cursor)
+        with session_scope(engine) as session:
+            result = evaluate_tick(
+                session,
+                load_pipeline(session, pipeline.name),
+                cursor,
+                now=utcnow(),
+                batch_limit=settings.sensor_batch_limit,
+                overlap_seconds=settings.watermark_overlap_seconds,
+            )
+        context.log.info(_summary(result))
+        return _sensor_result(pipeline, result, settings=settings, trigger="sensor", instance=context.instance)
+
+    return _sensor
+
+
+def build_pipeline_schedule(pipeline: PipelineSnapshot, *, settings: Settings) -> dg.ScheduleDefinition:
+    cron = pipeline.trigger_config.get("cron") or pipeline.trigger_config.get("cron_schedule")
+    if not cron:
+        raise ValueError(f"pipeline {pipeline.name!r} is CRON but its trigger_config has no 'cron' expression")
+
+    @dg.schedule(
+        name=f"{pipeline.name}__schedule",
+        cron_schedule=cron,
+        execution_timezone=pipeline.trigger_config.get("timezone", "UTC"),
+        jobs=build_step_jobs(pipeline),
+        description=f"Evaluates every step and sub-group of {pipeline.name!r} for gaps on {cron!r}.",
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+    )
+    def _schedule(context: dg.ScheduleEvaluationContext):  # type: ignore[no-untyped-def]
+        engine = shared_engine(settings.ops_db_url)
+        with session_scope(engine) as session:
+            result = evaluate_all(session, load_pipeline(session, pipeline.name), now=utcnow())
+        context.log.info(_summary(result))
+        sensor_result = _sensor_result(
+            pipeline, result, settings=settings, trigger="schedule", instance=context.instance
+        )
+        for request in sensor_result.dynamic_partitions_requests or []:
+            context.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        return sensor_result.run_requests or dg.SkipReason("no gaps")
+
+    return _schedule
+
+
+def _sensor_result(
+    pipeline: PipelineSnapshot,
+    result: TickResult,
+    *,
+    settings: Settings,
+    trigger: str,
+    instance: dg.DagsterInstance,
+) -> dg.SensorResult:
+    """Partition add requests (one per partitions definition) and the runs, cut into contiguous ranges."""
+    additions: dict[str, list[str]] = {}
+    order: dict[str, dict[str, int]] = {}
+    for step_name in sorted({*result.partitions, *(r.step_name for r in result.requests)}):
+        name = partitions_name(pipeline.name, pipeline.step(step_name).group_by)
+        if name not in order:
+            order[name] = {key: i for i, key in enumerate(instance.get_dynamic_partitions(name))}
+            additions[name] = []
+        known = order[name]
+        for key in sorted(result.partitions.get(step_name, [])):
+            if key not in known:
+                known[key] = len(known)
+                additions[name].append(key)
+    run_requests = []
+    for step_request in result.requests:
+        name = partitions_name(pipeline.name, pipeline.step(step_request.step_name).group_by)
+        run_requests.extend(
+            _run_requests(pipeline, step_request, positions=order[name], settings=settings, trigger=trigger)
+        )
+    return dg.SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[
+            dg.AddDynamicPartitionsRequest(partitions_def_name=name, partition_keys=keys)
+            for name, keys in additions.items()
+            if keys
+        ],
+        cursor=result.cursor.dumps(),
+        skip_reason=None if run_requests else f"no gaps ({_summary(result)})",
+    )
+
+
+def _run_requests(
+    pipeline: PipelineSnapshot,
+    request: StepRequest,
+    *,
+    positions: dict[str, int],
+    settings: Settings,
+    trigger: str,
+) -> list[dg.RunRequest]:
+    """One run per contiguous range of at most MAX_PARTITIONS_PER_RUN sub-groups with a gap.
+
+    Dagster's run overhead is per run, so sub-groups are batched; a run targets a partition *range* (what the
+    UI shows and what backfills use), so a range only ever spans sub-groups that all have a gap.
+    """
+    plans = sorted(request.plans, key=lambda p: positions[p.sub_group_key])
+    chunks: list[list] = []
+    for plan in plans:
+        current = chunks[-1] if chunks else None
+        if (
+            current is not None
+            and len(current) < settings.max_partitions_per_run
+            and positions[plan.sub_group_key] == positions[current[-1].sub_group_key] + 1
+        ):
+            current.append(plan)
+        else:
+            chunks.append([plan])
+    job_name = step_job_name(pipeline.name, request.step_name)
+    base_tags = {
+        TRIGGER_TAG: trigger,
+        PIPELINE_TAG: pipeline.name,
+        STEP_TAG: request.step_name,
+        BACKEND_TAG: settings.hpc_backend,
+        "dagster/priority": str(pipeline.priority),
+    }
+    runs = []
+    for chunk in chunks:
+        run_key = f"{request.step_name}:{_batch_digest([(p.sub_group_key, p.fingerprint) for p in chunk])}"
+        if len(chunk) == 1:
+            runs.append(
+                dg.RunRequest(run_key=run_key, job_name=job_name, partition_key=chunk[0].sub_group_key, tags=base_tags)
+            )
+            continue
+        runs.append(
+            dg.RunRequest(
+                run_key=run_key,
+                job_name=job_name,
+                tags={
+                    **base_tags,
+                    ASSET_PARTITION_RANGE_START_TAG: chunk[0].sub_group_key,
+                    ASSET_PARTITION_RANGE_END_TAG: chunk[-1].sub_group_key,
+                    "ccat/sub_groups": str(len(chunk)),
+                },
+            )
+        )
+    return runs
+
+
+def _batch_digest(items: Sequence[tuple[str, str | None]]) -> str:
+    digest = hashlib.sha256()
+    for key, fingerprint in sorted(items):
+        digest.update(f"{key}\0{fingerprint}\n".encode())
+    first = items[0][0] if len(items) == 1 else f"{len(items)}"
+    return f"{first}:{digest.hexdigest()[:32]}"
+
+
+def _summary(result: TickResult) -> str:
+    runs = ", ".join(f"{r.step_name}: {len(r.plans)}" for r in result.requests) or "none"
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
+    return (
+        f"{result.changed_packages} changed package(s), {result.finished_attempts} finished attempt(s); "
+        f"sub-groups requested: {runs}; not requested: {skipped}"
+        + ("; more changes pending for the next tick" if result.more_pending else "")
+    )

@@ -1,0 +1,86 @@
+"""A demo world for the Dagster layer: seeded ops-db + applied CHAI pipeline + a Dagster instance, all PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from sqlalchemy.orm import Session
+
+from ccat_dagster.demo.seed import seed_demo
+from ccat_dagster.opsdb.engine import make_engine
+from ccat_dagster.opsdb.migrate import upgrade
+from ccat_dagster.pipelines.apply import apply_pipeline_spec
+from ccat_dagster.pipelines.spec import load_pipeline_spec
+from ccat_dagster.settings import Settings
+
+from .conftest import create_pg_database, drop_pg_database
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "pipelines" / "chai_ngc253_co43.yaml"
+PIPELINE = "chai_ngc253_co43"
+
+
+def require_bwrap_and_numpy() -> None:
+    missing = [tool for tool in ("bwrap",) if shutil.which(tool) is None]
+    if not Path("/usr/lib/python3/dist-packages/numpy").exists():
+        missing.append("python3-numpy (Debian)")
+    if missing:
+        message = f"needs {', '.join(missing)}: run scripts/setup.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@dataclass
+class DemoWorld:
+    data_dir: Path
+    ops_db_url: str
+    dagster_home: Path
+    env: dict[str, str]
+
+    def settings(self) -> Settings:
+        return Settings.from_env(self.env)
+
+    def instance(self) -> dg.DagsterInstance:
+        return dg.DagsterInstance.from_config(str(self.dagster_home))
+
+
+def make_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, scans: int = 12) -> tuple[DemoWorld, list[str]]:
+    ops_url = create_pg_database("ccat_test_ops")
+    dagster_url = create_pg_database("ccat_test_dagster")
+    upgrade(ops_url)
+    data_dir = tmp_path / "data"
+    engine = make_engine(ops_url)
+    with Session(engine) as session, session.begin():
+        seed_demo(session, data_dir=data_dir, scans=scans)
+        apply_pipeline_spec(session, load_pipeline_spec(EXAMPLE), source_path=EXAMPLE)
+    engine.dispose()
+    home = tmp_path / "dagster-home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(
+        f"storage:\n  postgres:\n    postgres_url: {dagster_url.replace('+psycopg2', '')}\n"
+        "telemetry:\n  enabled: false\n"
+    )
+    env = {
+        "CCAT_DAGSTER_DATA_DIR": str(data_dir),
+        "CCAT_OPS_DB_URL": ops_url,
+        "CCAT_WORKFLOW_MANAGER_CONTAINER_RUNTIME": "bubblewrap",
+        "CCAT_WORKFLOW_MANAGER_POLL_INTERVAL_SECONDS": "1",
+        "DAGSTER_HOME": str(home),
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return DemoWorld(data_dir, ops_url, home, env), [ops_url, dagster_url]
+
+
+@pytest.fixture
+def demo_world(tmp_path, monkeypatch):
+    world, urls = make_world(tmp_path, monkeypatch)
+    yield world
+    for url in urls:
+        drop_pg_database(url)
