@@ -54,9 +54,7 @@ class StagingWorld:
         return [p.id for p in self.packages]
 
 
-def make_staging_world(
-    session: Session, tmp_path: Path, *, n_packages: int = 2, suffix: str = ""
-) -> StagingWorld:
+def make_staging_world(session: Session, tmp_path: Path, *, n_packages: int = 2, suffix: str = "") -> StagingWorld:
     """``make_world`` with real archive and processing roots under ``tmp_path`` and ``n_packages`` packages
     whose tars lie in the archive with a present PhysicalCopy (path relative to the archive root)."""
     world = make_world(session, suffix=suffix)

@@ -71,9 +71,7 @@ def make_world(session: Session, *, suffix: str = "") -> World:
         state=PackageState.ARCHIVED,
         metadata_={"observation": {"frequency_ghz": 461.04}},
     )
-    package.files = [
-        m.RawDataFile(relative_path="scan.json", size_bytes=10, checksum=hashlib.sha256(b"a").hexdigest())
-    ]
+    package.files = [m.RawDataFile(relative_path="scan.json", size_bytes=10, checksum=hashlib.sha256(b"a").hexdigest())]
     grouping = m.DataGrouping(
         name=f"ngc253{suffix}",
         filter_rules=[{"table": "Source", "column": "name", "operator": "eq", "value": "NGC253"}],
@@ -152,5 +150,6 @@ def make_product(
 
 
 def copy_of(product: m.DataProduct, location: m.DataLocation) -> m.PhysicalCopy:
-    return m.PhysicalCopy(location=location, data_product=product, path=product.relative_path,
-                          status=PhysicalCopyStatus.PRESENT)
+    return m.PhysicalCopy(
+        location=location, data_product=product, path=product.relative_path, status=PhysicalCopyStatus.PRESENT
+    )

@@ -206,15 +206,11 @@ def run_attempt(
 
 def _ok(attempt: Attempt) -> dict:
     result = attempt.result
-    assert result.returncode == 0, (
-        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    )
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _as_upstream(
-    product: DiscoveredProduct, *, step: str, sub_group_key: str, product_id: int
-) -> UpstreamProduct:
+def _as_upstream(product: DiscoveredProduct, *, step: str, sub_group_key: str, product_id: int) -> UpstreamProduct:
     return UpstreamProduct(
         product_id=product_id,
         step=step,
@@ -255,16 +251,12 @@ def test_fan_in_final_step_reads_upstream_products_of_three_sub_groups(
     upstream: list[UpstreamProduct] = []
     for index, package in enumerate(("scan_a", "scan_b", "scan_c")):
         key = f"eou={package}"
-        attempt = run_attempt(
-            runtime, world, step="calibrate", sub_group_key=key, is_final=False, packages=(package,)
-        )
+        attempt = run_attempt(runtime, world, step="calibrate", sub_group_key=key, is_final=False, packages=(package,))
         _ok(attempt)
         for product in discover_products(layout=attempt.layout):
             upstream.append(_as_upstream(product, step="calibrate", sub_group_key=key, product_id=index + 1))
 
-    final = run_attempt(
-        runtime, world, step="combine", sub_group_key="all", is_final=True, upstream=tuple(upstream)
-    )
+    final = run_attempt(runtime, world, step="combine", sub_group_key="all", is_final=True, upstream=tuple(upstream))
     report = _ok(final)
     assert sorted(report["read"]) == [
         "/workflow/workspace/calibrate/eou=scan_a/scan_a.sum",
@@ -279,12 +271,8 @@ def test_fan_in_final_step_reads_upstream_products_of_three_sub_groups(
     assert (final.layout.output_dir / "logs" / "probe.log").read_text() == "read 3 files\n"
 
 
-def test_writes_outside_the_read_write_mounts_fail_as_read_only(
-    runtime: BubblewrapRuntime, world: World
-) -> None:
-    first = run_attempt(
-        runtime, world, step="calibrate", sub_group_key="eou=1", is_final=False, packages=("scan_a",)
-    )
+def test_writes_outside_the_read_write_mounts_fail_as_read_only(runtime: BubblewrapRuntime, world: World) -> None:
+    first = run_attempt(runtime, world, step="calibrate", sub_group_key="eou=1", is_final=False, packages=("scan_a",))
     _ok(first)
     upstream = tuple(
         _as_upstream(p, step="calibrate", sub_group_key="eou=1", product_id=1)
@@ -339,9 +327,7 @@ def test_the_environment_inside_holds_only_what_was_passed(runtime: BubblewrapRu
     assert "CCAT_HOST_SECRET" not in inside
 
 
-def test_the_exit_code_of_the_program_is_the_exit_code_of_the_run(
-    runtime: BubblewrapRuntime, world: World
-) -> None:
+def test_the_exit_code_of_the_program_is_the_exit_code_of_the_run(runtime: BubblewrapRuntime, world: World) -> None:
     attempt = run_attempt(
         runtime,
         world,

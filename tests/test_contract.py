@@ -34,9 +34,7 @@ from ccat_dagster.opsdb.enums import DataProductType
 REPO = Path(__file__).resolve().parents[1]
 SHA_A = "a" * 64
 SHA_B = "b" * 64
-SOFTWARE = SoftwareRef(
-    name="chai", version="1.0.0", image_ref="docker://ghcr.io/ccat/chai:1.0.0", image_digest=SHA_A
-)
+SOFTWARE = SoftwareRef(name="chai", version="1.0.0", image_ref="docker://ghcr.io/ccat/chai:1.0.0", image_digest=SHA_A)
 
 
 def _layout(base: Path, **overrides: object) -> contract.AttemptLayout:
@@ -105,9 +103,7 @@ def test_validate_path_component_refuses(value: object, fragment: str) -> None:
     assert "step name" in str(caught.value)
 
 
-@pytest.mark.parametrize(
-    "value", ["calibrate", "source=ngc253+line=co43", "all", "..hidden", "é" * 127, "a b"]
-)
+@pytest.mark.parametrize("value", ["calibrate", "source=ngc253+line=co43", "all", "..hidden", "é" * 127, "a b"])
 def test_validate_path_component_accepts(value: str) -> None:
     assert validate_path_component(value, "sub_group_key") == value
 
@@ -228,9 +224,7 @@ def test_mounts_of_a_fan_in_final_step(tmp_path: Path) -> None:
 
 def test_one_upstream_sub_group_with_another_key_uses_the_fan_in_path(tmp_path: Path) -> None:
     layout = _layout(tmp_path, sub_group_key="all", step="grid", is_final=True)
-    dirs = contract.upstream_container_dirs(
-        layout=layout, upstream_products=[_upstream("baseline", "eou=1", "x")]
-    )
+    dirs = contract.upstream_container_dirs(layout=layout, upstream_products=[_upstream("baseline", "eou=1", "x")])
     assert dirs == {("baseline", "eou=1"): "/workflow/workspace/baseline/eou=1"}
 
 
@@ -257,9 +251,7 @@ def test_upstream_host_path_must_be_what_the_mount_shows(tmp_path: Path) -> None
         upstream_products=[_upstream("calibrate", "eou=scan-1", "sub/a.cal", host_path=right)],
     )
     wrong = tmp_path / "elsewhere" / "a.cal"
-    with pytest.raises(
-        ContainerContractError, match=r"upstream product 1 is at .*elsewhere.*must be .*sub/a.cal"
-    ):
+    with pytest.raises(ContainerContractError, match=r"upstream product 1 is at .*elsewhere.*must be .*sub/a.cal"):
         build_mounts(
             layout=layout,
             input_packages=[],
@@ -285,10 +277,7 @@ def test_environment(tmp_path: Path) -> None:
         "WORKFLOW_MANIFEST": "/workflow/config/manifest.json",
         "OMP_NUM_THREADS": "2",
     }
-    assert (
-        build_environment(layout=_layout(tmp_path, is_final=True))["WORKFLOW_OUTPUT_DIR"]
-        == "/workflow/output/"
-    )
+    assert build_environment(layout=_layout(tmp_path, is_final=True))["WORKFLOW_OUTPUT_DIR"] == "/workflow/output/"
     with pytest.raises(ContainerContractError, match="cannot be overridden"):
         build_environment(layout=_layout(tmp_path), extra={"WORKFLOW_OUTPUT_DIR": "/tmp"})
     with pytest.raises(ContainerContractError, match="invalid"):
@@ -387,9 +376,7 @@ def test_manifest_paths_agree_with_the_mounts(tmp_path: Path) -> None:
     manifest = build_manifest(
         layout=layout, run_id=1, software=SOFTWARE, config={}, inputs=inputs, upstream_products=upstream
     )
-    mounts = build_mounts(
-        layout=layout, input_packages=[("pkg", tmp_path / "staged")], upstream_products=upstream
-    )
+    mounts = build_mounts(layout=layout, input_packages=[("pkg", tmp_path / "staged")], upstream_products=upstream)
     for entry in manifest["inputs"] + manifest["upstream_products"]:
         covering = [m for m in mounts if entry["path"].startswith(m.container + "/")]
         assert len(covering) == 1 and covering[0].read_only, entry["path"]
@@ -441,9 +428,7 @@ def test_validate_manifest_names_the_bad_entry(tmp_path: Path) -> None:
 def test_write_manifest_is_read_only_and_written_once(tmp_path: Path) -> None:
     layout = _layout(tmp_path)
     layout.create()
-    manifest = build_manifest(
-        layout=layout, run_id=3, software=SOFTWARE, config={"a": 1}, inputs=[_input("p", "f")]
-    )
+    manifest = build_manifest(layout=layout, run_id=3, software=SOFTWARE, config={"a": 1}, inputs=[_input("p", "f")])
     path = write_manifest(layout=layout, manifest=manifest)
     assert path == layout.manifest_path
     assert json.loads(path.read_text()) == manifest

@@ -21,8 +21,14 @@ def _snapshot(url: str, data_dir) -> list[tuple]:
         seed_demo(session, data_dir=data_dir, scans=12, seed=7)
     with Session(engine) as session:
         rows = [
-            (p.name, p.checksum, p.size_bytes, p.state.value, str(p.executed_obs_unit_id),
-             tuple((f.relative_path, f.checksum, str(f.id)) for f in p.files))
+            (
+                p.name,
+                p.checksum,
+                p.size_bytes,
+                p.state.value,
+                str(p.executed_obs_unit_id),
+                tuple((f.relative_path, f.checksum, str(f.id)) for f in p.files),
+            )
             for p in session.scalars(select(m.RawDataPackage).order_by(m.RawDataPackage.name))
         ]
     engine.dispose()

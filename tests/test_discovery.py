@@ -80,9 +80,7 @@ def test_intermediate_step_products(tmp_path: Path) -> None:
     layout = _layout(tmp_path, is_final=False)
     _write(layout.step_workspace_dir / "scan.cal.f32", b"\x00" * 2_500_000)
     _write(layout.step_workspace_dir / "meta" / "scan.cal.json", b'{"units": "K"}')
-    _write(
-        layout.output_dir / "science" / "not-mine.fits", b"an intermediate step's output is workspace/<step>/"
-    )
+    _write(layout.output_dir / "science" / "not-mine.fits", b"an intermediate step's output is workspace/<step>/")
 
     products = discover_products(layout=layout)
 
@@ -99,9 +97,7 @@ def test_symlink_out_of_the_run_is_refused(tmp_path: Path) -> None:
     (layout.output_dir / "science" / "passwd.fits").symlink_to("/etc/passwd")
     error = _refusal(layout)
     assert [p.relative_path for p in error.problems] == ["science/passwd.fits"]
-    assert (
-        "science/passwd.fits" in str(error) and "/etc/passwd" in str(error) and "symbolic link" in str(error)
-    )
+    assert "science/passwd.fits" in str(error) and "/etc/passwd" in str(error) and "symbolic link" in str(error)
 
 
 def test_every_symlink_is_refused_even_inside_the_output(tmp_path: Path) -> None:
@@ -118,9 +114,7 @@ def test_fifo_is_refused(tmp_path: Path) -> None:
     _write(layout.step_workspace_dir / "ok.dat", b"x")
     os.mkfifo(layout.step_workspace_dir / "pipe")
     error = _refusal(layout)
-    assert [(p.relative_path, p.reason.split(";")[0]) for p in error.problems] == [
-        ("pipe", "named pipe (FIFO)")
-    ]
+    assert [(p.relative_path, p.reason.split(";")[0]) for p in error.problems] == [("pipe", "named pipe (FIFO)")]
 
 
 def test_socket_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,9 +135,7 @@ def test_stray_file_and_unknown_directory_in_output_are_refused(tmp_path: Path) 
     error = _refusal(layout)
     assert [p.relative_path for p in error.problems] == ["README.txt", "misc/"]
     assert "file directly in output/" in error.problems[0].reason
-    assert (
-        "unknown output directory" in error.problems[1].reason and "science/, qa/" in error.problems[1].reason
-    )
+    assert "unknown output directory" in error.problems[1].reason and "science/, qa/" in error.problems[1].reason
 
 
 def test_all_offending_paths_are_listed_together(tmp_path: Path) -> None:
@@ -176,9 +168,7 @@ def test_intermediate_step_writing_nothing_is_refused(tmp_path: Path) -> None:
 
 
 def test_missing_output_directory_is_refused(tmp_path: Path) -> None:
-    layout = attempt_layout(
-        base_dir=tmp_path, pipeline="p", sub_group_key="k", step="s", attempt_id=1, is_final=False
-    )
+    layout = attempt_layout(base_dir=tmp_path, pipeline="p", sub_group_key="k", step="s", attempt_id=1, is_final=False)
     assert "missing" in _refusal(layout).problems[0].reason
 
 

@@ -233,9 +233,7 @@ class ContractRunner:
         return subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=300)
 
 
-def make_scans(
-    *, staged_dir: Path, count: int, extra_arguments: tuple[str, ...] = ()
-) -> list[dict[str, Any]]:
+def make_scans(*, staged_dir: Path, count: int, extra_arguments: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     truths = []
     for index in range(count):
         package = f"chai_scan_{index:03d}"
@@ -272,9 +270,7 @@ def package_inputs(*, staged_dir: Path, package: str) -> list[tuple[Path, str]]:
 
 
 def assert_ok(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, (
-        f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    )
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
 @dataclass
@@ -369,9 +365,7 @@ def chain(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         pytest.skip(_MISSING)
     if request.param == "bwrap" and (reason := _bwrap_works()) is not None:
         pytest.skip(reason)
-    yield run_chain(
-        root=tmp_path_factory.mktemp(f"chain-{request.param}"), runner=ContractRunner(mode=request.param)
-    )
+    yield run_chain(root=tmp_path_factory.mktemp(f"chain-{request.param}"), runner=ContractRunner(mode=request.param))
 
 
 def inspect_fits(paths: list[Path]) -> list[dict[str, Any]]:
@@ -409,10 +403,7 @@ def inspect_fits(paths: list[Path]) -> list[dict[str, Any]]:
 def velocities_kms(header: dict[str, Any]) -> list[float]:
     return [
         SPEED_OF_LIGHT_KMS
-        * (
-            1.0
-            - (header["freq_start_ghz"] + i * header["channel_width_mhz"] / 1000.0) / header["rest_freq_ghz"]
-        )
+        * (1.0 - (header["freq_start_ghz"] + i * header["channel_width_mhz"] / 1000.0) / header["rest_freq_ghz"])
         for i in range(header["n_channels"])
     ]
 
@@ -421,9 +412,7 @@ def velocities_kms(header: dict[str, Any]) -> list[float]:
 
 
 def test_final_products_are_written_in_the_typed_subdirectories(chain: ChainResult) -> None:
-    found = sorted(
-        str(path.relative_to(chain.final.output_dir)) for path in chain.final.output_dir.rglob("*")
-    )
+    found = sorted(str(path.relative_to(chain.final.output_dir)) for path in chain.final.output_dir.rglob("*"))
     assert found == [
         "logs",
         "logs/all_grid_map.log",
@@ -484,9 +473,7 @@ def test_line_peak_is_found_at_the_expected_channel(chain: ChainResult) -> None:
     assert expected_channel != 256, "the test line must sit off the band centre to tell channels apart"
     # The line is about 31 channels wide (FWHM); noise can move the maximum by a few channels, not more.
     assert abs(stats["peak_channel"] - expected_channel) <= 5
-    assert stats["peak_velocity_kms"] == pytest.approx(
-        LINE_VELOCITY_KMS, abs=5 * chain.truths[0]["channel_width_kms"]
-    )
+    assert stats["peak_velocity_kms"] == pytest.approx(LINE_VELOCITY_KMS, abs=5 * chain.truths[0]["channel_width_kms"])
     assert stats["peak_offset_arcsec"] == list(SOURCE_OFFSET_ARCSEC)
     assert stats["peak_k"] == pytest.approx(3.0, abs=0.3)
     assert stats["n_scans"] == 3
@@ -515,9 +502,7 @@ def test_calibration_recovers_the_antenna_temperature(chain: ChainResult) -> Non
 def test_baseline_is_removed_outside_the_line_window(chain: ChainResult) -> None:
     for truth in chain.truths:
         sandbox = chain.scan_sandboxes[f"eou-{truth['package']}"]
-        header = json.loads(
-            (sandbox.workspace_dir / "baseline" / f"{truth['package']}.base.json").read_text()
-        )
+        header = json.loads((sandbox.workspace_dir / "baseline" / f"{truth['package']}.base.json").read_text())
         values = read_float32(sandbox.workspace_dir / "baseline" / f"{truth['package']}.base.f32")
         n_channels = header["n_channels"]
         off_line = [i for i, v in enumerate(velocities_kms(header)) if abs(v) > 50.0]
@@ -647,9 +632,7 @@ def test_bad_parameters_fail_with_exit_2(
     if program == "chai_grid_map.py":
         calibrated = sorted((sandbox.workspace_dir / "calibrate").iterdir())
         upstream = [(path, "calibrate", "scan") for path in calibrated]
-        assert_ok(
-            runner.run(program="chai_baseline.py", step="baseline", config={}, upstream=upstream, **common)
-        )
+        assert_ok(runner.run(program="chai_baseline.py", step="baseline", config={}, upstream=upstream, **common))
         upstream_step = "baseline"
     products = sorted((sandbox.workspace_dir / upstream_step).iterdir())
     result = runner.run(

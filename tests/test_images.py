@@ -74,9 +74,7 @@ def test_local_sif_sandbox_and_software_directory(tmp_path: Path) -> None:
         ("", "apptainer", "empty"),
     ],
 )
-def test_local_images_that_cannot_run_are_refused(
-    tmp_path: Path, image_ref: str, runtime: str, fragment: str
-) -> None:
+def test_local_images_that_cannot_run_are_refused(tmp_path: Path, image_ref: str, runtime: str, fragment: str) -> None:
     (tmp_path / "chai.sif").write_bytes(b"sif")
     (tmp_path / "chai.tar").write_bytes(b"tar")
     (tmp_path / "software").mkdir()
@@ -93,17 +91,13 @@ def test_remote_image_is_pulled_once_into_the_cache(tmp_path: Path) -> None:
     pull = FakePull()
     cache = tmp_path / "sif-cache"
     ref = "docker://ghcr.io/ccat/chai:1.0.0"
-    first = resolve_image(
-        image_ref=ref, image_digest=DIGEST, sif_cache_dir=cache, runtime_name="apptainer", pull=pull
-    )
+    first = resolve_image(image_ref=ref, image_digest=DIGEST, sif_cache_dir=cache, runtime_name="apptainer", pull=pull)
     assert first == ResolvedImage(path=cache / f"sha256-{HEX}.sif", digest=DIGEST, kind=ImageKind.SIF)
     assert first.path.read_bytes() == b"SIF image bytes"
     assert len(pull.calls) == 1 and pull.calls[0][0] == ref
     assert pull.calls[0][1].parent.parent == cache, "pulled next to the cache file, so the rename is atomic"
 
-    second = resolve_image(
-        image_ref=ref, image_digest=HEX, sif_cache_dir=cache, runtime_name="apptainer", pull=pull
-    )
+    second = resolve_image(image_ref=ref, image_digest=HEX, sif_cache_dir=cache, runtime_name="apptainer", pull=pull)
     assert second == first
     assert len(pull.calls) == 1, "a cache hit must not pull again"
     assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [f"sha256-{HEX}.sif"]
@@ -136,9 +130,7 @@ def test_remote_images_that_cannot_be_used_are_refused(
 ) -> None:
     pull = FakePull()
     with pytest.raises(ImageError, match=fragment):
-        resolve_image(
-            image_ref=image_ref, image_digest=digest, sif_cache_dir=tmp_path, runtime_name=runtime, pull=pull
-        )
+        resolve_image(image_ref=image_ref, image_digest=digest, sif_cache_dir=tmp_path, runtime_name=runtime, pull=pull)
     assert pull.calls == []
 
 

@@ -86,35 +86,69 @@ def test_constraints_reject_duplicates(engine, duplicate):
     with pytest.raises(IntegrityError), Session(engine) as session, session.begin():
         world = session.merge(world.pipeline)
         if duplicate == "pipeline_name":
-            session.add(m.Pipeline(name=world.name, data_grouping_id=world.data_grouping_id,
-                                   processing_location_id=world.processing_location_id))
+            session.add(
+                m.Pipeline(
+                    name=world.name,
+                    data_grouping_id=world.data_grouping_id,
+                    processing_location_id=world.processing_location_id,
+                )
+            )
         elif duplicate == "package_name":
             package = session.scalars(select(m.RawDataPackage)).one()
-            session.add(m.RawDataPackage(name=package.name, executed_obs_unit_id=package.executed_obs_unit_id,
-                                         instrument_module_id=package.instrument_module_id))
+            session.add(
+                m.RawDataPackage(
+                    name=package.name,
+                    executed_obs_unit_id=package.executed_obs_unit_id,
+                    instrument_module_id=package.instrument_module_id,
+                )
+            )
         elif duplicate == "product_path":
             existing = session.scalars(select(m.DataProduct)).one()
-            session.add(m.DataProduct(executed_reduction_step_id=existing.executed_reduction_step_id,
-                                      reduction_step_id=existing.reduction_step_id, sub_group_key="all",
-                                      product_type="science", relative_path=existing.relative_path,
-                                      size_bytes=1, sha256="2" * 64))
+            session.add(
+                m.DataProduct(
+                    executed_reduction_step_id=existing.executed_reduction_step_id,
+                    reduction_step_id=existing.reduction_step_id,
+                    sub_group_key="all",
+                    product_type="science",
+                    relative_path=existing.relative_path,
+                    size_bytes=1,
+                    sha256="2" * 64,
+                )
+            )
         elif duplicate == "attempt_number":
             existing = session.scalars(select(m.ExecutedReductionStep)).one()
-            session.add(m.ExecutedReductionStep(reduction_step_id=existing.reduction_step_id,
-                                                sub_group_key=existing.sub_group_key, attempt=existing.attempt,
-                                                status=RunStatus.FAILED, input_fingerprint="x",
-                                                reduction_software_version_id=existing.reduction_software_version_id,
-                                                reduction_step_config_id=existing.reduction_step_config_id))
+            session.add(
+                m.ExecutedReductionStep(
+                    reduction_step_id=existing.reduction_step_id,
+                    sub_group_key=existing.sub_group_key,
+                    attempt=existing.attempt,
+                    status=RunStatus.FAILED,
+                    input_fingerprint="x",
+                    reduction_software_version_id=existing.reduction_software_version_id,
+                    reduction_step_config_id=existing.reduction_step_config_id,
+                )
+            )
         elif duplicate == "copy_per_location":
             existing = session.scalars(select(m.PhysicalCopy)).one()
-            session.add(m.PhysicalCopy(data_location_id=existing.data_location_id,
-                                       data_product_id=existing.data_product_id, path="again",
-                                       status=PhysicalCopyStatus.PRESENT))
+            session.add(
+                m.PhysicalCopy(
+                    data_location_id=existing.data_location_id,
+                    data_product_id=existing.data_product_id,
+                    path="again",
+                    status=PhysicalCopyStatus.PRESENT,
+                )
+            )
         elif duplicate == "step_name":
             step = session.scalars(select(m.ReductionStep).where(m.ReductionStep.name == "calibrate")).one()
-            session.add(m.ReductionStep(pipeline_id=step.pipeline_id, name="calibrate", version_spec="1",
-                                        reduction_software_id=step.reduction_software_id,
-                                        reduction_step_config_id=step.reduction_step_config_id))
+            session.add(
+                m.ReductionStep(
+                    pipeline_id=step.pipeline_id,
+                    name="calibrate",
+                    version_spec="1",
+                    reduction_software_id=step.reduction_software_id,
+                    reduction_step_config_id=step.reduction_step_config_id,
+                )
+            )
         session.flush()
 
 
@@ -127,10 +161,17 @@ def test_only_one_attempt_in_flight_per_step_and_sub_group(engine):
     with pytest.raises(IntegrityError), Session(engine) as session, session.begin():
         world_step = session.scalars(select(m.ReductionStep).where(m.ReductionStep.name == "calibrate")).one()
         first = session.scalars(select(m.ExecutedReductionStep)).first()
-        session.add(m.ExecutedReductionStep(reduction_step_id=world_step.id, sub_group_key="scan-1", attempt=3,
-                                            status=RunStatus.PENDING, input_fingerprint="y",
-                                            reduction_software_version_id=first.reduction_software_version_id,
-                                            reduction_step_config_id=first.reduction_step_config_id))
+        session.add(
+            m.ExecutedReductionStep(
+                reduction_step_id=world_step.id,
+                sub_group_key="scan-1",
+                attempt=3,
+                status=RunStatus.PENDING,
+                input_fingerprint="y",
+                reduction_software_version_id=first.reduction_software_version_id,
+                reduction_step_config_id=first.reduction_step_config_id,
+            )
+        )
         session.flush()
 
 

@@ -294,9 +294,7 @@ def test_two_pipelines_share_a_software_version(seeded):
 def test_a_bad_third_step_leaves_ops_db_unchanged_on_create(seeded):
     # Register soft-c 1.0.0 with another image through another pipeline; then a new pipeline whose third step
     # declares soft-c 1.0.0 differently must write nothing at all (no grouping, no software, no configs).
-    apply(
-        seeded, changed(base_spec(), pipeline="first", steps__2__software__image_ref="docker://elsewhere/c")
-    )
+    apply(seeded, changed(base_spec(), pipeline="first", steps__2__software__image_ref="docker://elsewhere/c"))
     before = snapshot(seeded)
     data = changed(base_spec(), grouping__name="fresh-grouping")
     data["steps"][0]["software"]["name"] = "brand-new-software"
@@ -326,9 +324,7 @@ def test_a_bad_third_step_leaves_ops_db_unchanged_on_update(seeded):
 
 def test_processing_location_by_name_or_id_and_errors(seeded):
     with session_scope(seeded) as session:
-        ramses = session.scalars(
-            select(m.DataLocation).where(m.DataLocation.name == "ramses-processing")
-        ).one()
+        ramses = session.scalars(select(m.DataLocation).where(m.DataLocation.name == "ramses-processing")).one()
         ramses_id = ramses.id
     message = rejected(seeded, changed(base_spec(), processing_location="ramses"))
     assert "processing_location: 'ramses' is not a DataLocation" in message
@@ -364,9 +360,7 @@ def test_instrument_module_names(seeded):
 def test_a_shared_grouping_is_not_changed_behind_another_pipeline(seeded):
     apply(seeded, base_spec())
     other = changed(base_spec(), pipeline="other_pipe")
-    other["grouping"]["rules"] = [
-        {"table": "Source", "column": "name", "operator": "eq", "value": "Orion-KL"}
-    ]
+    other["grouping"]["rules"] = [{"table": "Source", "column": "name", "operator": "eq", "value": "Orion-KL"}]
     message = rejected(seeded, other)
     assert "data grouping 'demo-grouping' is shared with pipeline(s) demo_pipe" in message
     assert "Give this grouping a new name" in message
@@ -383,9 +377,7 @@ def test_presets_are_resolved_and_stored_expanded(seeded):
         save_preset(
             session,
             name="archived-geco",
-            filter_rules=[
-                {"table": "ObservingProgram", "column": "short_name", "operator": "eq", "value": "GEco"}
-            ],
+            filter_rules=[{"table": "ObservingProgram", "column": "short_name", "operator": "eq", "value": "GEco"}],
             group_by=["source"],
         )
     data = changed(base_spec(), grouping__preset="archived-geco")
@@ -504,9 +496,7 @@ def test_a_failure_after_the_first_writes_rolls_everything_back(seeded, monkeypa
         return real(session, pipeline, step)
 
     monkeypatch.setattr(apply_module, "_config_row", failing_config_row)
-    data = changed(
-        base_spec(), steps__0__config={"x": 1}, steps__1__cooldown_seconds=7, description="changed"
-    )
+    data = changed(base_spec(), steps__0__config={"x": 1}, steps__1__cooldown_seconds=7, description="changed")
     with pytest.raises(PipelineApplyError, match="simulated failure"):
         apply(seeded, data)
     assert snapshot(seeded) == before

@@ -67,9 +67,7 @@ def test_validate_checks_ops_db_without_writing(cli_env, tmp_path, capsys):
     unknown = write(tmp_path, "loc.yaml", dict(base_spec(), processing_location="nowhere"))
     code, out, err = run(capsys, "validate", str(unknown))
     assert code == 1
-    assert (
-        "processing_location: 'nowhere' is not a DataLocation; processing locations: ramses-processing" in err
-    )
+    assert "processing_location: 'nowhere' is not a DataLocation; processing locations: ramses-processing" in err
     assert snapshot(engine) == before
     engine.dispose()
 
@@ -85,9 +83,7 @@ def test_apply_list_show_disable_enable(cli_env, tmp_path, capsys):
 
     code, out, _ = run(capsys, "list")
     assert code == 0
-    assert (
-        "chai_ngc253_co43" in out and "calibrate → baseline → grid_map" in out and "ramses-processing" in out
-    )
+    assert "chai_ngc253_co43" in out and "calibrate → baseline → grid_map" in out and "ramses-processing" in out
 
     code, out, _ = run(capsys, "list", "--json")
     listed = json.loads(out)

@@ -347,10 +347,7 @@ def test_duplicate_step_names(tmp_path):
 
 def test_unknown_dependency_lists_the_steps(tmp_path):
     message = only_problem(tmp_path, _set(base_spec(), ("steps", 1, "depends_on"), ["calibrat"]))
-    assert (
-        "steps[1].depends_on[0]: 'calibrat' is not a step of this pipeline (did you mean 'calibrate'?)"
-        in message
-    )
+    assert "steps[1].depends_on[0]: 'calibrat' is not a step of this pipeline (did you mean 'calibrate'?)" in message
     assert "steps are calibrate, baseline, grid_map" in message
 
 
@@ -403,9 +400,7 @@ def test_trigger_errors(tmp_path, trigger, fragments):
 
 
 def test_cron_trigger_config(tmp_path):
-    spec = load_pipeline_spec(
-        write(tmp_path, _set(base_spec(), ("trigger",), {"type": "cron", "cron": "0 12 * * *"}))
-    )
+    spec = load_pipeline_spec(write(tmp_path, _set(base_spec(), ("trigger",), {"type": "cron", "cron": "0 12 * * *"})))
     assert spec.trigger.to_config() == {"cron": "0 12 * * *", "timezone": "UTC"}
     data = _set(base_spec(), ("trigger",), {"type": "cron", "cron": "@daily", "timezone": "America/Santiago"})
     assert load_pipeline_spec(write(tmp_path, data)).trigger.to_config() == {
@@ -476,9 +471,7 @@ def test_cron_problem_accepts_the_usual_forms():
 
 
 def test_bad_group_by_dimension(tmp_path):
-    message = only_problem(
-        tmp_path, _set(base_spec(), ("steps", 0, "group_by"), ["executed_obs_unit", "scan"])
-    )
+    message = only_problem(tmp_path, _set(base_spec(), ("steps", 0, "group_by"), ["executed_obs_unit", "scan"]))
     assert "steps[0].group_by[1]: 'scan' is not a dimension" in message
     assert "valid names: executed_obs_unit" in message
 
@@ -554,10 +547,7 @@ def test_one_software_version_is_one_image(tmp_path):
     data = base_spec()
     data["steps"][1]["software"] = dict(data["steps"][0]["software"], entrypoint=["/bin/other"])
     message = only_problem(tmp_path, data)
-    assert (
-        "steps[1].software: software soft-a 1.0.0 is also used by steps[0] with a different entrypoint"
-        in message
-    )
+    assert "steps[1].software: software soft-a 1.0.0 is also used by steps[0] with a different entrypoint" in message
 
 
 def test_same_software_version_in_two_steps_is_fine(tmp_path):
@@ -643,7 +633,5 @@ def test_semver_precedence():
 def test_the_reference_shows_the_example_file_verbatim():
     reference = (REPO / "docs" / "pipeline-yaml.md").read_text(encoding="utf-8")
     shown = reference.split("```yaml\n", 1)[1].split("```", 1)[0]
-    example = "".join(
-        line for line in EXAMPLE.read_text(encoding="utf-8").splitlines(True) if not line.startswith("#")
-    )
+    example = "".join(line for line in EXAMPLE.read_text(encoding="utf-8").splitlines(True) if not line.startswith("#"))
     assert shown == example

@@ -51,9 +51,7 @@ def _counts(engine) -> dict[str, int]:
         return {
             "products": count(m.DataProduct),
             "product_copies": session.scalar(
-                select(func.count())
-                .select_from(m.PhysicalCopy)
-                .where(m.PhysicalCopy.data_product_id.is_not(None))
+                select(func.count()).select_from(m.PhysicalCopy).where(m.PhysicalCopy.data_product_id.is_not(None))
             ),
             "input_packages": count(m.run_input_package),
             "input_products": count(m.run_input_product),
@@ -117,9 +115,7 @@ def test_input_lineage_is_recorded_at_creation_and_is_idempotent(engine, tmp_pat
     sw, attempt_id, upstream_id = _setup(engine, tmp_path, status=RunStatus.PENDING)
     with session_scope(engine) as session:
         attempt = session.get(m.ExecutedReductionStep, attempt_id)
-        record_input_lineage(
-            session, attempt=attempt, package_ids=sw.package_ids[:1], product_ids=[upstream_id]
-        )
+        record_input_lineage(session, attempt=attempt, package_ids=sw.package_ids[:1], product_ids=[upstream_id])
     with session_scope(engine) as session:
         attempt = session.get(m.ExecutedReductionStep, attempt_id)
         record_input_lineage(
@@ -194,9 +190,7 @@ def test_supersession_by_path_then_type_then_first(engine, tmp_path):
             ("plots/q.png", "plot"),
         ]
         _, old = _complete_attempt(session, sw, tmp_path, number=1, key="all", files=old_files)
-        _, other_key = _complete_attempt(
-            session, sw, tmp_path, number=1, key="scan-9", files=[("a.dat", INTER)]
-        )
+        _, other_key = _complete_attempt(session, sw, tmp_path, number=1, key="scan-9", files=[("a.dat", INTER)])
         _, new = _complete_attempt(
             session,
             sw,

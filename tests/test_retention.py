@@ -172,9 +172,7 @@ def test_dry_run_lists_and_changes_nothing(engine, tmp_path):
     ids, root, outside = _cleanup_world(engine, tmp_path)
     before = _statuses(engine)
     outcomes = {o.copy_id: o for o in delete_deletable_copies(engine, dry_run=True, allowed_roots=[root])}
-    assert set(outcomes) == {
-        ids[n] for n in ("plain", "gone", "outside", "escape", "stuck", "a-directory", "via-link")
-    }
+    assert set(outcomes) == {ids[n] for n in ("plain", "gone", "outside", "escape", "stuck", "a-directory", "via-link")}
     would = {n for n, i in ids.items() if i in outcomes and outcomes[i].action is DeletionAction.WOULD_DELETE}
     assert would == {"plain", "gone", "stuck"}
     assert _statuses(engine) == before

@@ -14,12 +14,21 @@ from .opsdb_factories import make_attempt, make_world
 
 S = RunStatus
 EXPECTED_LEGAL = {
-    (S.PENDING, S.STAGING_DATA), (S.PENDING, S.FAILED), (S.PENDING, S.CANCELLED),
-    (S.STAGING_DATA, S.SUBMITTED), (S.STAGING_DATA, S.FAILED), (S.STAGING_DATA, S.CANCELLED),
-    (S.SUBMITTED, S.RUNNING), (S.SUBMITTED, S.COLLECTING_RESULTS), (S.SUBMITTED, S.FAILED),
+    (S.PENDING, S.STAGING_DATA),
+    (S.PENDING, S.FAILED),
+    (S.PENDING, S.CANCELLED),
+    (S.STAGING_DATA, S.SUBMITTED),
+    (S.STAGING_DATA, S.FAILED),
+    (S.STAGING_DATA, S.CANCELLED),
+    (S.SUBMITTED, S.RUNNING),
+    (S.SUBMITTED, S.COLLECTING_RESULTS),
+    (S.SUBMITTED, S.FAILED),
     (S.SUBMITTED, S.CANCELLED),
-    (S.RUNNING, S.COLLECTING_RESULTS), (S.RUNNING, S.FAILED), (S.RUNNING, S.CANCELLED),
-    (S.COLLECTING_RESULTS, S.COMPLETED), (S.COLLECTING_RESULTS, S.FAILED),
+    (S.RUNNING, S.COLLECTING_RESULTS),
+    (S.RUNNING, S.FAILED),
+    (S.RUNNING, S.CANCELLED),
+    (S.COLLECTING_RESULTS, S.COMPLETED),
+    (S.COLLECTING_RESULTS, S.FAILED),
 }
 
 
@@ -46,7 +55,11 @@ def test_transition_writes_audit_rows_and_timestamps(engine):
             transition(session, attempt, status, message=f"to {status.value}")
         session.flush()
         assert [t.to_status for t in attempt.transitions] == [
-            S.STAGING_DATA, S.SUBMITTED, S.RUNNING, S.COLLECTING_RESULTS, S.COMPLETED
+            S.STAGING_DATA,
+            S.SUBMITTED,
+            S.RUNNING,
+            S.COLLECTING_RESULTS,
+            S.COMPLETED,
         ]
         assert attempt.transitions[0].from_status is S.PENDING
         assert attempt.started_at is not None and attempt.finished_at is not None

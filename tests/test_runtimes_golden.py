@@ -61,9 +61,7 @@ def intermediate_invocation(*, image: ResolvedImage = SIF) -> ContainerInvocatio
             ("chai_scan_0042_hfa", Path("/data/staged/chai/chai_scan_0042_hfa")),
         ],
     )
-    return ContainerInvocation(
-        image=image, mounts=mounts, env=build_environment(layout=layout), args=CALIBRATE
-    )
+    return ContainerInvocation(image=image, mounts=mounts, env=build_environment(layout=layout), args=CALIBRATE)
 
 
 def test_golden_intermediate_per_scan_step_with_two_packages() -> None:
@@ -134,9 +132,7 @@ def test_golden_fan_in_final_step_with_gpu() -> None:
 
 def test_golden_sandbox_directory_image() -> None:
     sandbox = ResolvedImage(path=Path("/data/images/chai-1.0.0.sandbox"), digest=None, kind=ImageKind.SANDBOX)
-    command = build_apptainer_command(
-        intermediate_invocation(image=sandbox), apptainer="/opt/apptainer/bin/apptainer"
-    )
+    command = build_apptainer_command(intermediate_invocation(image=sandbox), apptainer="/opt/apptainer/bin/apptainer")
     assert command == [
         "/opt/apptainer/bin/apptainer", "exec", "--cleanenv", "--containall", "--no-home",
         "--pwd", "/workflow",
@@ -163,9 +159,7 @@ def test_identity_upstream_is_mounted_without_the_sub_group_key() -> None:
     mounts = build_mounts(
         layout=layout, input_packages=[], upstream_products=[_product("calibrate", "eou=7", "a.cal", 1)]
     )
-    command = build_apptainer_command(
-        ContainerInvocation(image=SIF, mounts=mounts, env={}, args=["/bin/true"])
-    )
+    command = build_apptainer_command(ContainerInvocation(image=SIF, mounts=mounts, env={}, args=["/bin/true"]))
     assert "/data/pipelines/p/eou=7/workspace/calibrate:/workflow/workspace/calibrate:ro" in command
 
 
@@ -206,9 +200,7 @@ def test_env_values_apptainer_would_mangle_are_refused(value: str) -> None:
 
 
 def test_env_values_apptainer_keeps_are_passed() -> None:
-    invocation = ContainerInvocation(
-        image=SIF, mounts=[], env={"A": "x,y", "B": "k=v", "C": ""}, args=["/bin/true"]
-    )
+    invocation = ContainerInvocation(image=SIF, mounts=[], env={"A": "x,y", "B": "k=v", "C": ""}, args=["/bin/true"])
     command = build_apptainer_command(invocation)
     assert command[command.index("--env") :][:6] == ["--env", "A=x,y", "--env", "B=k=v", "--env", "C="]
 
@@ -331,9 +323,7 @@ def test_bwrap_command_for_a_sandbox_binds_its_top_level_entries(tmp_path: Path)
 
 def test_bwrap_keeps_a_path_the_caller_passes() -> None:
     software = ResolvedImage(path=Path("/srv/chai"), digest=None, kind=ImageKind.SOFTWARE_DIR)
-    invocation = ContainerInvocation(
-        image=software, mounts=[], env={"PATH": "/opt/software/bin"}, args=["run"]
-    )
+    invocation = ContainerInvocation(image=software, mounts=[], env={"PATH": "/opt/software/bin"}, args=["run"])
     command = build_bwrap_command(invocation)
     assert command[5:8] == ["--setenv", "PATH", "/opt/software/bin"]
     assert command.count("--setenv") == 1
@@ -352,9 +342,7 @@ def test_bwrap_refuses_gpus_and_sif_images() -> None:
 
 def test_get_runtime_knows_the_configurable_runtimes() -> None:
     assert get_runtime("apptainer") == ApptainerRuntime()
-    assert get_runtime("bubblewrap", bwrap="/usr/local/bin/bwrap") == BubblewrapRuntime(
-        bwrap="/usr/local/bin/bwrap"
-    )
+    assert get_runtime("bubblewrap", bwrap="/usr/local/bin/bwrap") == BubblewrapRuntime(bwrap="/usr/local/bin/bwrap")
     assert RUNTIME_NAMES == settings.CONTAINER_RUNTIMES
     for name in settings.CONTAINER_RUNTIMES:
         assert get_runtime(name).name == name
@@ -369,18 +357,14 @@ def test_get_runtime_refuses_unknown_names_and_options() -> None:
 
 def test_runtime_command_matches_the_builder() -> None:
     invocation = intermediate_invocation()
-    assert get_runtime("apptainer", apptainer="/usr/bin/apptainer").command(
-        invocation
-    ) == build_apptainer_command(invocation, apptainer="/usr/bin/apptainer")
+    assert get_runtime("apptainer", apptainer="/usr/bin/apptainer").command(invocation) == build_apptainer_command(
+        invocation, apptainer="/usr/bin/apptainer"
+    )
 
 
 def test_check_names_a_missing_binary(tmp_path: Path) -> None:
     missing = str(tmp_path / "no-such-binary")
     apptainer_problem = ApptainerRuntime(apptainer=missing).check()
-    assert (
-        apptainer_problem is not None
-        and "not on PATH" in apptainer_problem
-        and "Apptainer" in apptainer_problem
-    )
+    assert apptainer_problem is not None and "not on PATH" in apptainer_problem and "Apptainer" in apptainer_problem
     bwrap_problem = BubblewrapRuntime(bwrap=missing).check()
     assert bwrap_problem is not None and "apt-get install bubblewrap" in bwrap_problem

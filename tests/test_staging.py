@@ -272,9 +272,7 @@ def test_unknown_package_and_location_are_refused(sqlite_engine, tmp_path):
 
 def test_local_stager_timeout_while_copying(sqlite_engine, tmp_path):
     sw = _world(sqlite_engine, tmp_path, n_packages=1)
-    ticks = iter(
-        [0.0, 0.0] + [1000.0] * 100
-    )  # start, package start, then past the deadline at the first chunk
+    ticks = iter([0.0, 0.0] + [1000.0] * 100)  # start, package start, then past the deadline at the first chunk
     with pytest.raises(StagingTimeout) as raised:
         LocalStager(clock=lambda: next(ticks)).stage(
             engine=sqlite_engine,
@@ -305,9 +303,7 @@ def test_local_stager_timeout_between_packages_names_the_unstaged(sqlite_engine,
             progress=advance,
         )
     assert sw.packages[1].name in str(raised.value) and sw.packages[0].name not in str(raised.value)
-    assert [c.raw_data_package_id for c in _copies_at(sqlite_engine, sw.world.processing.id)] == [
-        sw.package_ids[0]
-    ]
+    assert [c.raw_data_package_id for c in _copies_at(sqlite_engine, sw.world.processing.id)] == [sw.package_ids[0]]
 
 
 def test_concurrent_staging_of_one_package_yields_one_intact_copy(engine, tmp_path):
@@ -709,9 +705,9 @@ def test_require_present_products(engine, tmp_path):
     (tmp_path / "ws" / "gone.dat").unlink()
     location_id = sw.world.processing.id
     with Session(engine) as session:
-        assert require_present_products(
-            session, product_ids=[ids["good"]], processing_location_id=location_id
-        ) == {ids["good"]: tmp_path / "ws" / "good.dat"}
+        assert require_present_products(session, product_ids=[ids["good"]], processing_location_id=location_id) == {
+            ids["good"]: tmp_path / "ws" / "good.dat"
+        }
         assert require_present_products(session, product_ids=[], processing_location_id=location_id) == {}
         for name, expected in [
             ("marked", "deletion_possible"),
