@@ -142,9 +142,7 @@ def normalise_sha256(value: str, what: str) -> str:
     """64 lower-case hexadecimal digits; a ``sha256:`` prefix is accepted and removed."""
     text = value.strip().lower().removeprefix("sha256:") if isinstance(value, str) else ""
     if not _SHA256_HEX.fullmatch(text):
-        raise ContainerContractError(
-            f"{what} {value!r} is not a sha256 checksum; expected 64 hexadecimal digits"
-        )
+        raise ContainerContractError(f"{what} {value!r} is not a sha256 checksum; expected 64 hexadecimal digits")
     return text
 
 
@@ -197,8 +195,7 @@ class AttemptLayout:
     def __post_init__(self) -> None:
         if not isinstance(self.base_dir, Path) or not self.base_dir.is_absolute():
             raise ContainerContractError(
-                f"PIPELINE_BASE_DIR {self.base_dir!r} must be an absolute path (bind mounts need absolute "
-                "sources)"
+                f"PIPELINE_BASE_DIR {self.base_dir!r} must be an absolute path (bind mounts need absolute sources)"
             )
         validate_path_component(self.pipeline, "pipeline name")
         validate_path_component(self.sub_group_key, "sub_group_key")
@@ -438,9 +435,7 @@ def build_mounts(
     for (step, key), container_dir in upstream_container_dirs(
         layout=layout, upstream_products=upstream_products
     ).items():
-        host_dir = workspace_step_dir(
-            base_dir=layout.base_dir, pipeline=layout.pipeline, sub_group_key=key, step=step
-        )
+        host_dir = workspace_step_dir(base_dir=layout.base_dir, pipeline=layout.pipeline, sub_group_key=key, step=step)
         mounts.append(Mount(host_dir, container_dir, read_only=True))
     for product in upstream_products:
         if product.host_path is not None:
@@ -500,8 +495,7 @@ def build_environment(*, layout: AttemptLayout, extra: Mapping[str, str] | None 
 def validate_env_name(name: str) -> str:
     if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
         raise ContainerContractError(
-            f"environment variable name {name!r} is invalid; use letters, digits and '_', not starting "
-            "with a digit"
+            f"environment variable name {name!r} is invalid; use letters, digits and '_', not starting with a digit"
         )
     return name
 
@@ -581,8 +575,7 @@ def build_manifest(
         validate_relative_path(product.relative_path, f"path of {where}")
         if product.product_type not in PRODUCT_TYPES:
             raise ContainerContractError(
-                f"{where} has product_type {product.product_type!r}; expected one of "
-                f"{', '.join(sorted(PRODUCT_TYPES))}"
+                f"{where} has product_type {product.product_type!r}; expected one of {', '.join(sorted(PRODUCT_TYPES))}"
             )
         path = f"{dirs[(product.step, product.sub_group_key)]}/{product.relative_path}"
         upstream_entries.append(

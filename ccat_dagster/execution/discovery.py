@@ -99,17 +99,13 @@ def discover_products(*, layout: AttemptLayout) -> list[DiscoveredProduct]:
                 )
         if not candidates and not problems:
             problems.append(
-                OutputProblem(
-                    ".", f"the final step wrote no file; it must write its products under {_ALLOWED_DIRS}"
-                )
+                OutputProblem(".", f"the final step wrote no file; it must write its products under {_ALLOWED_DIRS}")
             )
     else:
         _walk(root, prefix="", product_type=INTERMEDIATE_PRODUCT_TYPE, into=candidates, problems=problems)
         if not candidates and not problems:
             problems.append(
-                OutputProblem(
-                    ".", "the step wrote no file; an intermediate step must write to WORKFLOW_OUTPUT_DIR"
-                )
+                OutputProblem(".", "the step wrote no file; an intermediate step must write to WORKFLOW_OUTPUT_DIR")
             )
     if problems:
         raise OutputContractError(summary=summary, problems=problems)
@@ -181,9 +177,7 @@ def _walk(
         if entry.is_dir(follow_symlinks=False):
             _walk(Path(entry.path), prefix=relative, product_type=product_type, into=into, problems=problems)
         else:
-            into.append(
-                _Candidate(relative_path=relative, product_type=product_type, host_path=Path(entry.path))
-            )
+            into.append(_Candidate(relative_path=relative, product_type=product_type, host_path=Path(entry.path)))
 
 
 def _special_kind(entry: os.DirEntry[str]) -> str:

@@ -75,9 +75,7 @@ def apptainer_pull(image_ref: str, destination: Path, *, apptainer: str = "appta
     """Pull ``image_ref`` into ``destination`` as a SIF with ``apptainer pull``."""
     command = [apptainer, "pull", str(destination), image_ref]
     try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, check=False, timeout=_PULL_TIMEOUT_SECONDS
-        )
+        result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=_PULL_TIMEOUT_SECONDS)
     except FileNotFoundError:
         raise ImagePullError(
             f"cannot pull {image_ref}: {apptainer!r} was not found; install Apptainer on this host or point "
@@ -107,13 +105,9 @@ def resolve_image(
     Relative local paths are resolved against ``base_dir``. ``pull`` defaults to ``apptainer_pull``.
     """
     if runtime_name not in RUNTIME_NAMES:
-        raise ImageError(
-            f"container runtime {runtime_name!r} is unknown; allowed: {', '.join(RUNTIME_NAMES)}"
-        )
+        raise ImageError(f"container runtime {runtime_name!r} is unknown; allowed: {', '.join(RUNTIME_NAMES)}")
     if not isinstance(image_ref, str) or not image_ref.strip():
-        raise ImageError(
-            f"image_ref {image_ref!r} is empty; give a .sif path, a directory or a remote reference"
-        )
+        raise ImageError(f"image_ref {image_ref!r} is empty; give a .sif path, a directory or a remote reference")
     digest = None if image_digest is None else normalise_image_digest(image_digest)
 
     if image_ref.startswith(REMOTE_SCHEMES):
@@ -126,21 +120,17 @@ def resolve_image(
         )
     if "://" in image_ref:
         raise ImageError(
-            f"image_ref {image_ref!r} has an unsupported scheme; use a local path or one of "
-            f"{', '.join(REMOTE_SCHEMES)}"
+            f"image_ref {image_ref!r} has an unsupported scheme; use a local path or one of {', '.join(REMOTE_SCHEMES)}"
         )
     return _resolve_local(image_ref=image_ref, digest=digest, runtime_name=runtime_name, base_dir=base_dir)
 
 
-def _resolve_local(
-    *, image_ref: str, digest: str | None, runtime_name: str, base_dir: Path | None
-) -> ResolvedImage:
+def _resolve_local(*, image_ref: str, digest: str | None, runtime_name: str, base_dir: Path | None) -> ResolvedImage:
     path = Path(image_ref)
     if not path.is_absolute():
         if base_dir is None:
             raise ImageError(
-                f"image_ref {image_ref!r} is a relative path and no base directory was given; make it "
-                "absolute"
+                f"image_ref {image_ref!r} is a relative path and no base directory was given; make it absolute"
             )
         path = Path(base_dir) / path
     path = Path(os.path.abspath(path))
@@ -154,9 +144,7 @@ def _resolve_local(
             "(with usr/) or a software directory"
         )
     else:
-        raise ImageError(
-            f"image {path} (image_ref {image_ref!r}) does not exist; build or copy it there first"
-        )
+        raise ImageError(f"image {path} (image_ref {image_ref!r}) does not exist; build or copy it there first")
 
     if runtime_name == "bubblewrap" and kind is ImageKind.SIF:
         raise ImageError(
@@ -189,9 +177,7 @@ def _resolve_remote(
         )
     pinned = image_ref.rpartition("@")[2] if "@" in image_ref else None
     if pinned is not None and pinned.startswith("sha256:") and pinned.lower() != digest:
-        raise ImageError(
-            f"image_ref {image_ref!r} pins {pinned} but image_digest is {digest}; make them agree"
-        )
+        raise ImageError(f"image_ref {image_ref!r} pins {pinned} but image_digest is {digest}; make them agree")
 
     target = sif_cache_path(sif_cache_dir=sif_cache_dir, image_digest=digest)
     if target.is_file():

@@ -87,8 +87,7 @@ def record_input_lineage(
         unknown = sorted(set(wanted_packages) - {p.id for p in found})
         if unknown:
             raise RegistrationError(
-                f"attempt {attempt.id}: input raw data package id(s) {unknown} do not exist in ops-db; "
-                "re-plan the step"
+                f"attempt {attempt.id}: input raw data package id(s) {unknown} do not exist in ops-db; re-plan the step"
             )
         linked = {p.id for p in attempt.input_packages}
         attempt.input_packages.extend(sorted((p for p in found if p.id not in linked), key=lambda p: p.id))
@@ -98,19 +97,15 @@ def record_input_lineage(
         unknown = sorted(set(wanted_products) - {p.id for p in found_products})
         if unknown:
             raise RegistrationError(
-                f"attempt {attempt.id}: input data product id(s) {unknown} do not exist in ops-db; "
-                "re-plan the step"
+                f"attempt {attempt.id}: input data product id(s) {unknown} do not exist in ops-db; re-plan the step"
             )
         own = sorted(p.id for p in found_products if p.executed_reduction_step_id == attempt.id)
         if own:
             raise RegistrationError(
-                f"attempt {attempt.id}: product(s) {own} were produced by this attempt and cannot be its "
-                "input"
+                f"attempt {attempt.id}: product(s) {own} were produced by this attempt and cannot be its input"
             )
         linked = {p.id for p in attempt.input_products}
-        attempt.input_products.extend(
-            sorted((p for p in found_products if p.id not in linked), key=lambda p: p.id)
-        )
+        attempt.input_products.extend(sorted((p for p in found_products if p.id not in linked), key=lambda p: p.id))
     session.flush()
 
 
@@ -150,9 +145,7 @@ def register_attempt_results(
             "check CCAT_WORKFLOW_MANAGER_PROCESSING_LOCATION_ID"
         )
     _apply_metrics(attempt, metrics)
-    record_input_lineage(
-        session, attempt=attempt, package_ids=input_package_ids, product_ids=input_product_ids
-    )
+    record_input_lineage(session, attempt=attempt, package_ids=input_package_ids, product_ids=input_product_ids)
 
     products: list[DataProduct] = []
     for entry, product_type in entries:
@@ -246,9 +239,7 @@ def _validated(
         try:
             product_type = DataProductType(entry.product_type)
         except ValueError:
-            raise RegistrationError(
-                f"{where} has product type {entry.product_type!r}; allowed: {allowed}"
-            ) from None
+            raise RegistrationError(f"{where} has product type {entry.product_type!r}; allowed: {allowed}") from None
         if not entry.relative_path or Path(entry.relative_path).is_absolute():
             raise RegistrationError(f"{where}: the relative path must be non-empty and relative")
         if entry.relative_path in seen:
@@ -259,9 +250,7 @@ def _validated(
         if entry.size < 0:
             raise RegistrationError(f"{where} has size {entry.size}; expected a size ≥ 0 bytes")
         if not Path(entry.host_path).is_absolute():
-            raise RegistrationError(
-                f"{where} has host path {str(entry.host_path)!r}; expected an absolute path"
-            )
+            raise RegistrationError(f"{where} has host path {str(entry.host_path)!r}; expected an absolute path")
         entries.append((entry, product_type))
     return entries
 

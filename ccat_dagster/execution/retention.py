@@ -97,9 +97,7 @@ def mark_deletable_intermediates(session: Session, *, now: dt.datetime, retentio
         )
         .join(DataProduct, PhysicalCopy.data_product_id == DataProduct.id)
         .join(run_input_product, run_input_product.c.data_product_id == DataProduct.id)
-        .join(
-            ExecutedReductionStep, run_input_product.c.executed_reduction_step_id == ExecutedReductionStep.id
-        )
+        .join(ExecutedReductionStep, run_input_product.c.executed_reduction_step_id == ExecutedReductionStep.id)
         .where(DataProduct.product_type == DataProductType.INTERMEDIATE)
         .where(PhysicalCopy.status == PhysicalCopyStatus.PRESENT)
         .where(DataProduct.superseded_by_id.is_(None))
@@ -129,9 +127,7 @@ def mark_deletable_intermediates(session: Session, *, now: dt.datetime, retentio
     return sorted(marked)
 
 
-def delete_deletable_copies(
-    engine: Engine, *, dry_run: bool, allowed_roots: Sequence[Path]
-) -> list[DeletionOutcome]:
+def delete_deletable_copies(engine: Engine, *, dry_run: bool, allowed_roots: Sequence[Path]) -> list[DeletionOutcome]:
     """Delete the files of ``deletion_possible`` copies of intermediate products; one outcome per copy.
 
     - removed → ``deleted``; the file was already gone → ``deleted`` (reason says so);
@@ -161,9 +157,7 @@ def delete_deletable_copies(
         if refusal is not None:
             outcome = DeletionOutcome(copy_id, path, DeletionAction.FAILED, refusal)
         elif dry_run:
-            outcome = DeletionOutcome(
-                copy_id, path, DeletionAction.WOULD_DELETE, "deletion_possible intermediate"
-            )
+            outcome = DeletionOutcome(copy_id, path, DeletionAction.WOULD_DELETE, "deletion_possible intermediate")
         else:
             outcome = _remove(copy_id, path)
         if not dry_run:
@@ -190,17 +184,13 @@ def _remove(copy_id: int, path: Path) -> DeletionOutcome:
     except FileNotFoundError:
         return DeletionOutcome(copy_id, path, DeletionAction.DELETED, "the file was already gone")
     except OSError as error:
-        return DeletionOutcome(
-            copy_id, path, DeletionAction.FAILED, f"cannot remove {path}: {error.strerror or error}"
-        )
+        return DeletionOutcome(copy_id, path, DeletionAction.FAILED, f"cannot remove {path}: {error.strerror or error}")
     return DeletionOutcome(copy_id, path, DeletionAction.DELETED, "removed")
 
 
 def _record(engine: Engine, outcome: DeletionOutcome) -> DeletionOutcome:
     status = (
-        PhysicalCopyStatus.DELETED
-        if outcome.action is DeletionAction.DELETED
-        else PhysicalCopyStatus.DELETION_FAILED
+        PhysicalCopyStatus.DELETED if outcome.action is DeletionAction.DELETED else PhysicalCopyStatus.DELETION_FAILED
     )
     with session_scope(engine) as session:
         result = session.execute(

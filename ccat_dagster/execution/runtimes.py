@@ -61,21 +61,15 @@ class ContainerInvocation:
         for name, value in self.env.items():
             validate_env_name(name)
             if not isinstance(value, str) or "\0" in value:
-                raise ContainerContractError(
-                    f"environment variable {name}={value!r} must be a string without NUL"
-                )
+                raise ContainerContractError(f"environment variable {name}={value!r} must be a string without NUL")
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 0:
             raise ContainerContractError(f"gpus={self.gpus!r} must be a whole number ≥ 0")
         if not self.workdir.startswith("/") or posixpath.normpath(self.workdir) != self.workdir:
-            raise ContainerContractError(
-                f"workdir {self.workdir!r} must be an absolute, normalised container path"
-            )
+            raise ContainerContractError(f"workdir {self.workdir!r} must be an absolute, normalised container path")
         targets = [mount.container for mount in self.mounts]
         duplicates = sorted({target for target in targets if targets.count(target) > 1})
         if duplicates:
-            raise ContainerContractError(
-                f"several mounts target {', '.join(duplicates)}; each target may appear once"
-            )
+            raise ContainerContractError(f"several mounts target {', '.join(duplicates)}; each target may appear once")
 
 
 def build_apptainer_command(inv: ContainerInvocation, *, apptainer: str = "apptainer") -> list[str]:
@@ -117,9 +111,7 @@ def build_apptainer_command(inv: ContainerInvocation, *, apptainer: str = "appta
     return command
 
 
-def build_bwrap_command(
-    inv: ContainerInvocation, *, bwrap: str = "bwrap", host_root: Path = Path("/")
-) -> list[str]:
+def build_bwrap_command(inv: ContainerInvocation, *, bwrap: str = "bwrap", host_root: Path = Path("/")) -> list[str]:
     """The same contract with bubblewrap; ``host_root`` is read for a software directory's base system.
 
     Order: namespaces and environment, the read-only root (sandbox or host base), ``/dev /proc /tmp
@@ -133,8 +125,7 @@ def build_bwrap_command(
         )
     if inv.image.kind is ImageKind.SIF:
         raise ContainerContractError(
-            f"the bubblewrap runtime cannot run the SIF image {inv.image.path}; use a sandbox or software "
-            "directory"
+            f"the bubblewrap runtime cannot run the SIF image {inv.image.path}; use a sandbox or software directory"
         )
     command = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
     env = {"PATH": DEFAULT_PATH, **inv.env}

@@ -157,9 +157,7 @@ def _load_location(session: Session, location_id: int) -> _LocationInfo:
 
 
 def _load_packages(session: Session, package_ids: Sequence[int]) -> list[_PackageInfo]:
-    rows = {
-        p.id: p for p in session.scalars(select(RawDataPackage).where(RawDataPackage.id.in_(package_ids)))
-    }
+    rows = {p.id: p for p in session.scalars(select(RawDataPackage).where(RawDataPackage.id.in_(package_ids)))}
     unknown = [pid for pid in package_ids if pid not in rows]
     if unknown:
         raise StagingError(f"raw data package id(s) {unknown} do not exist in ops-db; nothing was staged")
@@ -179,9 +177,7 @@ def _load_packages(session: Session, package_ids: Sequence[int]) -> list[_Packag
     ]
 
 
-def _usable_copies(
-    session: Session, *, package_ids: Iterable[int], location: _LocationInfo
-) -> dict[int, Path]:
+def _usable_copies(session: Session, *, package_ids: Iterable[int], location: _LocationInfo) -> dict[int, Path]:
     """Package id → directory of its copies at ``location`` that ops-db calls usable and that exist here."""
     ids = list(package_ids)
     if not ids:
@@ -201,9 +197,7 @@ def _usable_copies(
 
 
 def _staged(package: _PackageInfo, host_dir: Path) -> StagedPackage:
-    return StagedPackage(
-        package_id=package.id, package_name=package.name, host_dir=host_dir, files=package.files
-    )
+    return StagedPackage(package_id=package.id, package_name=package.name, host_dir=host_dir, files=package.files)
 
 
 def _names(packages: Iterable[_PackageInfo]) -> str:
@@ -236,9 +230,7 @@ class Stager(abc.ABC):
         (they are valid and a retry reuses them). ``progress`` receives one-line human messages.
         """
         if timeout_seconds <= 0:
-            raise ValueError(
-                f"timeout_seconds={timeout_seconds!r} is invalid: give a positive number of seconds"
-            )
+            raise ValueError(f"timeout_seconds={timeout_seconds!r} is invalid: give a positive number of seconds")
         deadline = self._clock() + timeout_seconds
         ordered = list(dict.fromkeys(package_ids))
         if not ordered:
@@ -397,9 +389,7 @@ class LocalStager(Stager):
             written = safe_unpack(tar_path=tar_copy, package_name=package.name, dest=unpacked)
             tar_copy.unlink()
             _verify_unpacked(package=package, written=written, progress=progress)
-            return _place(
-                unpacked=unpacked, final=raw_root / package.name, package=package, progress=progress
-            )
+            return _place(unpacked=unpacked, final=raw_root / package.name, package=package, progress=progress)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -421,8 +411,7 @@ class LocalStager(Stager):
                     dst.write(chunk)
         except OSError as error:
             raise StagingError(
-                f"cannot copy {source} for package {package.name} (id {package.id}): "
-                f"{error.strerror or error}"
+                f"cannot copy {source} for package {package.name} (id {package.id}): {error.strerror or error}"
             ) from error
         return digest.hexdigest()
 
@@ -460,8 +449,7 @@ def _member_relative_path(member: tarfile.TarInfo, *, package_name: str, tar_pat
     if not (member.isfile() or member.isdir()):
         kind = "link" if (member.issym() or member.islnk()) else "device or special file"
         raise UnsafeArchive(
-            f"{tar_path}: entry {name!r} is a {kind}; package tars may hold only regular files and "
-            "directories"
+            f"{tar_path}: entry {name!r} is a {kind}; package tars may hold only regular files and directories"
         )
     return "/".join(parts[1:])
 
@@ -488,17 +476,13 @@ def safe_unpack(*, tar_path: Path, package_name: str, dest: Path) -> dict[str, t
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 if not relative:
-                    raise UnsafeArchive(
-                        f"{tar_path}: entry {member.name!r} is a file where the package dir belongs"
-                    )
+                    raise UnsafeArchive(f"{tar_path}: entry {member.name!r} is a file where the package dir belongs")
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fileobj = tar.extractfile(member)
                 if fileobj is None:  # pragma: no cover - isfile() members always have data
                     raise UnsafeArchive(f"{tar_path}: entry {member.name!r} has no data")
                 if relative in written or target.exists():
-                    raise StagingError(
-                        f"{tar_path}: entry {member.name!r} appears twice; the package is malformed"
-                    )
+                    raise StagingError(f"{tar_path}: entry {member.name!r} appears twice; the package is malformed")
                 written[relative] = _write_new_file(fileobj, target)
                 os.chmod(target, 0o444)
     except tarfile.TarError as error:
@@ -519,9 +503,7 @@ def _write_new_file(source: IO[bytes], target: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _verify_unpacked(
-    *, package: _PackageInfo, written: dict[str, tuple[int, str]], progress: ProgressFn
-) -> None:
+def _verify_unpacked(*, package: _PackageInfo, written: dict[str, tuple[int, str]], progress: ProgressFn) -> None:
     for file in package.files:
         key = str(PurePosixPath(file.relative_path))
         got = written.get(key)
@@ -540,10 +522,7 @@ def _verify_unpacked(
     extra = sorted(set(written) - {str(PurePosixPath(f.relative_path)) for f in package.files})
     if extra:
         # The tar matched its recorded checksum, so extras are authentic; inputs come from RawDataFile rows.
-        progress(
-            f"{package.name}: {len(extra)} file(s) in the tar are not RawDataFile rows: "
-            f"{', '.join(extra[:5])}"
-        )
+        progress(f"{package.name}: {len(extra)} file(s) in the tar are not RawDataFile rows: {', '.join(extra[:5])}")
 
 
 def _matches(directory: Path, package: _PackageInfo) -> bool:
@@ -608,9 +587,7 @@ def _find_package_copy(session: Session, *, location_id: int, package_id: int) -
     )
 
 
-def _register_staged_copy(
-    engine: Engine, *, package: _PackageInfo, location: _LocationInfo, host_dir: Path
-) -> Path:
+def _register_staged_copy(engine: Engine, *, package: _PackageInfo, location: _LocationInfo, host_dir: Path) -> Path:
     """Record the staged copy; returns the directory ops-db now names (another process's, if it won)."""
     try:
         with session_scope(engine) as session:
@@ -669,8 +646,7 @@ class ExternalStager(Stager):
     ) -> None:
         if poll_interval_seconds <= 0:
             raise ValueError(
-                f"poll_interval_seconds={poll_interval_seconds!r} is invalid: give a positive number of "
-                "seconds"
+                f"poll_interval_seconds={poll_interval_seconds!r} is invalid: give a positive number of seconds"
             )
         super().__init__(clock=clock)
         self.poll_interval_seconds = poll_interval_seconds
@@ -709,22 +685,16 @@ class ExternalStager(Stager):
                 progress(f"staging job(s) {jobs_text}: all {len(ids)} package(s) staged")
                 return {pid: _staged(by_id[pid], usable[pid]) for pid in ids}
             waiting = [by_id[pid] for pid in ids if pid not in usable]
-            failed = {
-                jid: error for jid, (status, error) in states.items() if status is StagingJobStatus.FAILED
-            }
+            failed = {jid: error for jid, (status, error) in states.items() if status is StagingJobStatus.FAILED}
             if failed:
-                reasons = "; ".join(
-                    f"job {jid}: {error or 'no error recorded'}" for jid, error in failed.items()
-                )
+                reasons = "; ".join(f"job {jid}: {error or 'no error recorded'}" for jid, error in failed.items())
                 raise StagingError(
                     f"staging to {location.name} failed ({reasons}) for package(s) {_names(waiting)}; fix "
                     "the cause "
                     "in data-transfer (see its staging worker logs); the next attempt creates a new staging "
                     "job"
                 )
-            ended = len(states) < len(job_ids) or all(
-                s is StagingJobStatus.COMPLETED for s, _ in states.values()
-            )
+            ended = len(states) < len(job_ids) or all(s is StagingJobStatus.COMPLETED for s, _ in states.values())
             ended_without_copies = ended_without_copies + 1 if ended else 0
             # One more poll before giving up: data-transfer may mark a job completed just before its copies.
             if ended_without_copies >= 2:
@@ -777,9 +747,7 @@ def ensure_staging_jobs(
     new_job_id: int | None = None
     if uncovered:
         packages = session.scalars(select(RawDataPackage).where(RawDataPackage.id.in_(uncovered))).all()
-        job = StagingJob(
-            target_location_id=target_location_id, status=StagingJobStatus.PENDING, packages=packages
-        )
+        job = StagingJob(target_location_id=target_location_id, status=StagingJobStatus.PENDING, packages=packages)
         session.add(job)
         session.flush()
         new_job_id = job.id
@@ -816,9 +784,7 @@ def require_present_products(
     for product_id in ids:
         product = products.get(product_id)
         if product is None:
-            raise MissingUpstreamProduct(
-                f"upstream product id {product_id} does not exist in ops-db; re-plan the step"
-            )
+            raise MissingUpstreamProduct(f"upstream product id {product_id} does not exist in ops-db; re-plan the step")
         what = (
             f"upstream product {product.id} ({product.relative_path}) of step {product.step.name!r}, "
             f"sub-group {product.sub_group_key!r}"
@@ -826,9 +792,7 @@ def require_present_products(
         redo = f"re-run step {product.step.name!r} for sub-group {product.sub_group_key!r} to recreate it"
         copy = copies.get(product_id)
         if copy is None:
-            raise MissingUpstreamProduct(
-                f"{what} has no copy at processing location {location.name!r}; {redo}"
-            )
+            raise MissingUpstreamProduct(f"{what} has no copy at processing location {location.name!r}; {redo}")
         if copy.status is not PhysicalCopyStatus.PRESENT:
             raise MissingUpstreamProduct(
                 f"{what} is not present at {location.name!r} (copy {copy.id} is {copy.status.value}"

@@ -195,16 +195,12 @@ class RawDataPackage(TimestampMixin, Base):
     instrument_module_id: Mapped[int] = mapped_column(ForeignKey("instrument_module.id"), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     checksum: Mapped[str] = mapped_column(String(64), default="")
-    state: Mapped[PackageState] = mapped_column(
-        str_enum(PackageState), default=PackageState.WAITING, index=True
-    )
+    state: Mapped[PackageState] = mapped_column(str_enum(PackageState), default=PackageState.WAITING, index=True)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     invalidated_reason: Mapped[str | None] = mapped_column(Text)
     executed_obs_unit: Mapped[ExecutedObsUnit] = relationship()
     instrument_module: Mapped[InstrumentModule] = relationship()
-    files: Mapped[list[RawDataFile]] = relationship(
-        back_populates="package", order_by="RawDataFile.relative_path"
-    )
+    files: Mapped[list[RawDataFile]] = relationship(back_populates="package", order_by="RawDataFile.relative_path")
 
 
 class RawDataFile(Base):
@@ -223,9 +219,7 @@ class PhysicalCopy(TimestampMixin, Base):
 
     __tablename__ = "physical_copy"
     __table_args__ = (
-        CheckConstraint(
-            "(raw_data_package_id IS NULL) <> (data_product_id IS NULL)", name="exactly_one_subject"
-        ),
+        CheckConstraint("(raw_data_package_id IS NULL) <> (data_product_id IS NULL)", name="exactly_one_subject"),
         UniqueConstraint("data_location_id", "raw_data_package_id"),
         UniqueConstraint("data_location_id", "data_product_id"),
     )
@@ -254,9 +248,7 @@ class StagingJob(TimestampMixin, Base):
     __tablename__ = "staging_job"
     id: Mapped[int] = mapped_column(primary_key=True)
     target_location_id: Mapped[int] = mapped_column(ForeignKey("data_location.id"))
-    status: Mapped[StagingJobStatus] = mapped_column(
-        str_enum(StagingJobStatus), default=StagingJobStatus.PENDING
-    )
+    status: Mapped[StagingJobStatus] = mapped_column(str_enum(StagingJobStatus), default=StagingJobStatus.PENDING)
     retry_count: Mapped[int] = mapped_column(default=0)
     error: Mapped[str | None] = mapped_column(Text)
     packages: Mapped[list[RawDataPackage]] = relationship(secondary=staging_job_package)
@@ -359,9 +351,7 @@ class ReductionStep(Base):
     group_by: Mapped[list[Any]] = mapped_column(default=list)
     cooldown_seconds: Mapped[int] = mapped_column(default=0)
     reduction_software_id: Mapped[int] = mapped_column(ForeignKey("reduction_software.id"))
-    version_policy: Mapped[VersionPolicy] = mapped_column(
-        str_enum(VersionPolicy), default=VersionPolicy.EXACT
-    )
+    version_policy: Mapped[VersionPolicy] = mapped_column(str_enum(VersionPolicy), default=VersionPolicy.EXACT)
     version_spec: Mapped[str] = mapped_column(String(64))
     reduction_step_config_id: Mapped[int] = mapped_column(ForeignKey("reduction_step_config.id"))
     resources: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -149,9 +149,7 @@ class _Plan:
     removed_steps: list[ReductionStep]
 
 
-def apply_pipeline_spec(
-    session: Session, spec: PipelineSpec, *, source_path: str | Path | None = None
-) -> ApplyResult:
+def apply_pipeline_spec(session: Session, spec: PipelineSpec, *, source_path: str | Path | None = None) -> ApplyResult:
     """Create or update the pipeline ``spec`` describes, in the caller's transaction (flushes, never commits).
 
     Raises PipelineApplyError listing every problem; the caller must then roll back (``session_scope`` does).
@@ -237,9 +235,7 @@ def _plan(session: Session, spec: PipelineSpec, origin: str) -> _Plan:
             else:
                 removed.append(step_row)
 
-    grouping = session.scalars(
-        select(DataGrouping).where(DataGrouping.name == spec.grouping.name)
-    ).one_or_none()
+    grouping = session.scalars(select(DataGrouping).where(DataGrouping.name == spec.grouping.name)).one_or_none()
     if grouping is not None:
         module_id = module.id if module is not None else None
         if (grouping.filter_rules, grouping.instrument_module_id) != (filter_rules, module_id):
@@ -377,9 +373,7 @@ def _write(session: Session, spec: PipelineSpec, plan: _Plan) -> ApplyResult:
     return ApplyResult(outcome, pipeline.id, pipeline.name, tuple(changes))
 
 
-def _set(
-    row: Any, attribute: str, value: Any, label: str, changes: list[str] | None, *, show: Any = None
-) -> None:
+def _set(row: Any, attribute: str, value: Any, label: str, changes: list[str] | None, *, show: Any = None) -> None:
     """Assign only when the value differs (so an unchanged apply writes nothing) and record the change."""
     old = getattr(row, attribute)
     if old == value:
@@ -398,11 +392,7 @@ def _short(value: Any, limit: int = 80) -> str:
 def _show_config(config: ReductionStepConfig | None) -> str:
     if config is None:
         return "None"
-    return (
-        f"#{config.id} {_short(config.parameters, 60)}"
-        if config.id
-        else f"(new) {_short(config.parameters, 60)}"
-    )
+    return f"#{config.id} {_short(config.parameters, 60)}" if config.id else f"(new) {_short(config.parameters, 60)}"
 
 
 def _find_location(session: Session, wanted: str | int, problem: Any) -> DataLocation | None:
@@ -411,9 +401,7 @@ def _find_location(session: Session, wanted: str | int, problem: Any) -> DataLoc
     else:
         location = session.scalars(select(DataLocation).where(DataLocation.name == wanted)).one_or_none()
     processing = session.scalars(
-        select(DataLocation)
-        .where(DataLocation.location_type == LocationType.PROCESSING)
-        .order_by(DataLocation.name)
+        select(DataLocation).where(DataLocation.location_type == LocationType.PROCESSING).order_by(DataLocation.name)
     ).all()
     valid = ", ".join(f"{loc.name} (id {loc.id})" for loc in processing) or "none: create one in ops-db first"
     if location is None:

@@ -111,9 +111,7 @@ def _engine(settings: Settings) -> Iterator[Engine]:
         engine.dispose()
 
 
-def _report_rejected(
-    path: Path, error: PipelineSpecError | PipelineApplyError | PipelineNotFoundError
-) -> None:
+def _report_rejected(path: Path, error: PipelineSpecError | PipelineApplyError | PipelineNotFoundError) -> None:
     problems = getattr(error, "problems", None) or (str(error),)
     print(f"rejected {path}: {len(problems)} problem(s)", file=sys.stderr)
     for problem in problems:

@@ -185,17 +185,13 @@ def load_pipeline_spec(path: str | Path) -> PipelineSpec:
     except FileNotFoundError:
         raise PipelineSpecError([f"{origin}: no such file: give the path of a pipeline YAML file"]) from None
     except (OSError, UnicodeDecodeError) as error:
-        raise PipelineSpecError(
-            [f"{origin}: cannot read the file ({error}): give a UTF-8 text file"]
-        ) from None
+        raise PipelineSpecError([f"{origin}: cannot read the file ({error}): give a UTF-8 text file"]) from None
     node, data = _load_yaml(text, origin)
     locator = _Locator(origin, node)
     return _parse(data, locator=locator, base_dir=path.resolve().parent, source_path=path)
 
 
-def parse_pipeline_spec(
-    data: Any, *, origin: str = "<pipeline spec>", base_dir: Path | None = None
-) -> PipelineSpec:
+def parse_pipeline_spec(data: Any, *, origin: str = "<pipeline spec>", base_dir: Path | None = None) -> PipelineSpec:
     """Check already-parsed YAML/JSON data (e.g. from a test or an API) like ``load_pipeline_spec`` does.
 
     Without ``base_dir`` a relative image_ref path is a problem, since there is nothing to resolve it against.
@@ -304,9 +300,7 @@ class _Locator:
                     if isinstance(key_node, yaml.ScalarNode) and key_node.value == item:
                         child = value_node
                         break
-            elif (
-                isinstance(node, yaml.SequenceNode) and isinstance(item, int) and 0 <= item < len(node.value)
-            ):
+            elif isinstance(node, yaml.SequenceNode) and isinstance(item, int) and 0 <= item < len(node.value):
                 child = node.value[item]
             if child is None:
                 break
@@ -346,9 +340,7 @@ def _check_json_compatible(value: Any, path: list[PathItem], problems: _Problems
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
-                problems.add(
-                    path, f"key {_show(key)} is a {type(key).__name__}: keys must be text (quote it)"
-                )
+                problems.add(path, f"key {_show(key)} is a {type(key).__name__}: keys must be text (quote it)")
                 continue
             _check_json_compatible(item, [*path, key], problems)
     elif isinstance(value, list):
@@ -440,9 +432,7 @@ def _build(
     if trigger.cron is not None:
         reason = cron_problem(trigger.cron)
         if reason:
-            problems.add(
-                ["trigger", "cron"], f"{_show(trigger.cron)} is not a valid cron expression: {reason}"
-            )
+            problems.add(["trigger", "cron"], f"{_show(trigger.cron)} is not a valid cron expression: {reason}")
     if trigger.timezone is not None and not _is_timezone(trigger.timezone):
         problems.add(
             ["trigger", "timezone"],
@@ -451,9 +441,7 @@ def _build(
         )
 
     grouping = _build_grouping(data["grouping"], problems)
-    steps = tuple(
-        _build_step(index, raw, problems, base_dir=base_dir) for index, raw in enumerate(data["steps"])
-    )
+    steps = tuple(_build_step(index, raw, problems, base_dir=base_dir) for index, raw in enumerate(data["steps"]))
     _check_steps(steps, problems)
     return PipelineSpec(
         name=data["pipeline"],
@@ -486,9 +474,7 @@ def _build_grouping(data: Mapping[str, Any], problems: _Problems) -> GroupingSpe
     )
 
 
-def _build_step(
-    index: int, data: Mapping[str, Any], problems: _Problems, *, base_dir: Path | None
-) -> StepSpec:
+def _build_step(index: int, data: Mapping[str, Any], problems: _Problems, *, base_dir: Path | None) -> StepSpec:
     here: list[PathItem] = ["steps", index]
     software_data = data["software"]
     image_ref = software_data["image_ref"]
@@ -598,8 +584,7 @@ def _check_steps(steps: Sequence[StepSpec], problems: _Problems) -> None:
         index = first_index[cycle[0]]
         problems.add(
             ["steps", index, "depends_on"],
-            f"dependency cycle {' → '.join(cycle)}: steps must form a DAG; "
-            "remove one of these depends_on entries",
+            f"dependency cycle {' → '.join(cycle)}: steps must form a DAG; remove one of these depends_on entries",
         )
 
     by_software: dict[tuple[str, str], tuple[int, SoftwareSpec]] = {}
@@ -703,11 +688,7 @@ def fan_in_problems(
                 continue
             closure = _dimension_closure(theirs)
             extra = [dimension for dimension in mine if dimension not in closure]
-            allowed = (
-                f"only by dimensions among {sorted(closure)} ([] always works)"
-                if closure
-                else "by [] as well"
-            )
+            allowed = f"only by dimensions among {sorted(closure)} ([] always works)" if closure else "by [] as well"
             found.append(
                 (
                     index,

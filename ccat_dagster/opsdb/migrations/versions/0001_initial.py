@@ -77,9 +77,7 @@ def upgrade() -> None:
         sa.Column("parameters_sha256", sa.String(length=64), nullable=False),
         sa.Column("created_at", ccat_dagster.opsdb.models.UtcDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_reduction_step_config")),
-        sa.UniqueConstraint(
-            "name", "parameters_sha256", name=op.f("uq_reduction_step_config_name_parameters_sha256")
-        ),
+        sa.UniqueConstraint("name", "parameters_sha256", name=op.f("uq_reduction_step_config_name_parameters_sha256")),
     )
     op.create_table(
         "site",
@@ -97,9 +95,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=128), nullable=False),
         sa.Column(
             "kind",
-            sa.Enum(
-                "fixed", "solar_system", "constant_elevation", name="sourcekind", native_enum=False, length=32
-            ),
+            sa.Enum("fixed", "solar_system", "constant_elevation", name="sourcekind", native_enum=False, length=32),
             nullable=False,
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_source")),
@@ -503,9 +499,7 @@ def upgrade() -> None:
         ),
     )
     with op.batch_alter_table("executed_reduction_step", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_executed_reduction_step_dagster_run_id"), ["dagster_run_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_executed_reduction_step_dagster_run_id"), ["dagster_run_id"], unique=False)
         batch_op.create_index(
             batch_op.f("ix_executed_reduction_step_input_fingerprint"), ["input_fingerprint"], unique=False
         )
@@ -526,9 +520,7 @@ def upgrade() -> None:
         "reduction_step_dependency",
         sa.Column("step_id", sa.Integer(), nullable=False),
         sa.Column("upstream_step_id", sa.Integer(), nullable=False),
-        sa.CheckConstraint(
-            "step_id <> upstream_step_id", name=op.f("ck_reduction_step_dependency_no_self_dependency")
-        ),
+        sa.CheckConstraint("step_id <> upstream_step_id", name=op.f("ck_reduction_step_dependency_no_self_dependency")),
         sa.ForeignKeyConstraint(
             ["step_id"],
             ["reduction_step.id"],
@@ -597,12 +589,8 @@ def upgrade() -> None:
         ),
     )
     with op.batch_alter_table("data_product", schema=None) as batch_op:
-        batch_op.create_index(
-            "ix_data_product_step_key", ["reduction_step_id", "sub_group_key"], unique=False
-        )
-        batch_op.create_index(
-            batch_op.f("ix_data_product_superseded_by_id"), ["superseded_by_id"], unique=False
-        )
+        batch_op.create_index("ix_data_product_step_key", ["reduction_step_id", "sub_group_key"], unique=False)
+        batch_op.create_index(batch_op.f("ix_data_product_superseded_by_id"), ["superseded_by_id"], unique=False)
 
     op.create_table(
         "run_input_package",
@@ -619,9 +607,7 @@ def upgrade() -> None:
             ["raw_data_package.id"],
             name=op.f("fk_run_input_package_raw_data_package_id_raw_data_package"),
         ),
-        sa.PrimaryKeyConstraint(
-            "executed_reduction_step_id", "raw_data_package_id", name=op.f("pk_run_input_package")
-        ),
+        sa.PrimaryKeyConstraint("executed_reduction_step_id", "raw_data_package_id", name=op.f("pk_run_input_package")),
     )
     with op.batch_alter_table("run_input_package", schema=None) as batch_op:
         batch_op.create_index(
@@ -742,15 +728,9 @@ def upgrade() -> None:
         ),
     )
     with op.batch_alter_table("physical_copy", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_physical_copy_data_location_id"), ["data_location_id"], unique=False
-        )
-        batch_op.create_index(
-            batch_op.f("ix_physical_copy_data_product_id"), ["data_product_id"], unique=False
-        )
-        batch_op.create_index(
-            batch_op.f("ix_physical_copy_raw_data_package_id"), ["raw_data_package_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_physical_copy_data_location_id"), ["data_location_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_physical_copy_data_product_id"), ["data_product_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_physical_copy_raw_data_package_id"), ["raw_data_package_id"], unique=False)
 
     op.create_table(
         "run_input_product",
@@ -767,14 +747,10 @@ def upgrade() -> None:
             name=op.f("fk_run_input_product_executed_reduction_step_id_executed_reduction_step"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint(
-            "executed_reduction_step_id", "data_product_id", name=op.f("pk_run_input_product")
-        ),
+        sa.PrimaryKeyConstraint("executed_reduction_step_id", "data_product_id", name=op.f("pk_run_input_product")),
     )
     with op.batch_alter_table("run_input_product", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_run_input_product_data_product_id"), ["data_product_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_run_input_product_data_product_id"), ["data_product_id"], unique=False)
 
 
 def downgrade() -> None:
