@@ -91,7 +91,7 @@ def resolve_version(*, policy: str, spec: str, available: Sequence[str], softwar
             f"software {software!r} has no version {spec!r} (policy exact); registered: {', '.join(sorted(available))}"
         )
     wanted = SemVer.parse(spec)
-    releases = [(SemVer.parse(v), v) for v in available if SemVer.parse(v).release_rank[0] == 1]
+    releases = [(SemVer.parse(v), v) for v in available if SemVer.parse(v).release_rank[0] == 1 or v == spec]
     if policy == "latest":
         candidates = releases
     elif policy == "compatible":

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dagster.errors import CcatError
+from ccat_dagster.execution.fingerprint import VersionResolutionError, resolve_version
 from ccat_dagster.opsdb.enums import VersionPolicy
 from ccat_dagster.opsdb.models import ReductionSoftwareVersion, ReductionStep
 from ccat_dagster.pipelines.spec import parse_semver
@@ -28,29 +29,25 @@ class SoftwareVersionError(CcatError, LookupError):
 def choose_version(
     versions: Sequence[ReductionSoftwareVersion], *, version_spec: str, policy: VersionPolicy
 ) -> ReductionSoftwareVersion | None:
-    """The version ``policy`` picks for ``version_spec`` among ``versions`` (of one software), or None."""
-    wanted = parse_semver(version_spec)
-    candidates = []
+    """The version ``policy`` picks for ``version_spec`` among ``versions`` (of one software), or None.
+
+    The policy itself lives in ``ccat_dagster.execution.fingerprint.resolve_version``, which the planner uses
+    at run time too, so what ``apply`` shows and what runs can never disagree.
+    """
+    usable: dict[str, ReductionSoftwareVersion] = {}
     for row in versions:
         try:
-            key = parse_semver(row.version)
+            parse_semver(row.version)
         except ValueError:
             continue  # a row registered outside the YAML path with a non-semver version: never chosen
-        is_prerelease = key[3] != ((2, 0),)
-        if policy is VersionPolicy.EXACT:
-            ok = row.version == version_spec
-        elif is_prerelease and row.version != version_spec:
-            ok = False
-        elif policy is VersionPolicy.COMPATIBLE:
-            same_line = key[0] == wanted[0] and (wanted[0] != 0 or key[1] == wanted[1])
-            ok = same_line and key >= wanted
-        else:
-            ok = True
-        if ok:
-            candidates.append((key, row.id or 0, row))
-    if not candidates:
+        usable[row.version] = row
+    if policy is VersionPolicy.EXACT:
+        return usable.get(version_spec)
+    try:
+        chosen = resolve_version(policy=policy.value, spec=version_spec, available=list(usable), software="")
+    except VersionResolutionError:
         return None
-    return max(candidates, key=lambda item: (item[0], item[1]))[2]
+    return usable[chosen]
 
 
 def resolve_software_version(session: Session, *, step: ReductionStep) -> ReductionSoftwareVersion:
