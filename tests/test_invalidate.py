@@ -167,7 +167,7 @@ def _requested(instance, result) -> set[tuple[str, str]]:
 
     requested = set()
     for request in result.run_requests:
-        step = request.job_name.rsplit("__", 1)[1]
+        step = request.job_name.split("__")[1]
         if request.partition_key:
             requested.add((step, request.partition_key))
             continue
