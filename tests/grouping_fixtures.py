@@ -10,17 +10,14 @@ semantics that the SQL engine is checked against.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
-import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -32,57 +29,20 @@ from ccat_dagster.opsdb.engine import make_engine
 from ccat_dagster.opsdb.enums import ObsStatus, PackageState, SourceKind
 from ccat_dagster.opsdb.migrate import upgrade
 
-PG_ADMIN_URL = os.environ.get("CCAT_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+from .conftest import create_pg_database, drop_pg_database
+
 UTC = dt.UTC
 
 
 # ------------------------------------------------------------------------------------------- databases
 
 
-def _pg_reachable() -> bool:
-    engine = create_engine(PG_ADMIN_URL)
-    try:
-        with engine.connect():
-            return True
-    except Exception:  # noqa: BLE001 - any failure to connect means "not reachable"
-        return False
-    finally:
-        engine.dispose()
-
-
-def require_postgres() -> None:
-    if _pg_reachable():
-        return
-    if shutil.which("pg_ctlcluster") and os.path.isdir("/etc/postgresql"):
-        for version in sorted(os.listdir("/etc/postgresql")):
-            subprocess.run(
-                ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "start"],
-                check=False,
-                capture_output=True,
-            )
-    if not _pg_reachable():
-        message = f"PostgreSQL is not reachable at {PG_ADMIN_URL}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 def create_grouping_pg_database() -> str:
-    require_postgres()
-    name = f"ccat_test_grouping_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    return create_pg_database("ccat_test_grouping")
 
 
 def drop_grouping_pg_database(url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    drop_pg_database(url)
 
 
 @dataclass
