@@ -11,20 +11,25 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from dagster._core.definitions.data_version import StaleStatus
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from ccat_dagster.cli import main
+from ccat_dagster.execution.registration import record_input_lineage, register_attempt_results
+from ccat_dagster.execution.triggers import TickCursor, _packages_covered_by_consumers, evaluate_tick
 from ccat_dagster.grouping.engine import resolve
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine, session_scope
-from ccat_dagster.opsdb.enums import PhysicalCopyStatus, RunStatus
+from ccat_dagster.opsdb.enums import PackageState, PhysicalCopyStatus, RunStatus, VersionPolicy
 from ccat_dagster.opsdb.lineage import LineageError, ancestor_package_ids, ancestors
+from ccat_dagster.opsdb.states import transition
 from ccat_dagster.provenance import invalidate as invalidate_module
 from ccat_dagster.provenance.invalidate import InvalidationError, invalidate_package
 from ccat_dagster.provenance.prov import lineage_to_prov_json, validate_prov_json
 
 from .dagster_fixtures import PIPELINE, demo_world, require_bwrap_and_numpy  # noqa: F401
+from .execution_factories import HAPPY_PATH, sha256, write_product
+from .opsdb_factories import T0, make_world
 from .test_lineage import build_graph
 
 NOW = dt.datetime(2026, 12, 1, 12, tzinfo=dt.UTC)
@@ -48,14 +53,13 @@ def test_invalidate_marks_derived_products_and_retires_empty_sub_groups(engine, 
     assert not groups[("calibrate", "scan-2")].reruns
     assert groups[("grid_map", "all")].remaining_package_ids == (p0, p1)
     assert groups[("mosaic", "all")].reruns
-    # One member touched (the lowest id) brings both re-running sub-groups to the sensor.
-    assert result.touched_package_ids == (p0,)
     assert result.in_flight_run_ids == ()
 
     with Session(engine) as session:
         package = session.get(m.RawDataPackage, p2)
         assert package.invalidated_reason == "bad pointing" and package.updated_at == NOW
-        assert session.get(m.RawDataPackage, p0).updated_at == NOW
+        # No other package is touched: the sensor finds the consumers through the lineage closure.
+        assert session.get(m.RawDataPackage, p0).updated_at != NOW
         assert session.get(m.RawDataPackage, p1).updated_at != NOW
         cube = session.get(m.DataProduct, products["g_cube"])
         mark = cube.metadata_["invalidated"]
@@ -104,7 +108,7 @@ def test_invalidation_is_all_or_nothing(engine, tmp_path, monkeypatch):
     def explode(*_args, **_kwargs):
         raise RuntimeError("crash after marking")
 
-    monkeypatch.setattr(invalidate_module, "_touch_representatives", explode)
+    monkeypatch.setattr(invalidate_module, "_retire_intermediate_copies", explode)
     with pytest.raises(RuntimeError, match="crash after marking"):
         with session_scope(engine) as session:
             invalidate_package(session, package=graph.packages[2], reason="bad", now=NOW)
@@ -146,6 +150,159 @@ def test_cli_dry_run_writes_nothing(db_url, engine, tmp_path, monkeypatch, capsy
     assert "already invalidated" in capsys.readouterr().out
     assert main(["invalidate", package, "--reason", ""]) == 2
     assert "the reason is empty" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- sensor ticks
+
+
+SCANS_PER_NIGHT = 3
+
+
+def _four_step_pipeline(session: Session) -> tuple[int, list[int]]:
+    """calibrate (per scan) → baseline (per scan) → grid (per night) → mosaic (all) over 2 nights of 3 scans,
+    plus the factory world's own scan (night 1). Returns the pipeline id and the package ids."""
+    world = make_world(session)
+    world.pipeline.steps.clear()  # the factory's 2-step pipeline is replaced by a 4-step one
+    session.flush()
+    obs_unit = world.package.executed_obs_unit.obs_unit
+    packages = [world.package]
+    for index in range(2 * SCANS_PER_NIGHT):
+        start = T0 + dt.timedelta(days=index // SCANS_PER_NIGHT, minutes=10 * (index + 1))
+        packages.append(
+            m.RawDataPackage(
+                name=f"chai-lfa-tick-{index}",
+                executed_obs_unit=m.ExecutedObsUnit(obs_unit=obs_unit, start_time=start),
+                instrument_module=world.module,
+                size_bytes=1024,
+                checksum=sha256(f"tick-{index}".encode()),
+                state=PackageState.ARCHIVED,
+            )
+        )
+    session.add_all(packages)
+    steps: list[m.ReductionStep] = []
+    for position, (name, group_by) in enumerate(
+        (
+            ("calibrate", ["executed_obs_unit"]),
+            ("baseline", ["executed_obs_unit"]),
+            ("grid", ["obs_date"]),
+            ("mosaic", []),
+        )
+    ):
+        steps.append(
+            m.ReductionStep(
+                pipeline=world.pipeline, name=name, position=position, group_by=group_by,
+                software=world.software_version.software, version_policy=VersionPolicy.EXACT, version_spec="1.0.0",
+                config=world.config, depends_on=steps[-1:],
+            )
+        )  # fmt: skip
+    session.add_all(steps)
+    session.flush()
+    return world.pipeline.id, [p.id for p in packages]
+
+
+def _execute_plans(session: Session, result, base: Path) -> None:
+    """What the runner does for each requested sub-group, without a container: create the attempt with its
+    links (and closure), walk it to COLLECTING_RESULTS, register one product whose content is the
+    fingerprint (so downstream fingerprints change when inputs do)."""
+    location = session.scalars(select(m.DataLocation).where(m.DataLocation.name == "processing")).one()
+    for request in result.requests:
+        for plan in request.plans:
+            previous = session.scalar(
+                select(func.max(m.ExecutedReductionStep.attempt)).where(
+                    m.ExecutedReductionStep.reduction_step_id == plan.step_id,
+                    m.ExecutedReductionStep.sub_group_key == plan.sub_group_key,
+                )
+            )
+            attempt = m.ExecutedReductionStep(
+                reduction_step_id=plan.step_id, sub_group_key=plan.sub_group_key, attempt=(previous or 0) + 1,
+                input_fingerprint=plan.fingerprint, reduction_software_version_id=plan.software_version_id,
+                reduction_step_config_id=plan.config_id,
+            )  # fmt: skip
+            session.add(attempt)
+            session.flush()
+            upstream = [u.product_id for u in plan.upstream_products]
+            record_input_lineage(session, attempt=attempt, package_ids=plan.package_ids, product_ids=upstream)
+            for status in HAPPY_PATH[:-1]:
+                transition(session, attempt, status)
+            product = write_product(
+                base / str(attempt.id), f"{plan.step_name}.out", plan.fingerprint.encode(), "intermediate"
+            )
+            register_attempt_results(
+                session, attempt=attempt, discovered=[product], processing_location_id=location.id,
+                input_package_ids=plan.package_ids, input_product_ids=upstream,
+            )  # fmt: skip
+
+
+def _tick_until_idle(engine, pipeline_id: int, cursor: TickCursor, base: Path) -> tuple[TickCursor, list[set]]:
+    """Ticks (each followed by running what it requested) until a tick requests nothing; the requested
+    (step, sub_group_key) of each tick."""
+    ticks = []
+    for _ in range(10):
+        with session_scope(engine) as session:
+            result = evaluate_tick(session, session.get(m.Pipeline, pipeline_id), cursor, now=m.utcnow())
+            cursor = result.cursor
+            requested = {(r.step_name, plan.sub_group_key) for r in result.requests for plan in r.plans}
+            if not requested:
+                return cursor, ticks
+            ticks.append(requested)
+            _execute_plans(session, result, base)
+    raise AssertionError(f"the sensor did not become idle: {ticks}")
+
+
+def test_the_next_ticks_rerun_exactly_the_affected_sub_groups_at_every_step(engine, tmp_path):
+    with session_scope(engine) as session:
+        pipeline_id, packages = _four_step_pipeline(session)
+    cursor, ticks = _tick_until_idle(engine, pipeline_id, TickCursor(), tmp_path)
+    everything = set().union(*ticks)
+    assert {step for step, _ in everything} == {"calibrate", "baseline", "grid", "mosaic"}
+    assert len(everything) == 2 * len(packages) + 2 + 1  # 7 scans × 2 per-scan steps, 2 nights, all
+
+    bad = packages[2]  # a scan of night 1, which keeps other scans
+    with Session(engine) as session:
+        night_of = {
+            package: key
+            for key, package in session.execute(
+                select(m.ExecutedReductionStep.sub_group_key, m.run_ancestor_package.c.raw_data_package_id)
+                .join(m.run_ancestor_package)
+                .join(m.ReductionStep)
+                .where(m.ReductionStep.name == "grid")
+            )
+        }
+        before = {p.id: p.updated_at for p in session.scalars(select(m.RawDataPackage))}
+    with session_scope(engine) as session:
+        result = invalidate_package(session, package=bad, reason="pointing off")
+    assert {(g.step, g.sub_group_key, g.reruns) for g in result.affected} == {
+        ("calibrate", result.affected[0].sub_group_key, False),
+        ("baseline", result.affected[0].sub_group_key, False),
+        ("grid", night_of[bad], True),
+        ("mosaic", "all", True),
+    }
+    with Session(engine) as session:
+        after = {p.id: p.updated_at for p in session.scalars(select(m.RawDataPackage))}
+        assert {p for p in after if after[p] != before[p]} == {bad}  # nothing else touched
+        # The sensor's way from the bad package to its consumers: one member per consuming attempt, at any step.
+        pipeline = session.get(m.Pipeline, pipeline_id)
+        covered = _packages_covered_by_consumers(session, pipeline, [bad])
+        # calibrate/baseline [bad scan] have no valid member left; grid [night 1] and mosaic [all] both give
+        # their lowest valid member, the factory's scan of night 1.
+        assert covered == {packages[0]} and night_of[packages[0]] == night_of[bad]
+
+    cursor, ticks = _tick_until_idle(engine, pipeline_id, cursor, tmp_path)
+    # The night re-runs first (the mosaic waits for it), then the mosaic; nothing per scan, not the other night.
+    assert ticks == [{("grid", night_of[bad])}, {("mosaic", "all")}]
+    with Session(engine) as session:
+        assert bad not in ancestor_package_ids(session, product_id=_current_product(session, "mosaic"))
+        assert set(ancestor_package_ids(session, product_id=_current_product(session, "mosaic"))) == set(packages) - {
+            bad
+        }
+
+
+def _current_product(session: Session, step: str) -> int:
+    return session.scalars(
+        select(m.DataProduct.id)
+        .join(m.ReductionStep)
+        .where(m.ReductionStep.name == step, m.DataProduct.superseded_by_id.is_(None))
+    ).one()
 
 
 # ---------------------------------------------------------------------------------------------- the demo

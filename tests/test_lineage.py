@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from ccat_dagster.cli import main
+from ccat_dagster.execution.registration import rebuild_lineage_aggregates, record_input_lineage
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine, session_scope
 from ccat_dagster.opsdb.enums import DataProductType, PackageState, RunStatus, VersionPolicy
@@ -23,6 +24,7 @@ from ccat_dagster.opsdb.lineage import (
     descendants_of_package,
     descendants_of_product,
     find_package,
+    lineage_summary,
 )
 
 from .dagster_fixtures import PIPELINE, demo_world, require_bwrap_and_numpy  # noqa: F401
@@ -64,9 +66,10 @@ def build_graph(session: Session, tmp_path: Path) -> Graph:
 
     def attempt(name, step, key, packages, products, number=1):
         run = make_step_attempt(session, world, step=step, key=key, status=RunStatus.COMPLETED, attempt=number)
-        run.input_packages.extend(session.get(m.RawDataPackage, p) for p in packages)
-        run.input_products.extend(session.get(m.DataProduct, graph.products[p]) for p in products)
-        session.flush()
+        # The links and the closure rows, as the runner records them.
+        record_input_lineage(
+            session, attempt=run, package_ids=packages, product_ids=[graph.products[p] for p in products]
+        )
         graph.runs[name] = run.id
         return run
 
@@ -134,6 +137,74 @@ def test_ancestor_ids_and_package_ids_agree_with_the_full_walk(engine, tmp_path)
     assert set(ids.product_ids) == set(full.products) - {graph.products["g_pair"]}
     assert ids.package_ids == tuple(package_ids) == tuple(sorted(graph.packages[:2]))
     assert full.files == {} and not full.files_included
+
+
+def test_the_summary_aggregates_the_lineage_per_step(engine, tmp_path):
+    with session_scope(engine) as session:
+        graph = build_graph(session, tmp_path)
+        rebuild_lineage_aggregates(session)  # what registration stores as each attempt completes
+    with Session(engine) as session:
+        assert session.scalar(select(func.count()).select_from(m.RunLineageStep)) > 0
+        summary = lineage_summary(session, product_id=graph.products["mosaic"])
+        full = ancestors(session, product_id=graph.products["mosaic"])
+        short = lineage_summary(session, product_id=graph.products["mosaic"], package_limit=2)
+    assert summary.root == full.root and summary.generated_by == full.runs[graph.runs["mosaic"]]
+    assert summary.location == full.locations[graph.products["mosaic"]]
+    assert [(s.step.name, s.attempts, s.sub_groups) for s in summary.steps] == [
+        ("calibrate", 3, 3),
+        ("grid_map", 2, 2),
+        ("mosaic", 1, 1),
+    ]
+    calibrate = summary.steps[0]
+    assert (calibrate.software.version, calibrate.config.parameters) == ("1.0.0", {"calibration_mode": "hot_cold"})
+    assert calibrate.first_finished_at <= calibrate.last_finished_at
+    assert calibrate.last_finished_at == max(r.finished_at for r in full.runs.values() if r.step == "calibrate")
+    assert summary.attempt_count == len(full.runs) == 6
+    assert summary.product_count == len(full.products) - 1 == 5  # the root is not its own ancestor
+    assert summary.package_count == 3 and summary.file_count == 9 and summary.complete
+    assert summary.package_bytes == sum(p.size_bytes for p in full.packages.values())
+    assert [p.id for p in summary.packages] == sorted(full.packages)
+    assert (summary.used_product_count, summary.used_package_count) == (2, 3)
+    assert summary.invalidated_packages == ()
+    assert not short.complete and [p.id for p in short.packages] == sorted(full.packages)[:2]
+    # Without the aggregates registration stores (links written by hand), the summary computes them: the same.
+    with session_scope(engine) as session:
+        for table in (m.RunLineageStep, m.RunLineageTotal):
+            session.execute(delete(table))
+    with Session(engine) as session:
+        assert lineage_summary(session, product_id=graph.products["mosaic"]) == summary
+    with session_scope(engine) as session:
+        session.get(m.RawDataPackage, graph.packages[1]).invalidated_reason = "wind"
+    with Session(engine) as session:
+        summary = lineage_summary(session, product_id=graph.products["mosaic"], package_limit=1)
+        with pytest.raises(LineageError, match="data product 999999 is not in ops-db"):
+            lineage_summary(session, product_id=999999)
+    assert [p.id for p in summary.invalidated_packages] == [graph.packages[1]]
+
+
+def test_lineage_cli_summarizes_large_lineages(db_url, engine, tmp_path, monkeypatch, capsys):
+    from ccat_dagster.provenance import cli as provenance_cli
+
+    with session_scope(engine) as session:
+        graph = build_graph(session, tmp_path)
+    monkeypatch.setenv("CCAT_OPS_DB_URL", db_url)
+    monkeypatch.setenv("CCAT_DAGSTER_DATA_DIR", str(tmp_path / "data"))
+    mosaic = str(graph.products["mosaic"])
+    assert main(["lineage", mosaic]) == 0
+    tree = capsys.readouterr().out
+    assert "(shown above)" in tree and "steps (software version and image, config):" in tree
+    monkeypatch.setattr(provenance_cli, "TREE_MAX_ATTEMPTS", 5)
+    monkeypatch.setattr(provenance_cli, "SUMMARY_PACKAGES", 2)
+    assert main(["lineage", mosaic]) == 0
+    summary = capsys.readouterr().out
+    assert "lineage: 6 attempt(s) in 3 step(s), 5 upstream product(s), 3 raw data package(s)" in summary
+    assert "calibrate: 3 attempt(s) over 3 sub-group(s), chai-calibration 1.0.0" in summary
+    assert "(the first 2 by id; `--packages-only` lists all)" in summary and "… 1 more" in summary
+    assert f" {graph.package_names[0]} (scan " in summary and graph.package_names[2] not in summary
+    assert main(["lineage", mosaic, "--tree"]) == 0
+    assert capsys.readouterr().out == tree
+    assert main(["lineage", mosaic, "--summary", "--files"]) == 2
+    assert "use it without --summary" in capsys.readouterr().err
 
 
 def test_ancestors_of_a_first_step_product_is_its_scan(engine, tmp_path):

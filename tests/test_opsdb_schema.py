@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from alembic import command
 from sqlalchemy import inspect, select
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
+from ccat_dagster.execution.registration import record_lineage_aggregates
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
 from ccat_dagster.opsdb.enums import PackageState, PhysicalCopyStatus, RunStatus
-from ccat_dagster.opsdb.migrate import current_revision, head_revision, upgrade
+from ccat_dagster.opsdb.migrate import alembic_config, current_revision, head_revision, upgrade
 
 from .opsdb_factories import copy_of, make_attempt, make_product, make_world
 
@@ -36,6 +38,65 @@ def test_migrated_schema_matches_the_models(db_url):
         diff = compare_metadata(MigrationContext.configure(connection), m.Base.metadata)
     engine.dispose()
     assert diff == []
+
+
+def _closure_rows(engine) -> tuple[set[tuple], ...]:
+    """The closure and aggregate rows: (run_ancestor_run, run_ancestor_package, run_lineage_step,
+    run_lineage_total)."""
+    tables = (m.run_ancestor_run, m.run_ancestor_package, m.RunLineageStep.__table__, m.RunLineageTotal.__table__)
+    with engine.connect() as connection:
+        return tuple(set(connection.execute(select(table)).tuples()) for table in tables)
+
+
+def test_migration_0002_backfills_the_closure_registration_writes(db_url, tmp_path):
+    """Down to 0001 drops the closure tables; up again recomputes them from the link tables (what an existing
+    ops-db gets), and the result equals what registration wrote attempt by attempt."""
+    from .test_lineage import build_graph
+
+    engine = make_engine(db_url)
+    with Session(engine) as session, session.begin():
+        graph = build_graph(session, tmp_path)
+        for run_id in graph.runs.values():  # what registration adds when each attempt completes
+            record_lineage_aggregates(session, attempt_id=run_id)
+    written = _closure_rows(engine)
+    engine.dispose()
+    mosaic, packages = graph.runs["mosaic"], set(graph.packages)
+    assert {a for r, a in written[0] if r == mosaic} == {
+        graph.runs[n] for n in ("cal0", "cal1", "cal2", "grid_all", "grid_pair")
+    }
+    assert {p for r, p in written[1] if r == mosaic} == packages
+    assert {(row[1], row[4], row[5]) for row in written[2] if row[0] == mosaic} == {
+        (graph_step, attempts, attempts) for graph_step, attempts in _ancestor_steps(engine_url=db_url, graph=graph)
+    }
+    assert {row[1:] for row in written[3] if row[0] == mosaic} == {(5, 3, sum_bytes(db_url, packages), 9)}
+
+    command.downgrade(alembic_config(db_url), "0001")
+    engine = make_engine(db_url)
+    assert not {"run_ancestor_run", "run_ancestor_package"} & set(inspect(engine).get_table_names())
+    engine.dispose()
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    assert _closure_rows(engine) == written
+    engine.dispose()
+
+
+def _ancestor_steps(*, engine_url, graph) -> set[tuple[int, int]]:
+    """(step id, number of attempts) among the mosaic's ancestors in ``build_graph``: 3 calibrate, 2 grid."""
+    engine = make_engine(engine_url)
+    with Session(engine) as session:
+        step_of = {
+            name: session.get(m.ExecutedReductionStep, run).reduction_step_id for name, run in graph.runs.items()
+        }
+    engine.dispose()
+    return {(step_of["cal0"], 3), (step_of["grid_all"], 2)}
+
+
+def sum_bytes(engine_url, package_ids) -> int:
+    engine = make_engine(engine_url)
+    with Session(engine) as session:
+        total = sum(session.get(m.RawDataPackage, p).size_bytes for p in package_ids)
+    engine.dispose()
+    return total
 
 
 def test_every_model_round_trips(engine):

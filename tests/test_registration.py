@@ -55,6 +55,8 @@ def _counts(engine) -> dict[str, int]:
             ),
             "input_packages": count(m.run_input_package),
             "input_products": count(m.run_input_product),
+            "ancestor_runs": count(m.run_ancestor_run),
+            "ancestor_packages": count(m.run_ancestor_package),
         }
 
 
@@ -144,6 +146,46 @@ def test_input_lineage_is_recorded_at_creation_and_is_idempotent(engine, tmp_pat
         )
     assert _counts(engine)["input_packages"] == 2 and _counts(engine)["input_products"] == 1
     assert _status(engine, attempt_id) is RunStatus.COMPLETED
+    # The closure grew with the second call's extra package and was not duplicated by the later ones.
+    assert _closure(engine, attempt_id) == ({_producer(engine, upstream_id)}, set(sw.package_ids))
+
+
+def _closure(engine, attempt_id: int) -> tuple[set[int], set[int]]:
+    with Session(engine) as session:
+        runs = session.scalars(
+            select(m.run_ancestor_run.c.ancestor_run_id).where(
+                m.run_ancestor_run.c.executed_reduction_step_id == attempt_id
+            )
+        )
+        packages = session.scalars(
+            select(m.run_ancestor_package.c.raw_data_package_id).where(
+                m.run_ancestor_package.c.executed_reduction_step_id == attempt_id
+            )
+        )
+        return set(runs), set(packages)
+
+
+def _producer(engine, product_id: int) -> int:
+    with Session(engine) as session:
+        return session.get(m.DataProduct, product_id).executed_reduction_step_id
+
+
+def test_the_closure_reaches_through_upstream_attempts(engine, tmp_path):
+    """A dependent attempt linked to upstream products only derives from the packages of their producers."""
+    sw, attempt_id, upstream_id = _setup(engine, tmp_path, status=RunStatus.PENDING)
+    producer = _producer(engine, upstream_id)
+    with session_scope(engine) as session:
+        record_input_lineage(
+            session,
+            attempt=session.get(m.ExecutedReductionStep, producer),
+            package_ids=sw.package_ids,
+            product_ids=[],
+        )
+    with session_scope(engine) as session:
+        attempt = session.get(m.ExecutedReductionStep, attempt_id)
+        record_input_lineage(session, attempt=attempt, package_ids=[], product_ids=[upstream_id])
+    assert _closure(engine, producer) == (set(), set(sw.package_ids))
+    assert _closure(engine, attempt_id) == ({producer}, set(sw.package_ids))
 
 
 def test_lineage_refuses_unknown_ids(engine, tmp_path):
@@ -326,6 +368,7 @@ def test_exception_after_products_are_added_leaves_nothing(engine, tmp_path, mon
         session.flush()
         seen["products"] = session.scalar(select(func.count()).select_from(m.DataProduct))
         seen["superseded"] = session.get(m.DataProduct, old_id).superseded_by_id
+        seen["closure"] = session.scalar(select(func.count()).select_from(m.run_ancestor_package))
         raise RuntimeError("worker killed")
 
     monkeypatch.setattr(registration, "transition", crash)
@@ -342,6 +385,7 @@ def test_exception_after_products_are_added_leaves_nothing(engine, tmp_path, mon
                 input_product_ids=[old_id],
             )
     assert seen["products"] == before["products"] + 1 and seen["superseded"] is not None
+    assert seen["closure"] > before["ancestor_packages"]  # written in the same transaction, rolled back with it
     _assert_nothing_written(engine, attempt_id, before, old_id)
 
 

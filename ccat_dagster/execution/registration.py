@@ -15,6 +15,27 @@ product of an earlier COMPLETED attempt of the same (step, sub_group_key) that i
 So after a completion the non-superseded products of a (step, sub_group_key) are exactly those of its newest
 COMPLETED attempt. An attempt that registers no products supersedes nothing. Present copies of superseded
 ``intermediate`` products become ``deletion_possible``; superseded final products keep their copies.
+
+Lineage closure (one place, documented here): with the links (``run_input_package``, ``run_input_product``)
+``record_input_lineage`` writes the attempt's closure rows in the same transaction:
+
+- ``run_ancestor_run``: every attempt that generated a product it used, and every ancestor of those;
+- ``run_ancestor_package``: its own input packages and every package of those ancestors;
+
+and ``register_attempt_results`` adds the aggregates of those rows (``record_lineage_aggregates``):
+
+- ``run_lineage_step`` / ``run_lineage_total``: ancestor attempts per step, software version and config;
+  counts of products, packages, bytes, files. A summary of a 10,000-scan lineage reads a few rows. What they
+  count never changes once recorded (ancestors are COMPLETED; their products, the archived packages and their
+  files are fixed).
+
+The closure is computed from the producers' closure rows (one ``INSERT … SELECT`` per table, no walk): a
+producer is an attempt whose products exist, so its own closure was written when its links were. Ancestor and
+descendant queries (``opsdb.lineage``) and the sensor's walk from a changed package to its consumers
+(``execution.triggers``) read these rows instead of walking the graph. Write links only through
+``record_input_lineage``; links added by hand need ``record_lineage_closure`` afterwards (and
+``record_lineage_aggregates`` for a completed attempt; ``opsdb.lineage.lineage_summary`` computes missing
+aggregates on the fly).
 """
 
 from __future__ import annotations
@@ -24,18 +45,25 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import select
+from sqlalchemy import delete, insert, literal, select, union
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from ccat_dagster.errors import CcatError
 from ccat_dagster.opsdb.enums import DataProductType, PhysicalCopyStatus, RunStatus
+from ccat_dagster.opsdb.lineage import lineage_step_rows, lineage_total_rows
 from ccat_dagster.opsdb.models import (
     DataLocation,
     DataProduct,
     ExecutedReductionStep,
     PhysicalCopy,
     RawDataPackage,
+    RunLineageStep,
+    RunLineageTotal,
+    run_ancestor_package,
+    run_ancestor_run,
+    run_input_package,
+    run_input_product,
 )
 from ccat_dagster.opsdb.states import check_transition, transition
 
@@ -78,8 +106,9 @@ def record_input_lineage(
     run_input_product), in the caller's transaction.
 
     Call it when the attempt is created, so even an attempt that later fails shows what it consumed.
-    Idempotent: links that exist are kept, duplicates are skipped. Raises ``RegistrationError`` for an id
-    that does not exist or for a product of ``attempt`` itself. ``attempt`` must be in ``session``.
+    Idempotent: links that exist are kept, duplicates are skipped. Also writes the attempt's lineage closure
+    (``record_lineage_closure``, module docstring). Raises ``RegistrationError`` for an id that does not exist
+    or for a product of ``attempt`` itself. ``attempt`` must be in ``session``.
     """
     wanted_packages = list(dict.fromkeys(package_ids))
     if wanted_packages:
@@ -107,6 +136,92 @@ def record_input_lineage(
         linked = {p.id for p in attempt.input_products}
         attempt.input_products.extend(sorted((p for p in found_products if p.id not in linked), key=lambda p: p.id))
     session.flush()
+    record_lineage_closure(session, attempt_id=attempt.id)
+
+
+def record_lineage_closure(session: Session, *, attempt_id: int) -> None:
+    """Write the missing ``run_ancestor_run`` / ``run_ancestor_package`` rows of attempt ``attempt_id`` from its
+    flushed links and its producers' closure rows (module docstring), in the caller's transaction.
+
+    Two ``INSERT … SELECT`` statements whatever the lineage's size; idempotent (rows that exist are kept, so a
+    second call after more links were added writes only the new ones).
+    """
+    rip, rpk = run_input_product, run_input_package
+    rar, rap = run_ancestor_run, run_ancestor_package
+    product = DataProduct.__table__
+    producers = (
+        select(product.c.executed_reduction_step_id)
+        .join(rip, rip.c.data_product_id == product.c.id)
+        .where(rip.c.executed_reduction_step_id == attempt_id)
+    )
+    ancestors = union(
+        producers, select(rar.c.ancestor_run_id).where(rar.c.executed_reduction_step_id.in_(producers))
+    ).subquery("ancestors")
+    known_runs = select(rar.c.ancestor_run_id).where(rar.c.executed_reduction_step_id == attempt_id)
+    session.execute(
+        insert(rar).from_select(
+            ["executed_reduction_step_id", "ancestor_run_id"],
+            select(literal(attempt_id), ancestors.c[0]).where(ancestors.c[0].not_in(known_runs)),
+        )
+    )
+    packages = union(
+        select(rpk.c.raw_data_package_id).where(rpk.c.executed_reduction_step_id == attempt_id),
+        select(rap.c.raw_data_package_id).where(rap.c.executed_reduction_step_id.in_(producers)),
+    ).subquery("packages")
+    known_packages = select(rap.c.raw_data_package_id).where(rap.c.executed_reduction_step_id == attempt_id)
+    session.execute(
+        insert(rap).from_select(
+            ["executed_reduction_step_id", "raw_data_package_id"],
+            select(literal(attempt_id), packages.c[0]).where(packages.c[0].not_in(known_packages)),
+        )
+    )
+
+
+def record_lineage_aggregates(session: Session, *, attempt_id: int) -> None:
+    """(Re)write ``run_lineage_step`` / ``run_lineage_total`` of attempt ``attempt_id`` from its closure rows,
+    in the caller's transaction. ``register_attempt_results`` calls it once the attempt's products exist (only
+    a product's lineage is ever summarized, so attempts that never complete need none)."""
+    _write_lineage_aggregates(session, attempt_id=attempt_id)
+
+
+def rebuild_lineage_aggregates(session: Session) -> None:
+    """Recompute ``run_lineage_step`` and ``run_lineage_total`` of every attempt from the closure rows (the
+    statements of ``record_lineage_aggregates``, for all attempts at once): for bulk loads and repairs."""
+    _write_lineage_aggregates(session, attempt_id=None)
+
+
+def _write_lineage_aggregates(session: Session, *, attempt_id: int | None) -> None:
+    """Replace the lineage aggregates of ``attempt_id`` (None: of every attempt) with ones computed from its
+    closure rows: per (ancestor step, software version, config) the attempts, distinct sub-groups and finish
+    times; the totals of products used in the lineage, raw packages, their bytes and raw files."""
+    steps, totals = RunLineageStep.__table__, RunLineageTotal.__table__
+    for table in (steps, totals):
+        statement = delete(table)
+        if attempt_id is not None:
+            statement = statement.where(table.c.executed_reduction_step_id == attempt_id)
+        session.execute(statement)
+
+    session.execute(
+        insert(steps).from_select(
+            [
+                "executed_reduction_step_id",
+                "reduction_step_id",
+                "reduction_software_version_id",
+                "reduction_step_config_id",
+                "attempts",
+                "sub_groups",
+                "first_finished_at",
+                "last_finished_at",
+            ],
+            lineage_step_rows(attempt_id),
+        )
+    )
+    session.execute(
+        insert(totals).from_select(
+            ["executed_reduction_step_id", "products", "packages", "package_bytes", "files"],
+            lineage_total_rows(attempt_id),
+        )
+    )
 
 
 def register_attempt_results(
@@ -124,8 +239,9 @@ def register_attempt_results(
 
     Writes one DataProduct per ``discovered`` entry (same order; ``product_type`` one of DataProductType's
     values, ``sha256`` 64 hex digits, ``host_path`` absolute), one ``PhysicalCopy(status=present)`` per
-    product at ``processing_location_id`` with the absolute host path, the input lineage (idempotent, see
-    ``record_input_lineage``), supersession of older products (module docstring) and the transition.
+    product at ``processing_location_id`` with the absolute host path, the input lineage and its closure
+    (idempotent, see ``record_input_lineage``), the lineage aggregates (``record_lineage_aggregates``),
+    supersession of older products (module docstring) and the transition.
     ``metrics`` may set the attempt's ``exit_code``, ``wall_time_seconds``, ``cpu_hours``,
     ``peak_memory_gb`` (None values are ignored).
 
@@ -146,6 +262,7 @@ def register_attempt_results(
         )
     _apply_metrics(attempt, metrics)
     record_input_lineage(session, attempt=attempt, package_ids=input_package_ids, product_ids=input_product_ids)
+    record_lineage_aggregates(session, attempt_id=attempt_id)
 
     products: list[DataProduct] = []
     for entry, product_type in entries:

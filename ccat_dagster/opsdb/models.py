@@ -389,6 +389,34 @@ run_input_product = Table(
     Column("data_product_id", ForeignKey("data_product.id"), primary_key=True, index=True),
 )
 
+# Lineage closure (derived, never edited by hand): written by ``execution.registration.record_input_lineage``
+# in the same transaction as the two link tables above, and backfilled by migration 0002. With them an
+# ancestor or descendant query is an index lookup instead of a recursive walk (docs/provenance.md).
+run_ancestor_run = Table(
+    "run_ancestor_run",
+    Base.metadata,
+    # Every attempt that generated a product this attempt used, directly or through other attempts.
+    Column(
+        "executed_reduction_step_id",
+        ForeignKey("executed_reduction_step.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("ancestor_run_id", ForeignKey("executed_reduction_step.id"), primary_key=True, index=True),
+)
+
+run_ancestor_package = Table(
+    "run_ancestor_package",
+    Base.metadata,
+    # Every raw data package this attempt derives from: its own run_input_package rows and those of all its
+    # ancestor attempts.
+    Column(
+        "executed_reduction_step_id",
+        ForeignKey("executed_reduction_step.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("raw_data_package_id", ForeignKey("raw_data_package.id"), primary_key=True, index=True),
+)
+
 _NON_TERMINAL = "status NOT IN ('completed', 'failed', 'cancelled')"
 
 
@@ -482,3 +510,43 @@ class DataProduct(Base):
     step: Mapped[ReductionStep] = relationship()
     superseded_by: Mapped[DataProduct | None] = relationship(remote_side=[id])
     physical_copies: Mapped[list[PhysicalCopy]] = relationship(back_populates="data_product")
+
+
+class RunLineageStep(Base):
+    """Lineage aggregate of one attempt: its ancestor attempts of one step with one software version and config.
+
+    Derived from ``run_ancestor_run`` by registration (``record_lineage_closure``) and migration 0002, never
+    edited by hand. What it counts cannot change afterwards (an ancestor is COMPLETED, a terminal state, and its
+    step, software version, config, sub-group and finish time are fixed), so ``lineage_summary`` reads a few rows
+    instead of aggregating thousands of attempts.
+    """
+
+    __tablename__ = "run_lineage_step"
+    executed_reduction_step_id: Mapped[int] = mapped_column(
+        ForeignKey("executed_reduction_step.id", ondelete="CASCADE"), primary_key=True
+    )
+    reduction_step_id: Mapped[int] = mapped_column(ForeignKey("reduction_step.id"), primary_key=True)
+    reduction_software_version_id: Mapped[int] = mapped_column(
+        ForeignKey("reduction_software_version.id"), primary_key=True
+    )
+    reduction_step_config_id: Mapped[int] = mapped_column(ForeignKey("reduction_step_config.id"), primary_key=True)
+    attempts: Mapped[int]
+    # Distinct sub_group_key among these attempts.
+    sub_groups: Mapped[int]
+    first_finished_at: Mapped[dt.datetime | None]
+    last_finished_at: Mapped[dt.datetime | None]
+
+
+class RunLineageTotal(Base):
+    """Lineage totals of one attempt: the upstream products its lineage used and the raw packages, bytes and
+    raw files it derives from. Derived like ``RunLineageStep`` (immutable inputs: archived packages and their
+    files, registered products)."""
+
+    __tablename__ = "run_lineage_total"
+    executed_reduction_step_id: Mapped[int] = mapped_column(
+        ForeignKey("executed_reduction_step.id", ondelete="CASCADE"), primary_key=True
+    )
+    products: Mapped[int] = mapped_column(BigInteger)
+    packages: Mapped[int] = mapped_column(BigInteger)
+    package_bytes: Mapped[int] = mapped_column(BigInteger)
+    files: Mapped[int] = mapped_column(BigInteger)

@@ -1,8 +1,10 @@
 """``ccat-dagster lineage | impact | invalidate | retention``: provenance and retention from the command line.
 
-- ``lineage PRODUCT_ID``: what a product derives from, as a tree down to the raw data packages (``--files``:
-  and their files; ``--packages-only``: only the scans; ``--prov-json``: a W3C PROV-JSON document, validated
-  against the PROV-JSON schema before it is written).
+- ``lineage PRODUCT_ID``: what a product derives from, as a tree down to the raw data packages when the
+  lineage has at most ``TREE_MAX_ATTEMPTS`` attempts, else summarized per step with the first scans
+  (``--tree`` / ``--summary`` force either; ``--files``: the tree with each package's files;
+  ``--packages-only``: only the scans; ``--prov-json``: a W3C PROV-JSON document, validated against the
+  PROV-JSON schema before it is written).
 - ``impact PACKAGE`` (id or name) or ``impact --product ID``: what derives from it and which sub-groups would
   have to be redone.
 - ``invalidate PACKAGE --reason TEXT [--dry-run]``: mark a raw package bad (see ``provenance.invalidate``).
@@ -21,6 +23,12 @@ from ccat_dagster.errors import CcatError
 
 if TYPE_CHECKING:
     from ccat_dagster.settings import Settings
+
+
+# Above this many attempts ``lineage`` prints the per-step summary instead of the attempt-by-attempt tree:
+# a tree of 20,000 attempts is neither readable nor quick to load (docs/benchmarks.md, issue 6).
+TREE_MAX_ATTEMPTS = 200
+SUMMARY_PACKAGES = 50
 
 
 class ProvenanceCliError(CcatError, ValueError):
@@ -42,6 +50,16 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="write W3C PROV-JSON (IVOA ProvDM naming), validated against the PROV-JSON schema",
     )
     output.add_argument("--packages-only", action="store_true", help="list only the raw data packages (scans)")
+    output.add_argument(
+        "--tree",
+        action="store_true",
+        help=f"print the attempt-by-attempt tree even for lineages of more than {TREE_MAX_ATTEMPTS} attempts",
+    )
+    output.add_argument(
+        "--summary",
+        action="store_true",
+        help=f"print the per-step summary (the default above {TREE_MAX_ATTEMPTS} attempts)",
+    )
     lineage.add_argument("--files", action="store_true", help="list the raw files of each package in the tree")
     lineage.add_argument("--output", "-o", type=Path, metavar="FILE", help="write to FILE instead of stdout")
     lineage.add_argument(
@@ -109,12 +127,14 @@ def _emit(text: str, output: Path | None) -> None:
 
 def _lineage(args: argparse.Namespace, settings: Settings) -> int:
     from ccat_dagster.opsdb.engine import make_engine, session_scope
-    from ccat_dagster.opsdb.lineage import ancestor_package_ids, ancestors, load_packages
+    from ccat_dagster.opsdb.lineage import ancestor_package_ids, ancestors, lineage_summary, load_packages
     from ccat_dagster.provenance.prov import DEFAULT_CCAT_NS, dumps, lineage_to_prov_json, validate_prov_json
-    from ccat_dagster.provenance.report import render_lineage, render_packages
+    from ccat_dagster.provenance.report import render_lineage, render_lineage_summary, render_packages
 
     if (args.namespace or args.no_derivations) and not args.prov_json:
         raise ProvenanceCliError("--namespace and --no-derivations apply to --prov-json only")
+    if args.files and args.summary:
+        raise ProvenanceCliError("--files lists files in the tree: use it without --summary")
     engine = make_engine(settings.ops_db_url)
     try:
         with session_scope(engine) as session:
@@ -123,17 +143,21 @@ def _lineage(args: argparse.Namespace, settings: Settings) -> int:
                 text = "\n".join(
                     render_packages(packages, title=f"raw data packages (scans) of product #{args.product_id}")
                 )
+            elif args.prov_json:
+                lineage = ancestors(session, product_id=args.product_id, include_files=True)
+                document = lineage_to_prov_json(
+                    lineage,
+                    namespace=args.namespace or DEFAULT_CCAT_NS,
+                    include_derivations=not args.no_derivations,
+                )
+                validate_prov_json(document)
+                text = dumps(document)
             else:
-                lineage = ancestors(session, product_id=args.product_id, include_files=args.prov_json or args.files)
-                if args.prov_json:
-                    document = lineage_to_prov_json(
-                        lineage,
-                        namespace=args.namespace or DEFAULT_CCAT_NS,
-                        include_derivations=not args.no_derivations,
-                    )
-                    validate_prov_json(document)
-                    text = dumps(document)
+                summary = lineage_summary(session, product_id=args.product_id, package_limit=SUMMARY_PACKAGES)
+                if args.summary or (summary.attempt_count > TREE_MAX_ATTEMPTS and not (args.tree or args.files)):
+                    text = "\n".join(render_lineage_summary(summary))
                 else:
+                    lineage = ancestors(session, product_id=args.product_id, include_files=args.files)
                     text = "\n".join(render_lineage(lineage, show_files=args.files))
     finally:
         engine.dispose()

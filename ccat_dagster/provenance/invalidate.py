@@ -15,14 +15,12 @@
    will never run again: its products cannot be superseded (there is nothing to supersede them with), so they
    stay marked, and the present copies of its intermediate products become ``deletion_possible`` (the
    retention cleanup removes them; final products are never deleted).
-4. For each sub-group that re-runs without the package, one other valid, archived member gets its
-   ``updated_at`` touched. The continuous sensor reads changed packages by ``updated_at`` and maps them to the
-   sub-groups they belong to; the bad package itself belongs to none any more, and the sensor's walk from a
-   changed package to its former co-members covers only the first steps of a pipeline
-   (``execution.triggers._packages_covered_by_consumers``). Touching one remaining member makes the next
-   tick evaluate exactly the sub-groups that held the bad package: the per-scan sub-groups of the touched
-   member are up to date (same fingerprint, nothing runs), the fan-in sub-group has a new fingerprint and
-   re-runs (after its cooldown).
+4. Nothing else is written: no other package is touched. The continuous sensor reads the bad package as
+   changed (its ``updated_at``) and finds every sub-group that consumed it, at any step, through the lineage
+   closure that registration records (``run_ancestor_package``; ``execution.triggers.
+   _packages_covered_by_consumers``). Those sub-groups now have a new membership, so a new input fingerprint,
+   and re-run after their cooldown; dependent ones once their re-run upstream sub-groups completed. The bad
+   scan's own per-scan sub-groups have no member left and are not planned.
 
 An attempt that is in flight while the package is invalidated is not cancelled; its products register as
 usual and are not marked. ``InvalidationResult.in_flight_run_ids`` lists such attempts so the caller can warn.
@@ -39,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dagster.errors import CcatError
 from ccat_dagster.opsdb import models as m
-from ccat_dagster.opsdb.enums import TERMINAL_RUN_STATUSES, DataProductType, PackageState, PhysicalCopyStatus
+from ccat_dagster.opsdb.enums import TERMINAL_RUN_STATUSES, DataProductType, PhysicalCopyStatus
 from ccat_dagster.opsdb.lineage import ImpactedSubGroup, descendants_of_package, find_package
 
 MAX_REASON_LENGTH = 2000
@@ -77,7 +75,6 @@ class InvalidationResult:
     already_invalidated: bool
     affected: tuple[AffectedSubGroup, ...] = ()
     retired_copy_ids: tuple[int, ...] = ()
-    touched_package_ids: tuple[int, ...] = ()
     in_flight_run_ids: tuple[int, ...] = ()
 
     @property
@@ -133,7 +130,6 @@ def invalidate_package(
             retired_products.extend(group.current_product_ids)
     _mark_products(session, [p for g in affected for p in g.marked_product_ids], mark)
     retired_copies = _retire_intermediate_copies(session, retired_products, row)
-    touched = _touch_representatives(session, [g for g in affected if g.reruns], now)
     in_flight = sorted(r.id for r in impact.runs.values() if r.status not in TERMINAL_RUN_STATUSES)
     session.flush()
     return InvalidationResult(
@@ -143,14 +139,13 @@ def invalidate_package(
         already_invalidated=False,
         affected=tuple(affected),
         retired_copy_ids=tuple(retired_copies),
-        touched_package_ids=tuple(touched),
         in_flight_run_ids=tuple(in_flight),
     )
 
 
 def _remaining_members(session: Session, run_ids: Sequence[int], *, bad_package_id: int) -> tuple[int, ...]:
-    """Valid packages (not invalidated) the given attempts used, without the bad one."""
-    rpk = m.run_input_package
+    """Valid packages (not invalidated) the given attempts derive from, without the bad one."""
+    rpk = m.run_ancestor_package
     rows = session.scalars(
         select(m.RawDataPackage.id)
         .join(rpk, rpk.c.raw_data_package_id == m.RawDataPackage.id)
@@ -193,25 +188,6 @@ def _retire_intermediate_copies(session: Session, product_ids: Sequence[int], pa
             )
             copies.append(copy.id)
     return sorted(copies)
-
-
-def _touch_representatives(session: Session, groups: Sequence[AffectedSubGroup], now: dt.datetime) -> list[int]:
-    """Touch one valid, archived remaining member per re-running sub-group (see the module docstring, 4.)."""
-    touched: set[int] = set()
-    for group in groups:
-        if touched.intersection(group.remaining_package_ids):
-            continue  # a member touched for another sub-group already brings this one to the sensor
-        representative = session.scalars(
-            select(m.RawDataPackage)
-            .where(m.RawDataPackage.id.in_(list(group.remaining_package_ids)))
-            .where(m.RawDataPackage.state == PackageState.ARCHIVED)
-            .order_by(m.RawDataPackage.id)
-            .limit(1)
-        ).first()
-        if representative is not None:
-            representative.updated_at = now
-            touched.add(representative.id)
-    return sorted(touched)
 
 
 def describe_affected(groups: Sequence[AffectedSubGroup | ImpactedSubGroup]) -> list[str]:
