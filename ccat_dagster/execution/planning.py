@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dagster.errors import CcatError
 from ccat_dagster.execution.fingerprint import config_sha256, input_fingerprint, resolve_version
+from ccat_dagster.grouping import sql
 from ccat_dagster.grouping.engine import SubGroup, resolve, resolve_touched
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.enums import TERMINAL_RUN_STATUSES, RunStatus
@@ -68,6 +69,13 @@ class SubGroupPlan:
     total_bytes: int = 0
 
 
+# (all upstream sub-groups up to date, their current products, their keys, why not ready)
+_UpstreamInputs = tuple[bool, list[UpstreamProductRef], tuple[str, ...], str]
+
+# Ids per statement, bound as ONE array parameter (grouping.sql.id_list_param), not one parameter each.
+_IDS_PER_STATEMENT = 50_000
+
+
 @dataclass
 class _StepInfo:
     step: m.ReductionStep
@@ -85,6 +93,8 @@ class Planner:
         self.now = now
         self._steps: dict[str, _StepInfo] = {}
         self._memo: dict[tuple[int, str], SubGroupPlan] = {}
+        # Per step id: changed packages of sub-groups that plan_changed found not ready without reading them.
+        self._not_ready_changed: dict[int, dict[int, tuple[str, SubGroupPlan]]] = defaultdict(dict)
         grouping = pipeline.data_grouping
         self._rules = list(grouping.filter_rules or [])
         self._module_id = grouping.instrument_module_id
@@ -151,16 +161,87 @@ class Planner:
         respect_cooldown: bool = True,
         force: bool = False,
     ) -> list[SubGroupPlan]:
-        """Decide each sub-group of ``step_name``. ``force`` plans up-to-date sub-groups as gaps too."""
+        """Decide each sub-group of ``step_name``. ``force`` plans up-to-date sub-groups as gaps too.
+
+        A fixed number of statements for any number of sub-groups (attempts, input checksums, upstream
+        sub-groups and products are each read for all of them at once): a sensor tick touching a thousand
+        sub-groups must not cost a thousand round trips.
+        """
         groups = list(sub_groups)
         info = self.step_info(step_name)
         attempts = self._attempts(info.step.id, [g.key for g in groups])
+        upstream = {u.name: self._upstream_inputs(u, groups) for u in info.upstream}
+        checksums = {} if info.upstream else self._checksums([i for g in groups for i in g.package_ids])
         plans = []
         for group in groups:
-            plan = self._plan_one(info, group, attempts.get(group.key, []), respect_cooldown, force)
+            plan = self._plan_one(
+                info,
+                group,
+                attempts.get(group.key, []),
+                [upstream[u.name][group.key] for u in info.upstream],
+                checksums,
+                respect_cooldown,
+                force,
+            )
             self._memo[(info.step.id, group.key)] = plan
             plans.append(plan)
         return plans
+
+    def changed_members(self, step_name: str, changed_package_ids: Collection[int]) -> dict[str, tuple[int, ...]]:
+        """The keys of the sub-groups of a step that hold changed packages, each with only its changed members.
+
+        Cheap whatever the size of those sub-groups (the statement reads the changed packages only); see
+        ``plan_changed``.
+        """
+        if not changed_package_ids:
+            return {}
+        found = resolve(
+            self.session,
+            filter_rules=self._rules,
+            group_by=list(self.step_info(step_name).step.group_by or []),
+            instrument_module_id=self._module_id,
+            package_ids=list(changed_package_ids),
+        )
+        return {g.key: g.package_ids for g in found}
+
+    def plan_changed(self, step_name: str, changed: dict[str, tuple[int, ...]]) -> list[SubGroupPlan]:
+        """Plan the sub-groups named by ``changed_members``.
+
+        A sub-group of a dependent step with a changed package in an upstream sub-group already planned here and
+        not up to date is UPSTREAM_NOT_READY at once, without reading its members (its plan has no package ids):
+        a fan-in sub-group may hold a large part of the archive, and new data makes its upstream sub-groups gaps
+        first. The others are read in full and planned as by ``plan``.
+        """
+        info = self.step_info(step_name)
+        blocking = [(upstream, self._blocking(upstream)) for upstream in info.upstream]
+        decided: list[SubGroupPlan] = []
+        undecided: set[int] = set()
+        for key, package_ids in changed.items():
+            for upstream, not_ready in blocking:
+                hits = dict(not_ready[i] for i in package_ids if i in not_ready)
+                if hits:
+                    first = min(hits)
+                    plan = SubGroupPlan(
+                        step_id=info.step.id,
+                        step_name=step_name,
+                        sub_group_key=key,
+                        readiness=Readiness.UPSTREAM_NOT_READY,
+                        software_version_id=info.version.id,
+                        config_id=info.step.reduction_step_config_id,
+                        detail=(
+                            f"{len(hits)} upstream sub-group(s) of {upstream.name!r} are not complete, e.g. "
+                            f"{first!r}: {hits[first].readiness.value} {hits[first].detail}".rstrip()
+                        ),
+                    )
+                    self._memo[(info.step.id, key)] = plan
+                    for i in package_ids:
+                        self._not_ready_changed[info.step.id][i] = (key, plan)
+                    decided.append(plan)
+                    break
+            else:
+                undecided.update(package_ids)
+        groups = self.sub_groups(step_name, changed_package_ids=undecided) if undecided else {}
+        return decided + self.plan(step_name, groups.values())
 
     def plan_keys(self, step_name: str, keys: Sequence[str], **kwargs: bool) -> list[SubGroupPlan]:
         """Plan named sub-groups; a key with no current members is reported EMPTY."""
@@ -197,11 +278,25 @@ class Planner:
                 by_key[row.sub_group_key].append(row)
         return by_key
 
+    def _checksums(self, package_ids: Sequence[int]) -> dict[int, str]:
+        checksums: dict[int, str] = {}
+        for start in range(0, len(package_ids), _IDS_PER_STATEMENT):
+            chunk = package_ids[start : start + _IDS_PER_STATEMENT]
+            rows = self.session.execute(
+                select(m.RawDataPackage.id, m.RawDataPackage.checksum).where(
+                    sql.id_in_list(m.RawDataPackage.id, sql.id_list_param(chunk))
+                )
+            )
+            checksums.update(rows.tuples().all())
+        return checksums
+
     def _plan_one(
         self,
         info: _StepInfo,
         group: SubGroup,
         attempts: list[m.ExecutedReductionStep],
+        upstream_inputs: list[_UpstreamInputs],
+        checksums: dict[int, str],
         respect_cooldown: bool,
         force: bool,
     ) -> SubGroupPlan:
@@ -217,21 +312,14 @@ class Planner:
         )
         upstream_products: list[UpstreamProductRef] = []
         upstream_keys: dict[str, tuple[str, ...]] = {}
-        for upstream in info.upstream:
-            ready, products, keys, detail = self._upstream_inputs(upstream, group)
+        for upstream, (ready, products, keys, detail) in zip(info.upstream, upstream_inputs, strict=True):
             if not ready:
                 return SubGroupPlan(**base, readiness=Readiness.UPSTREAM_NOT_READY, detail=detail)
             upstream_products.extend(products)
             upstream_keys[upstream.name] = keys
-        packages = (
-            self.session.execute(
-                select(m.RawDataPackage.id, m.RawDataPackage.checksum).where(m.RawDataPackage.id.in_(group.package_ids))
-            ).all()
-            if not info.upstream
-            else []
-        )
+        packages = [(i, checksums[i]) for i in group.package_ids if i in checksums] if not info.upstream else []
         fingerprint = input_fingerprint(
-            packages=[(i, c) for i, c in packages],
+            packages=packages,
             upstream_products=[(p.product_id, p.sha256) for p in upstream_products],
             software_version=f"{step.software.name}=={info.version.version}",
             image_digest=info.version.image_digest,
@@ -276,35 +364,82 @@ class Planner:
                 )
         return SubGroupPlan(**plan, readiness=Readiness.GAP)
 
-    def _upstream_inputs(
-        self, upstream: m.ReductionStep, group: SubGroup
-    ) -> tuple[bool, list[UpstreamProductRef], tuple[str, ...], str]:
-        """The upstream sub-groups inside ``group``, whether all are up to date, and their current products."""
-        upstream_groups = self.sub_groups(upstream.name, changed_package_ids=group.package_ids)
-        pending = [g for g in upstream_groups.values() if (upstream.id, g.key) not in self._memo]
-        if pending:
-            self.plan(upstream.name, pending, respect_cooldown=False)
-        not_ready = [
-            (key, self._memo[(upstream.id, key)])
-            for key in sorted(upstream_groups)
-            if self._memo[(upstream.id, key)].readiness is not Readiness.UP_TO_DATE
-        ]
-        if not_ready:
-            key, plan = not_ready[0]
-            return (
+    def _upstream_inputs(self, upstream: m.ReductionStep, groups: Sequence[SubGroup]) -> dict[str, _UpstreamInputs]:
+        """Per sub-group key of ``groups``: the upstream sub-groups inside it, whether all are up to date, and
+        their current products (or why not ready).
+
+        Each package belongs to at most one sub-group of a step, so the upstream sub-groups touching the union
+        of the members, mapped back through their members, are exactly those touching each group.
+        """
+        result: dict[str, _UpstreamInputs] = {}
+        # Upstream sub-groups already planned in this evaluation and not up to date (typically those new data just
+        # touched) settle the sub-groups holding them at once: a fan-in sub-group may hold thousands of upstream
+        # sub-groups, and planning all of them on every tick would cost in proportion to the archive.
+        blocking = self._blocking(upstream)
+        undecided = []
+        for group in groups:
+            blocked = dict(blocking[i] for i in group.package_ids if i in blocking)
+            if not blocked:
+                undecided.append(group)
+                continue
+            key = min(blocked)
+            plan = blocked[key]
+            result[group.key] = (
                 False,
                 [],
                 (),
                 (
-                    f"{len(not_ready)} of {len(upstream_groups)} upstream sub-group(s) of {upstream.name!r} are not "
-                    f"complete, e.g. {key!r}: {plan.readiness.value} {plan.detail}".rstrip()
+                    f"{len(blocked)} upstream sub-group(s) of {upstream.name!r} are not complete, e.g. {key!r}: "
+                    f"{plan.readiness.value} {plan.detail}".rstrip()
                 ),
             )
-        keys = tuple(sorted(upstream_groups))
-        return True, self._current_products(upstream, keys), keys, ""
+        groups = undecided
+        member_ids = {i for g in groups for i in g.package_ids}
+        upstream_groups = self.sub_groups(upstream.name, changed_package_ids=member_ids) if member_ids else {}
+        pending = [g for g in upstream_groups.values() if (upstream.id, g.key) not in self._memo]
+        if pending:
+            self.plan(upstream.name, pending, respect_cooldown=False)
+        key_of = {i: g.key for g in upstream_groups.values() for i in g.package_ids}
+        inside = {g.key: sorted({key_of[i] for i in g.package_ids if i in key_of}) for g in groups}
+        ready_keys = {
+            key
+            for keys in inside.values()
+            for key in keys
+            if self._memo[(upstream.id, key)].readiness is Readiness.UP_TO_DATE
+        }
+        products = self._current_products(upstream, sorted(ready_keys))
+        for group in groups:
+            keys = inside[group.key]
+            not_ready = [(key, self._memo[(upstream.id, key)]) for key in keys if key not in ready_keys]
+            if not_ready:
+                key, plan = not_ready[0]
+                result[group.key] = (
+                    False,
+                    [],
+                    (),
+                    (
+                        f"{len(not_ready)} of {len(keys)} upstream sub-group(s) of {upstream.name!r} are not "
+                        f"complete, e.g. {key!r}: {plan.readiness.value} {plan.detail}".rstrip()
+                    ),
+                )
+                continue
+            result[group.key] = (True, [p for key in keys for p in products.get(key, [])], tuple(keys), "")
+        return result
 
-    def _current_products(self, upstream: m.ReductionStep, keys: Sequence[str]) -> list[UpstreamProductRef]:
-        products: list[UpstreamProductRef] = []
+    def _blocking(self, upstream: m.ReductionStep) -> dict[int, tuple[str, SubGroupPlan]]:
+        """Package id → (key, plan) of the sub-groups of ``upstream`` planned so far that are not up to date."""
+        blocking = {
+            i: (key, plan)
+            for (step_id, key), plan in self._memo.items()
+            if step_id == upstream.id and plan.readiness is not Readiness.UP_TO_DATE
+            for i in plan.package_ids
+        }
+        blocking.update(self._not_ready_changed[upstream.id])
+        return blocking
+
+    def _current_products(self, upstream: m.ReductionStep, keys: Sequence[str]) -> dict[str, list[UpstreamProductRef]]:
+        """The current (not superseded, from a COMPLETED attempt) products per sub-group key, by relative path."""
+        products: dict[str, list[UpstreamProductRef]] = defaultdict(list)
         for start in range(0, len(keys), 1000):
             chunk = keys[start : start + 1000]
             rows = self.session.scalars(
@@ -319,18 +454,18 @@ class Planner:
                 .where(m.ExecutedReductionStep.status == RunStatus.COMPLETED)
                 .order_by(m.DataProduct.sub_group_key, m.DataProduct.relative_path)
             )
-            products.extend(
-                UpstreamProductRef(
-                    product_id=p.id,
-                    sha256=p.sha256,
-                    step_name=upstream.name,
-                    sub_group_key=p.sub_group_key,
-                    relative_path=p.relative_path,
-                    product_type=p.product_type.value,
-                    size_bytes=p.size_bytes,
+            for p in rows:
+                products[p.sub_group_key].append(
+                    UpstreamProductRef(
+                        product_id=p.id,
+                        sha256=p.sha256,
+                        step_name=upstream.name,
+                        sub_group_key=p.sub_group_key,
+                        relative_path=p.relative_path,
+                        product_type=p.product_type.value,
+                        size_bytes=p.size_bytes,
+                    )
                 )
-                for p in rows
-            )
         return products
 
 

@@ -3,14 +3,22 @@
 A continuous pipeline's sensor calls ``evaluate_tick`` with its cursor. The cost of a tick grows with what
 changed since the last one, never with the archive:
 
-- changed packages: read by a change watermark ``(updated_at, id)`` with ``LIMIT``; rows that commit late with an
-  older ``updated_at`` are caught by re-reading an overlap window, de-duplicated by the ids already seen there;
+- changed packages: read by a change watermark ``(updated_at, id)`` with ``LIMIT`` (an index range scan of
+  ``ix_raw_data_package_updated_at_id``); the rest of a large change set is left to the next ticks;
+- rows that commit late with an older ``updated_at`` are caught by re-reading an overlap window: the rows of the
+  last ``overlap`` seconds before the previous tick (a row can only commit late if its transaction was open when
+  the tick read past it, so the overlap must exceed the longest writing transaction plus clock skew). The ids
+  already seen there are remembered in the cursor and excluded in SQL, so the cursor holds at most the changes
+  of one overlap window, however large a backlog is being worked off;
 - finished attempts: read by their ``status_changed_at`` watermark, to start dependent steps;
-- sub-groups held back by a cooldown are remembered in the cursor with their due time.
+- sub-groups held back by a cooldown are remembered in the cursor with their due time and one member package,
+  through which they are found again.
 
-Only sub-groups touched by one of those are planned. A requested (step, sub-group, fingerprint) is remembered for
-the overlap window so a repeated tick does not emit it again (each emitted run key costs Dagster one storage
-query).
+Only sub-groups touched by one of those are planned. A dependent step's sub-groups touched by changed packages
+are first known by key only, and read in full only if their upstream work may be complete (a fan-in sub-group
+can hold much of the archive; see ``Planner.plan_changed``). A requested (step, sub-group, fingerprint) is
+remembered for the overlap window so a repeated tick does not emit it again (each emitted run key costs Dagster
+one storage query).
 """
 
 from __future__ import annotations
@@ -22,14 +30,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from ccat_dagster.execution.planning import Planner, Readiness, SubGroupPlan
+from ccat_dagster.grouping import sql
 from ccat_dagster.opsdb import models as m
-from ccat_dagster.opsdb.enums import RunStatus
+from ccat_dagster.opsdb.enums import PackageState, RunStatus
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+# Requested (step, sub-group, fingerprint) entries the cursor remembers at most (about 100 bytes each).
+RECENT_MEMO_LIMIT = 5000
 
 
 @dataclass
@@ -37,9 +48,12 @@ class TickCursor:
     package_ts: dt.datetime = EPOCH
     package_id: int = 0
     package_window: dict[int, float] = field(default_factory=dict)
+    package_read_ts: dt.datetime | None = None
     attempt_ts: dt.datetime = EPOCH
     attempt_window: dict[int, float] = field(default_factory=dict)
     deferred: dict[str, dict[str, float]] = field(default_factory=dict)
+    # One member package per deferred sub-group: finds it again without reading the whole grouping.
+    deferred_members: dict[str, dict[str, int]] = field(default_factory=dict)
     recent: dict[str, float] = field(default_factory=dict)
 
     @classmethod
@@ -51,9 +65,11 @@ class TickCursor:
             package_ts=dt.datetime.fromisoformat(raw["package_ts"]),
             package_id=int(raw["package_id"]),
             package_window={int(k): v for k, v in raw.get("package_window", {}).items()},
+            package_read_ts=dt.datetime.fromisoformat(raw["package_read_ts"]) if raw.get("package_read_ts") else None,
             attempt_ts=dt.datetime.fromisoformat(raw["attempt_ts"]),
             attempt_window={int(k): v for k, v in raw.get("attempt_window", {}).items()},
             deferred=raw.get("deferred", {}),
+            deferred_members=raw.get("deferred_members", {}),
             recent=raw.get("recent", {}),
         )
 
@@ -63,9 +79,11 @@ class TickCursor:
                 "package_ts": self.package_ts.isoformat(),
                 "package_id": self.package_id,
                 "package_window": self.package_window,
+                "package_read_ts": self.package_read_ts.isoformat() if self.package_read_ts else None,
                 "attempt_ts": self.attempt_ts.isoformat(),
                 "attempt_window": self.attempt_window,
                 "deferred": self.deferred,
+                "deferred_members": self.deferred_members,
                 "recent": self.recent,
             },
             sort_keys=True,
@@ -103,19 +121,30 @@ def evaluate_tick(
     now: dt.datetime,
     batch_limit: int = 5000,
     overlap_seconds: int = 300,
+    read_packages: bool = True,
 ) -> TickResult:
-    """Evaluate gaps for what changed since ``cursor``; returns the requests and the next cursor."""
+    """Evaluate gaps for what changed since ``cursor``; returns the requests and the next cursor.
+
+    ``read_packages=False`` follows only finished upstream attempts and due cooldowns (a CRON pipeline between
+    two cron ticks: new raw data waits for the next tick, but a step whose upstream just finished starts now).
+    """
     overlap = dt.timedelta(seconds=overlap_seconds)
-    changed, more = _changed_packages(session, cursor, batch_limit, overlap)
+    changed, more = _changed_packages(session, cursor, batch_limit, overlap, now) if read_packages else ([], False)
     finished = _finished_attempts(session, pipeline, cursor, batch_limit, overlap)
     planner = Planner(session, pipeline, now=now)
     steps = _topological(pipeline.steps)
 
     touched: dict[str, dict[str, Any]] = defaultdict(dict)
+    # Dependent steps: the keys of the sub-groups holding changed packages; read in full only when planned and
+    # not already known to wait for upstream work (Planner.plan_changed).
+    touched_keys: dict[str, dict[str, tuple[int, ...]]] = {}
     if changed:
         member_ids = set(changed) | _packages_covered_by_consumers(session, pipeline, changed)
         for step in steps:
-            touched[step.name].update(planner.sub_groups(step.name, changed_package_ids=member_ids))
+            if step.depends_on:
+                touched_keys[step.name] = planner.changed_members(step.name, member_ids)
+            else:
+                touched[step.name].update(planner.sub_groups(step.name, changed_package_ids=member_ids))
     if finished:
         covered = _covered_packages(session, finished)
         done_steps = {
@@ -128,24 +157,31 @@ def evaluate_tick(
     now_epoch = now.timestamp()
     for step_name, due_keys in list(cursor.deferred.items()):
         ready = [k for k, due in due_keys.items() if due <= now_epoch]
+        members = cursor.deferred_members.get(step_name, {})
         if ready and any(s.name == step_name for s in steps):
-            touched[step_name].update(planner.sub_groups(step_name, keys=ready))
+            touched[step_name].update(_deferred_sub_groups(planner, step_name, ready, members))
             for key in ready:
                 due_keys.pop(key, None)
+                members.pop(key, None)
         if not due_keys:
             cursor.deferred.pop(step_name, None)
+            cursor.deferred_members.pop(step_name, None)
 
     requests: list[StepRequest] = []
     partitions: dict[str, list[str]] = {}
     skipped: dict[str, int] = defaultdict(int)
     cursor.recent = {k: v for k, v in cursor.recent.items() if v > now_epoch}
     for step in steps:
-        groups = touched.get(step.name)
-        if not groups:
+        groups = touched.get(step.name, {})
+        by_keys = {k: ids for k, ids in touched_keys.get(step.name, {}).items() if k not in groups}
+        if not groups and not by_keys:
             continue
-        partitions[step.name] = sorted(groups)
+        partitions[step.name] = sorted({*groups, *by_keys})
         wanted = []
-        for plan in planner.plan(step.name, groups.values()):
+        plans = planner.plan(step.name, groups.values()) if groups else []
+        if by_keys:
+            plans += planner.plan_changed(step.name, by_keys)
+        for plan in plans:
             if plan.readiness is Readiness.GAP:
                 memo = f"{step.name}|{plan.sub_group_key}|{plan.fingerprint}"
                 if memo in cursor.recent:
@@ -155,11 +191,18 @@ def evaluate_tick(
                 wanted.append(plan)
             elif plan.readiness is Readiness.COOLDOWN and plan.due_at is not None:
                 cursor.deferred.setdefault(step.name, {})[plan.sub_group_key] = plan.due_at.timestamp()
+                if plan.package_ids:
+                    cursor.deferred_members.setdefault(step.name, {})[plan.sub_group_key] = plan.package_ids[0]
                 skipped["cooldown"] += 1
             else:
                 skipped[plan.readiness.value] += 1
         if wanted:
             requests.append(StepRequest(step.name, tuple(wanted)))
+    if len(cursor.recent) > RECENT_MEMO_LIMIT:
+        # Working off a large backlog would grow the cursor without bound. Keeping the newest entries is safe:
+        # a forgotten one only costs Dagster a run-key lookup, which still refuses the duplicate run.
+        newest = sorted(cursor.recent.items(), key=lambda item: item[1])[-RECENT_MEMO_LIMIT:]
+        cursor.recent = dict(newest)
     return TickResult(
         requests=requests,
         partitions=partitions,
@@ -192,39 +235,35 @@ def evaluate_all(session: Session, pipeline: m.Pipeline, *, now: dt.datetime) ->
 
 
 def _changed_packages(
-    session: Session, cursor: TickCursor, limit: int, overlap: dt.timedelta
+    session: Session, cursor: TickCursor, limit: int, overlap: dt.timedelta, now: dt.datetime
 ) -> tuple[list[int], bool]:
     pkg = m.RawDataPackage
-    window_start = cursor.package_ts - overlap
-    late = [
-        (pid, ts)
-        for pid, ts in session.execute(
-            select(pkg.id, pkg.updated_at)
-            .where(pkg.updated_at > window_start)
-            .where(
-                or_(
-                    pkg.updated_at < cursor.package_ts,
-                    and_(pkg.updated_at == cursor.package_ts, pkg.id <= cursor.package_id),
-                )
-            )
-            .limit(limit)
-        )
-        if pid not in cursor.package_window
-    ]
-    new = session.execute(
+    # The row comparison is what lets PostgreSQL seek the (updated_at, id) index; an OR of the two conditions
+    # made it walk the index from its start, a cost growing with the archive.
+    position = tuple_(pkg.updated_at, pkg.id)
+    watermark = (cursor.package_ts, cursor.package_id)
+    # Only rows changed within the overlap before the previous read can have committed after it. While a backlog
+    # is worked off the watermark lags far behind that and there is nothing to re-read. (Cursors written before
+    # package_read_ts existed count back from the watermark.)
+    window_start = (cursor.package_read_ts or cursor.package_ts) - overlap
+    seen = [pid for pid, ts in cursor.package_window.items() if ts > window_start.timestamp()]
+    late_query = (
         select(pkg.id, pkg.updated_at)
-        .where(
-            or_(
-                pkg.updated_at > cursor.package_ts,
-                and_(pkg.updated_at == cursor.package_ts, pkg.id > cursor.package_id),
-            )
-        )
+        .where(pkg.updated_at > window_start, position <= watermark)
         .order_by(pkg.updated_at, pkg.id)
         .limit(limit)
+    )
+    if seen:
+        late_query = late_query.where(~sql.id_in_list(pkg.id, sql.id_list_param(seen)))
+    late = session.execute(late_query).all() if window_start < cursor.package_ts else []
+    new = session.execute(
+        select(pkg.id, pkg.updated_at).where(position > watermark).order_by(pkg.updated_at, pkg.id).limit(limit)
     ).all()
     if new:
         cursor.package_ts, cursor.package_id = new[-1][1], new[-1][0]
-    horizon = (cursor.package_ts - overlap).timestamp()
+    cursor.package_read_ts = now
+    # What the next tick's late read can see again: rows changed within the overlap before this read.
+    horizon = (now - overlap).timestamp()
     window = {pid: ts for pid, ts in cursor.package_window.items() if ts > horizon}
     for pid, ts in [*late, *new]:
         if ts.timestamp() > horizon:
@@ -289,28 +328,61 @@ def _covered_packages(session: Session, attempt_ids: Iterable[int]) -> set[int]:
 
 
 def _packages_covered_by_consumers(session: Session, pipeline: m.Pipeline, changed: Sequence[int]) -> set[int]:
-    """Other members of sub-groups that consumed a changed package (it may have left them, e.g. invalidated)."""
-    step_ids = [s.id for s in pipeline.steps if not s.depends_on]
+    """One current member of each sub-group, at any step, that consumed a changed package (it may have left
+    the sub-group, e.g. invalidated: then the sub-group is found through this member).
+
+    Consumers are the attempts of this pipeline whose lineage closure (``run_ancestor_package``, written by
+    registration) holds a changed package: first steps and dependent steps alike. One representative per
+    consumer, the lowest-id archived, valid package of its closure, is enough to map the consumer's sub-group
+    again, so a tick costs a few sub-groups per consumer rather than every member of a fan-in (a 10,000-scan
+    ``all`` sub-group adds one package, not 10,000). ONE statement; a consumer with no valid member left
+    (the bad scan's own per-scan attempts) contributes nothing.
+    """
+    step_ids = [s.id for s in pipeline.steps]
     if not step_ids or not changed:
         return set()
-    attempts = session.scalars(
-        select(m.run_input_package.c.executed_reduction_step_id)
-        .join(
-            m.ExecutedReductionStep,
-            m.ExecutedReductionStep.id == m.run_input_package.c.executed_reduction_step_id,
-        )
-        .where(m.ExecutedReductionStep.reduction_step_id.in_(step_ids))
-        .where(m.run_input_package.c.raw_data_package_id.in_(list(changed)))
-    ).all()
-    if not attempts:
-        return set()
-    return set(
-        session.scalars(
-            select(m.run_input_package.c.raw_data_package_id).where(
-                m.run_input_package.c.executed_reduction_step_id.in_(list(set(attempts)))
-            )
-        )
+    rap, attempt, package = m.run_ancestor_package, m.ExecutedReductionStep, m.RawDataPackage
+    consumers = (
+        select(rap.c.executed_reduction_step_id)
+        .join(attempt, attempt.id == rap.c.executed_reduction_step_id)
+        .where(attempt.reduction_step_id.in_(step_ids))
+        .where(rap.c.raw_data_package_id.in_(list(changed)))
+        .distinct()
+        .subquery("consumers")
     )
+    member = rap.alias("member")
+    representative = (
+        select(member.c.raw_data_package_id)
+        .join(package, package.id == member.c.raw_data_package_id)
+        .where(member.c.executed_reduction_step_id == consumers.c.executed_reduction_step_id)
+        .where(package.state == PackageState.ARCHIVED)
+        .where(package.invalidated_reason.is_(None))
+        .order_by(member.c.raw_data_package_id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    return {p for p in session.scalars(select(representative).select_from(consumers)) if p is not None}
+
+
+def _deferred_sub_groups(
+    planner: Planner, step_name: str, keys: Sequence[str], members: dict[str, int]
+) -> dict[str, Any]:
+    """The current sub-groups of ``keys``, found through their remembered member (a read of those sub-groups only).
+
+    Keys without one (a cursor from before ``deferred_members``) or whose member left them are read by key, which
+    reads the whole grouping.
+    """
+    wanted = set(keys)
+    known = [members[k] for k in keys if k in members]
+    groups = (
+        {k: g for k, g in planner.sub_groups(step_name, changed_package_ids=known).items() if k in wanted}
+        if known
+        else {}
+    )
+    missing = [k for k in keys if k not in groups]
+    if missing:
+        groups.update(planner.sub_groups(step_name, keys=missing))
+    return groups
 
 
 def _topological(steps: Sequence[m.ReductionStep]) -> list[m.ReductionStep]:

@@ -1,0 +1,275 @@
+"""Code-location load time (issue 4): 50 pipelines × 4 steps in ops-db (PostgreSQL).
+
+Builds a fresh ops-db ``ccat_bench_code_location`` (the demo observatory plus 50 pipelines applied with the
+pipeline apply API, shaped like examples/pipelines/chai_ngc253_co43.yaml with a fourth step, all CONTINUOUS)
+and times, each in a fresh Python process as a code server starts:
+
+- the phases in-process: importing the package (and Dagster), ``build_definitions`` (ops-db read + assets,
+  jobs, sensors, schedules), ``Definitions.get_repository_def()`` (Dagster resolves the asset graph and the
+  asset jobs) and ``RepositorySnap.from_def`` (the snapshot a code server sends to the webserver and daemon);
+- ``dagster definitions validate -m ccat_dagster.definitions``: Dagster's own load and validation, in process;
+- the same with ``--load-with-grpc``: Dagster starts a code server (``dagster api grpc``) and loads the
+  location from it over gRPC, as the webserver and daemon do.
+
+Run:  .venv/bin/python benchmarks/bench_code_location.py [--repeat 5] [--write-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Only the standard library is imported above (a few ms): the "import" phase of a load counts from here.
+PROCESS_STARTED = time.perf_counter()
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks.md"
+SECTION = "## Code location load (issue 4)"
+EXAMPLE = REPO / "examples" / "pipelines" / "chai_ngc253_co43.yaml"
+ADMIN_URL = os.environ.get("CCAT_BENCH_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+DATABASE = "ccat_bench_code_location"
+PIPELINES = 50
+TARGET_SECONDS = 5.0
+
+
+# -------------------------------------------------------------------------------------------- set-up
+
+
+def pipeline_specs() -> list[dict[str, Any]]:
+    """50 variations of the example: own names and groupings, 4 steps (a per-scan QA step added)."""
+    import yaml
+
+    example = yaml.safe_load(EXAMPLE.read_text())
+    specs = []
+    for index in range(PIPELINES):
+        spec = copy.deepcopy(example)
+        spec["pipeline"] = f"bench_pipeline_{index:02d}"
+        spec["grouping"]["name"] = f"bench-grouping-{index:02d}"
+        qa = copy.deepcopy(spec["steps"][1])
+        qa.update(name="qa_plots", description="QA plots of each baselined scan", depends_on=["baseline"])
+        qa["config"] = {"plots": ["spectrum", "rms"], "variant": index}
+        spec["steps"].append(qa)
+        specs.append(spec)
+    return specs
+
+
+def build_ops_db(data_dir: Path) -> str:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import Session
+
+    from ccat_dagster.demo.seed import seed_demo
+    from ccat_dagster.opsdb.engine import make_engine
+    from ccat_dagster.opsdb.migrate import upgrade
+    from ccat_dagster.pipelines.apply import apply_pipeline_spec
+    from ccat_dagster.pipelines.spec import parse_pipeline_spec
+
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
+        connection.execute(text(f'CREATE DATABASE "{DATABASE}"'))
+    admin.dispose()
+    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{DATABASE}"
+    upgrade(url)
+    engine = make_engine(url)
+    with Session(engine) as session, session.begin():
+        seed_demo(session, data_dir=data_dir, scans=20)
+        for spec in pipeline_specs():
+            parsed = parse_pipeline_spec(spec, origin=spec["pipeline"], base_dir=EXAMPLE.parent)
+            apply_pipeline_spec(session, parsed, source_path=EXAMPLE)
+    engine.dispose()
+    return url
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def child_phases() -> None:
+    """Runs in a fresh interpreter: time each phase of a code-location load, print them as JSON."""
+    started = PROCESS_STARTED
+    import dagster as dg  # noqa: F401 - the import is part of what is timed
+    from dagster._core.remote_representation.external_data import RepositorySnap
+
+    from ccat_dagster.definitions import build_definitions
+    from ccat_dagster.settings import Settings
+
+    phases: dict[str, float] = {"import": time.perf_counter() - started}
+    mark = time.perf_counter()
+    defs = build_definitions(Settings.from_env())
+    phases["build_definitions"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    repository = defs.get_repository_def()
+    jobs = repository.get_all_jobs()
+    phases["get_repository_def"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    snapshot = RepositorySnap.from_def(repository)
+    phases["repository_snapshot"] = time.perf_counter() - mark
+    phases["total"] = time.perf_counter() - started
+    counts = {
+        "assets": len(list(defs.resolve_asset_graph().get_all_asset_keys())),
+        "jobs": len(jobs),
+        "sensors": len(snapshot.sensors),
+        "schedules": len(snapshot.schedules),
+    }
+    print(json.dumps({"phases": phases, "counts": counts}))
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return elapsed, done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS}")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child_phases()
+        return 0
+
+    from bench_grouping import machine
+
+    started_at = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="ccat-bench-code-location-") as scratch:
+        data_dir = Path(scratch) / "data"
+        home = Path(scratch) / "dagster-home"
+        home.mkdir()
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        setup_started = time.perf_counter()
+        url = build_ops_db(data_dir)
+        setup_seconds = time.perf_counter() - setup_started
+        env = {
+            **os.environ,
+            "CCAT_OPS_DB_URL": url,
+            "CCAT_DAGSTER_DATA_DIR": str(data_dir),
+            "DAGSTER_HOME": str(home),
+            "PYTHONPATH": str(REPO / "benchmarks"),
+        }
+        python = sys.executable
+        dagster_cli = str(Path(python).with_name("dagster"))
+        commands = {
+            "python -c 'import dagster' (fixed cost, for reference)": [python, "-c", "import dagster"],
+            "phases": [python, str(Path(__file__).resolve()), "--child"],
+            "dagster definitions validate": [dagster_cli, "definitions", "validate", "-m", "ccat_dagster.definitions"],
+            "dagster definitions validate --load-with-grpc": [
+                dagster_cli,
+                "definitions",
+                "validate",
+                "--load-with-grpc",
+                "-m",
+                "ccat_dagster.definitions",
+            ],
+        }
+        seconds: dict[str, list[float]] = {label: [] for label in commands}
+        phases: list[dict[str, float]] = []
+        counts: dict[str, int] = {}
+        timed(commands["phases"], env)  # warm-up: page cache, .pyc files
+        for _ in range(args.repeat):
+            for label, command in commands.items():
+                elapsed, done = timed(command, env)
+                seconds[label].append(elapsed)
+                if label == "phases":
+                    measured = json.loads(done.stdout.strip().splitlines()[-1])
+                    phases.append(measured["phases"])
+                    counts = measured["counts"]
+    load_after = os.getloadavg()
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values)
+
+    lines = [
+        SECTION,
+        "",
+        f"Run on {started_at:%Y-%m-%d %H:%M} UTC with "
+        f"`.venv/bin/python benchmarks/bench_code_location.py{''.join(f' {a}' for a in (argv or sys.argv[1:]))}` "
+        f"(repeat {args.repeat} after one warm-up; every figure is a fresh process, as a code server starts; load "
+        f"average before / after: {' '.join(f'{x:.2f}' for x in load_before)} / "
+        f"{' '.join(f'{x:.2f}' for x in load_after)}).",
+        "",
+        machine(),
+        f"- ops-db: the demo observatory and {PIPELINES} pipelines × 4 steps (calibrate → baseline → grid_map, "
+        "baseline → qa_plots; all CONTINUOUS, the heaviest kind: a sensor and one job per step), applied with "
+        f"`apply_pipeline_spec` (set-up {setup_seconds:.1f} s). The location holds {counts.get('assets', 0)} assets, "
+        f"{counts.get('jobs', 0)} jobs, {counts.get('sensors', 0)} sensors (one per pipeline, plus the location's "
+        f"reconcile sensors) and {counts.get('schedules', 0)} schedule(s) (retention).",
+        "",
+        "| measurement | median | min | max |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, values in seconds.items():
+        name = "in-process load, all phases (fresh process, wall time)" if label == "phases" else f"`{label}`"
+        lines.append(f"| {name} | {med(values):.2f} s | {min(values):.2f} s | {max(values):.2f} s |")
+    for phase in ("import", "build_definitions", "get_repository_def", "repository_snapshot"):
+        values = [p[phase] for p in phases]
+        lines.append(f"| — phase `{phase}` | {med(values):.2f} s | {min(values):.2f} s | {max(values):.2f} s |")
+    grpc = med(seconds["dagster definitions validate --load-with-grpc"])
+    in_process = med(seconds["dagster definitions validate"])
+    worst = max(grpc, in_process)
+    lines += [
+        "",
+        f"Target (issue 4): code-location load with {PIPELINES} pipelines × 4 steps ≤ {TARGET_SECONDS:.0f} s: "
+        f"{'met' if worst <= TARGET_SECONDS else 'MISSED'} ({in_process:.2f} s in process, {grpc:.2f} s through a "
+        f"gRPC code server, whole CLI processes included).",
+        "",
+        *NOTES,
+    ]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if args.write_docs:
+        write_section(report)
+    return 0
+
+
+NOTES = [
+    "Notes (where the time goes, from pyinstrument / cProfile of a load):",
+    "- Fixed here: Dagster called the `@dg.definitions` function twice per load (to find the definitions, then to "
+    "build the repository), so ops-db was read and every asset built twice; `defs` now reuses what it built while "
+    "ops-db is unchanged (a reload after `pipelines apply` still rebuilds: tests/test_code_location_reload.py). "
+    "Reading the pipelines took ~250 lazy-load queries; it takes 6 now. A run just before these two fixes, "
+    "at a similar load (3.0-3.6), measured 8.24 s for `dagster definitions validate` and 15.09 s with "
+    "`--load-with-grpc`.",
+    "- What remains is mostly Dagster's own per-definition cost: `import dagster` (~1 s quiet); the `@asset` "
+    "decorator, ~4 ms per step asset; and per job ~10-15 ms to build its run-config schema "
+    "(`get_repository_def`) and to snapshot it (`repository_snapshot`); a trivial Dagster asset job costs ~4 ms, "
+    "ours carry five configurable resources and an op config. There is one job per step (200 here), so the job "
+    "count is the lever: one job per pipeline and partitions definition (~100), or runs on Dagster's implicit "
+    "asset job, would roughly halve the per-job part; that changes the job names the sensors and the runner use, "
+    "so it is left to that code's owners.",
+    "- `--load-with-grpc` is what the webserver and daemon do on a (re)load: the CLI process, plus a code-server "
+    "process that imports and builds everything (its start alone took ~7 s with a load average of 4), plus "
+    "serializing and reading the snapshot of 200 jobs over gRPC.",
+    "- CRON pipelines are not in this benchmark: `build_pipeline_schedule` passes `jobs=` to `dg.schedule`, which "
+    "dagster 1.13 does not accept, so a CRON pipeline is skipped with a `load_error` asset (reported to the lead).",
+]
+
+
+def write_section(report: str) -> None:
+    """Replace (or append) this benchmark's section of docs/benchmarks.md, leaving other sections alone."""
+    existing = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
+    start = existing.find(SECTION)
+    if start == -1:
+        updated = existing.rstrip("\n") + "\n\n" + report
+    else:
+        end = existing.find("\n## ", start + len(SECTION))
+        updated = existing[:start] + report + ("" if end == -1 else existing[end:])
+    DOCS.write_text(updated)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
