@@ -15,13 +15,13 @@ from sqlalchemy import select
 
 from ccat_dagster.assets.factory import build_pipeline_assets
 from ccat_dagster.assets.retention import build_retention_definitions
-from ccat_dagster.assets.snapshot import load_pipeline_snapshots
+from ccat_dagster.assets.snapshot import PipelineSnapshot, load_pipeline_snapshots
 from ccat_dagster.errors import CcatError
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import session_scope, shared_engine
 from ccat_dagster.opsdb.enums import LocationType
 from ccat_dagster.resources import HpcBackendResource, resources_from_settings
-from ccat_dagster.sensors.gaps import build_pipeline_schedule, build_pipeline_sensor
+from ccat_dagster.sensors.gaps import build_pipeline_cron_sensor, build_pipeline_sensor
 from ccat_dagster.sensors.reconcile import build_reconcile_sensors
 from ccat_dagster.settings import Settings
 
@@ -54,11 +54,21 @@ def resolve_processing_location_id(session, settings: Settings) -> int:  # type:
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
+    location_id, snapshots = read_pipelines(settings)
+    return _definitions(settings, location_id, snapshots)
+
+
+def read_pipelines(settings: Settings) -> tuple[int, list[tuple[str, PipelineSnapshot | Exception]]]:
+    """Everything the code location is built from: this location's id and its enabled pipelines (one read)."""
     engine = shared_engine(settings.ops_db_url)
     with session_scope(engine) as session:
         location_id = resolve_processing_location_id(session, settings)
-        snapshots = load_pipeline_snapshots(session, processing_location_id=location_id)
+        return location_id, load_pipeline_snapshots(session, processing_location_id=location_id)
 
+
+def _definitions(
+    settings: Settings, location_id: int, snapshots: list[tuple[str, PipelineSnapshot | Exception]]
+) -> dg.Definitions:
     assets: list = []
     sensors: list = []
     schedules: list = []
@@ -72,11 +82,11 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
                 runtime=settings.container_runtime,
                 max_partitions_per_run=settings.max_partitions_per_run,
             )
-            pipeline_sensors, pipeline_schedules = [], []
+            pipeline_sensors = []
             if snapshot.trigger_type == "continuous":
                 pipeline_sensors.append(build_pipeline_sensor(snapshot, settings=settings))
             elif snapshot.trigger_type == "cron":
-                pipeline_schedules.append(build_pipeline_schedule(snapshot, settings=settings))
+                pipeline_sensors.append(build_pipeline_cron_sensor(snapshot, settings=settings))
         except Exception as error:  # noqa: BLE001 - isolate one broken pipeline from the others
             log.error("pipeline %r skipped: %s", name, error)
             assets.append(
@@ -89,21 +99,43 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             continue
         assets.extend(pipeline_assets)
         sensors.extend(pipeline_sensors)
-        schedules.extend(pipeline_schedules)
 
     resources = resources_from_settings(settings, processing_location_id=location_id)
     hpc: HpcBackendResource = resources["hpc"]
     sensors.extend(build_reconcile_sensors(settings=settings, backend_factory=hpc.get))
     retention_jobs, retention_schedules = build_retention_definitions(settings)
     schedules.extend(retention_schedules)
-    return dg.Definitions(assets=assets, sensors=sensors, schedules=schedules, jobs=retention_jobs, resources=resources)
+    return dg.Definitions(
+        assets=assets,
+        sensors=sensors,
+        schedules=schedules,
+        jobs=retention_jobs,
+        resources=resources,
+        # A run executes one step (one asset, many sub-groups): the default multiprocess executor would start a
+        # second Python process per run and load this code location again in it, seconds per run (issue 7).
+        executor=dg.in_process_executor,
+    )
 
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "pipeline"
 
 
+# The last definitions built by ``defs`` and what they were built from.
+_built: tuple[tuple[Settings, int, list], dg.Definitions] | None = None
+
+
 @dg.definitions
 def defs() -> dg.Definitions:
-    """Loaded lazily by Dagster (so importing this module never touches ops-db)."""
-    return build_definitions()
+    """Loaded lazily by Dagster (so importing this module never touches ops-db).
+
+    Dagster calls this more than once per code-location load (to find the definitions, then to build the
+    repository): building them is most of a load, so it is done again only when ops-db changed since the last
+    call. A reload after ``pipelines apply`` therefore still sees the change.
+    """
+    global _built
+    settings = Settings.from_env()
+    source = (settings, *read_pipelines(settings))
+    if _built is None or _built[0] != source:
+        _built = (source, _definitions(settings, source[1], source[2]))
+    return _built[1]

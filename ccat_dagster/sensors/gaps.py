@@ -1,13 +1,16 @@
-"""Triggers: a sensor per CONTINUOUS pipeline, a schedule per CRON pipeline (SPEC §5), as thin Dagster wrappers
-around ``ccat_dagster.execution.triggers``; plus the sensor that mirrors dead Dagster runs into ops-db."""
+"""Triggers: a sensor per CONTINUOUS pipeline and a cron-driven sensor per CRON pipeline (SPEC §5), as thin
+Dagster wrappers around ``ccat_dagster.execution.triggers``."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import json
 from collections.abc import Sequence
 
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._utils.schedules import get_latest_completed_cron_tick, get_next_cron_tick, is_valid_cron_string
 
 from ccat_dagster.assets.factory import (
     BACKEND_TAG,
@@ -61,32 +64,75 @@ def build_pipeline_sensor(pipeline: PipelineSnapshot, *, settings: Settings) -> 
     return _sensor
 
 
-def build_pipeline_schedule(pipeline: PipelineSnapshot, *, settings: Settings) -> dg.ScheduleDefinition:
+def cron_sensor_name(pipeline: str) -> str:
+    return f"{pipeline}__cron"
+
+
+def build_pipeline_cron_sensor(pipeline: PipelineSnapshot, *, settings: Settings) -> dg.SensorDefinition:
+    """The trigger of a CRON pipeline: a full gap evaluation at every cron tick, follow-ups in between.
+
+    A Dagster schedule can launch only the one job it targets, and a pipeline has a job per step (each step has
+    its own partitions), so the cron trigger is a sensor that keeps the cron itself: at each cron tick it
+    evaluates every step and sub-group (``evaluate_all``); between ticks it only starts dependent steps whose
+    upstream attempts finished, so a nightly pipeline runs through in one night. Like a Dagster schedule it does
+    not catch up on cron ticks from before it was turned on.
+    """
     cron = pipeline.trigger_config.get("cron") or pipeline.trigger_config.get("cron_schedule")
     if not cron:
         raise ValueError(f"pipeline {pipeline.name!r} is CRON but its trigger_config has no 'cron' expression")
+    if not is_valid_cron_string(cron):
+        raise ValueError(f"pipeline {pipeline.name!r}: {cron!r} is not a valid cron expression")
+    timezone = pipeline.trigger_config.get("timezone", "UTC")
 
-    @dg.schedule(
-        name=f"{pipeline.name}__schedule",
-        cron_schedule=cron,
-        execution_timezone=pipeline.trigger_config.get("timezone", "UTC"),
+    @dg.sensor(
+        name=cron_sensor_name(pipeline.name),
+        description=(
+            f"Evaluates every step and sub-group of {pipeline.name!r} for gaps on {cron!r} ({timezone}), and "
+            "starts dependent steps as soon as their upstream sub-groups complete (SPEC §5)."
+        ),
+        minimum_interval_seconds=30,
         jobs=build_step_jobs(pipeline),
-        description=f"Evaluates every step and sub-group of {pipeline.name!r} for gaps on {cron!r}.",
-        default_status=dg.DefaultScheduleStatus.STOPPED,
+        default_status=dg.DefaultSensorStatus.STOPPED,
     )
-    def _schedule(context: dg.ScheduleEvaluationContext):  # type: ignore[no-untyped-def]
+    def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        state = json.loads(context.cursor) if context.cursor else {}
+        tick = TickCursor.loads(state.get("tick"))
+        now = utcnow()
+        latest = get_latest_completed_cron_tick(cron, now, timezone)
+        fired = dt.datetime.fromisoformat(state["fired"]) if state.get("fired") else None
+        if fired is None:
+            tick.attempt_ts = now
+            cursor = json.dumps({"fired": latest.isoformat(), "tick": tick.dumps()})
+            upcoming = get_next_cron_tick(cron, now, timezone)
+            return dg.SensorResult(cursor=cursor, skip_reason=f"turned on; first evaluation at {upcoming.isoformat()}")
         engine = shared_engine(settings.ops_db_url)
         with session_scope(engine) as session:
-            result = evaluate_all(session, load_pipeline(session, pipeline.name), now=utcnow())
+            pipeline_row = load_pipeline(session, pipeline.name)
+            if latest > fired:
+                result = evaluate_all(session, pipeline_row, now=now)
+                result.cursor = tick
+                fired = latest
+            else:
+                result = evaluate_tick(
+                    session,
+                    pipeline_row,
+                    tick,
+                    now=now,
+                    batch_limit=settings.sensor_batch_limit,
+                    overlap_seconds=settings.watermark_overlap_seconds,
+                    read_packages=False,
+                )
         context.log.info(_summary(result))
-        sensor_result = _sensor_result(
-            pipeline, result, settings=settings, trigger="schedule", instance=context.instance
+        return _sensor_result(
+            pipeline,
+            result,
+            settings=settings,
+            trigger="schedule",
+            instance=context.instance,
+            cursor=json.dumps({"fired": fired.isoformat(), "tick": result.cursor.dumps()}),
         )
-        for request in sensor_result.dynamic_partitions_requests or []:
-            context.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-        return sensor_result.run_requests or dg.SkipReason("no gaps")
 
-    return _schedule
+    return _sensor
 
 
 def _sensor_result(
@@ -96,6 +142,7 @@ def _sensor_result(
     settings: Settings,
     trigger: str,
     instance: dg.DagsterInstance,
+    cursor: str | None = None,
 ) -> dg.SensorResult:
     """Partition add requests (one per partitions definition) and the runs, cut into contiguous ranges."""
     additions: dict[str, list[str]] = {}
@@ -123,7 +170,7 @@ def _sensor_result(
             for name, keys in additions.items()
             if keys
         ],
-        cursor=result.cursor.dumps(),
+        cursor=cursor if cursor is not None else result.cursor.dumps(),
         skip_reason=None if run_requests else f"no gaps ({_summary(result)})",
     )
 
