@@ -8,7 +8,13 @@ import pytest
 from sqlalchemy.orm import Session
 
 from ccat_dagster.opsdb.enums import RunStatus
-from ccat_dagster.opsdb.states import LEGAL_TRANSITIONS, IllegalTransitionError, check_transition, transition
+from ccat_dagster.opsdb.states import (
+    LEGAL_TRANSITIONS,
+    IllegalTransitionError,
+    check_transition,
+    observe_transitions,
+    transition,
+)
 
 from .opsdb_factories import make_attempt, make_world
 
@@ -67,3 +73,33 @@ def test_transition_writes_audit_rows_and_timestamps(engine):
         with pytest.raises(IllegalTransitionError):
             transition(session, attempt, S.RUNNING)
         assert attempt.status is S.COMPLETED
+
+
+def test_observers_see_committed_transitions_only(engine):
+    seen: list = []
+    with Session(engine) as session, session.begin():
+        attempt = make_attempt(session, make_world(session), key="k")
+        attempt_id = attempt.id
+    with observe_transitions(seen.append):
+        with Session(engine) as session, session.begin():
+            attempt = session.get(type(attempt), attempt_id)
+            transition(session, attempt, S.STAGING_DATA, message="staging")
+            attempt.hpc_job_id = "42"
+            transition(session, attempt, S.SUBMITTED, message="job 42")
+            assert seen == []  # not before the commit
+        assert [(t.from_status, t.to_status, t.message, t.hpc_job_id) for t in seen] == [
+            (S.PENDING, S.STAGING_DATA, "staging", None),
+            (S.STAGING_DATA, S.SUBMITTED, "job 42", "42"),
+        ]
+        assert {(t.attempt_id, t.sub_group_key, t.attempt) for t in seen} == {(attempt_id, "k", 1)}
+        with pytest.raises(RuntimeError), Session(engine) as session, session.begin():
+            transition(session, session.get(type(attempt), attempt_id), S.RUNNING)
+            session.flush()
+            raise RuntimeError("rolled back")
+        assert len(seen) == 2
+        with Session(engine) as session, session.begin():
+            transition(session, session.get(type(attempt), attempt_id), S.RUNNING)
+        assert [t.to_status for t in seen] == [S.STAGING_DATA, S.SUBMITTED, S.RUNNING]
+    with Session(engine) as session, session.begin():
+        transition(session, session.get(type(attempt), attempt_id), S.COLLECTING_RESULTS)
+    assert len(seen) == 3  # outside the context: not observed

@@ -3,14 +3,20 @@
 pending → staging_data → submitted → running → collecting_results → completed, and failed / cancelled from
 every non-terminal state (collecting_results cannot be cancelled: products are being written in one
 transaction). submitted → collecting_results covers a job that finished between two polls. Terminal states
-never change: a retry is a new attempt row.
+never change: a retry is a new attempt row. ``observe_transitions`` lets a caller (the Dagster asset) hear
+of each transition once it is committed, without this package knowing who listens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import datetime as dt
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
-from sqlalchemy.orm import Session
+from sqlalchemy import event
+from sqlalchemy.orm import Session, SessionTransaction
 
 from ccat_dagster.opsdb.enums import RunStatus
 from ccat_dagster.opsdb.models import ExecutedReductionStep, RunStatusTransition, utcnow
@@ -71,4 +77,81 @@ def transition(
     row = RunStatusTransition(from_status=from_status, to_status=to_status, at=now, message=message)
     attempt.transitions.append(row)
     session.add(row)
+    observers = _observers.get()
+    if observers:
+        if attempt.id is None:
+            session.flush([attempt])
+        _defer(
+            session,
+            observers,
+            ObservedTransition(
+                attempt_id=attempt.id,
+                reduction_step_id=attempt.reduction_step_id,
+                sub_group_key=attempt.sub_group_key,
+                attempt=attempt.attempt,
+                from_status=from_status,
+                to_status=to_status,
+                at=now,
+                message=message,
+                hpc_job_id=attempt.hpc_job_id,
+            ),
+        )
     return row
+
+
+@dataclass(frozen=True)
+class ObservedTransition:
+    """One committed RunStatus transition, as ``observe_transitions`` callbacks receive it."""
+
+    attempt_id: int
+    reduction_step_id: int
+    sub_group_key: str
+    attempt: int
+    from_status: RunStatus
+    to_status: RunStatus
+    at: dt.datetime
+    message: str | None
+    hpc_job_id: str | None
+
+
+TransitionObserver = Callable[[ObservedTransition], None]
+_observers: contextvars.ContextVar[tuple[TransitionObserver, ...]] = contextvars.ContextVar(
+    "ccat_transition_observers", default=()
+)
+_PENDING_KEY = "ccat_pending_transitions"
+
+
+@contextlib.contextmanager
+def observe_transitions(callback: TransitionObserver) -> Iterator[None]:
+    """Call ``callback`` for every transition made in this context (thread / task), once it is committed.
+
+    A transition whose transaction rolls back is never reported. The callback runs right after the commit,
+    in the committing thread; an exception from it propagates to the code that committed.
+    """
+    token = _observers.set((*_observers.get(), callback))
+    try:
+        yield
+    finally:
+        _observers.reset(token)
+
+
+def _defer(session: Session, observers: tuple[TransitionObserver, ...], item: ObservedTransition) -> None:
+    pending = session.info.get(_PENDING_KEY)
+    if pending is None:
+        pending = session.info[_PENDING_KEY] = []
+        if not event.contains(session, "after_commit", _dispatch):
+            # Listeners stay for the session's life: removing one while SQLAlchemy dispatches it is an error.
+            event.listen(session, "after_commit", _dispatch)
+            event.listen(session, "after_soft_rollback", _discard)
+    pending.append((observers, item))
+
+
+def _dispatch(session: Session) -> None:
+    for observers, item in session.info.pop(_PENDING_KEY, []):
+        for callback in observers:
+            callback(item)
+
+
+def _discard(session: Session, previous_transaction: SessionTransaction) -> None:
+    if previous_transaction.parent is None:  # not a savepoint: nothing of it will ever be committed
+        session.info.pop(_PENDING_KEY, None)
