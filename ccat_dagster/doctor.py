@@ -398,7 +398,7 @@ def check_hpc_backend(*, settings: Settings) -> CheckResult:
         return CheckResult(
             "hpc backend",
             CheckStatus.OK,
-            f"local: subprocesses on this host, at most {settings.max_concurrent_jobs} at a time "
+            f"local: subprocesses on this host, at most {settings.local_max_running} at a time "
             f"(job state under {settings.pipeline_base_dir / '.local-jobs'})",
         )
     if backend == "slurm":

@@ -99,6 +99,7 @@ class Settings:
     sif_cache_dir: Path
     stager: str
     max_concurrent_jobs: int
+    local_max_running: int
     max_partitions_per_run: int
     poll_interval_seconds: int
     staging_timeout_seconds: int
@@ -123,7 +124,8 @@ class Settings:
             "K8S_NAMESPACE": "ccat",
             "SIF_CACHE_DIR": str(data_dir / "sif-cache"),
             "STAGER": "local",
-            "MAX_CONCURRENT_JOBS": "4",
+            "MAX_CONCURRENT_JOBS": "100",
+            "LOCAL_MAX_RUNNING": str(os.cpu_count() or 1),
             "MAX_PARTITIONS_PER_RUN": "200",
             "POLL_INTERVAL_SECONDS": "2",
             "STAGING_TIMEOUT_SECONDS": "3600",
@@ -141,6 +143,7 @@ class Settings:
             "SIF_CACHE_DIR": _path,
             "STAGER": _choice(STAGERS),
             "MAX_CONCURRENT_JOBS": _int(1),
+            "LOCAL_MAX_RUNNING": _int(1),
             "MAX_PARTITIONS_PER_RUN": _int(1),
             "POLL_INTERVAL_SECONDS": _int(1),
             "STAGING_TIMEOUT_SECONDS": _int(1),
@@ -181,9 +184,10 @@ def variable_reference() -> list[tuple[str, str, str]]:
         (PREFIX + "K8S_NAMESPACE", "ccat", "a Kubernetes namespace"),
         (PREFIX + "SIF_CACHE_DIR", "<data dir>/sif-cache", "a writable directory"),
         (PREFIX + "STAGER", "local", ", ".join(STAGERS)),
-        (PREFIX + "MAX_CONCURRENT_JOBS", "4", "jobs in flight per backend from this location, ≥ 1"),
+        (PREFIX + "MAX_CONCURRENT_JOBS", "100", "jobs in flight per backend from this location, ≥ 1"),
+        (PREFIX + "LOCAL_MAX_RUNNING", "(number of CPUs)", "local backend: jobs running at once, ≥ 1"),
         (PREFIX + "MAX_PARTITIONS_PER_RUN", "200", "sub-groups one Dagster run materializes, ≥ 1"),
-        (PREFIX + "POLL_INTERVAL_SECONDS", "2", "seconds between job status polls, ≥ 1"),
+        (PREFIX + "POLL_INTERVAL_SECONDS", "2", "longest pause between job status polls (first 0.2 s), ≥ 1"),
         (PREFIX + "STAGING_TIMEOUT_SECONDS", "3600", "seconds a run waits for staging, ≥ 1"),
         (PREFIX + "SENSOR_BATCH_LIMIT", "5000", "changed packages read per sensor tick, ≥ 1"),
         (PREFIX + "WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark, ≥ 0"),

@@ -14,16 +14,26 @@ up to date.
 
 # No `from __future__ import annotations`: Dagster reads the config class from the real annotation.
 
+import os
+import weakref
+
 import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
+from dagster._core.events import DagsterEvent, DagsterEventBatchMetadata, generate_event_batch_id
+from dagster._core.storage.tags import PARENT_RUN_ID_TAG
 
 from ccat_dagster.assets.snapshot import PipelineSnapshot, StepSnapshot
-from ccat_dagster.execution.runner import OutcomeKind, RunnerConfig, StepRunner
+from ccat_dagster.execution.runner import OutcomeKind, RunnerConfig, StepRunner, SubGroupOutcome
+from ccat_dagster.opsdb.states import ObservedTransition, observe_transitions
+
+# Batched event-log writes (see _AssetEventBatch); inherited by the run workers this code location starts.
+os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", "1000")
 
 TRIGGER_TAG = "ccat/trigger"
 PIPELINE_TAG = "ccat/pipeline"
 STEP_TAG = "ccat/step"
 BACKEND_TAG = "ccat/backend"
+TRANSITION_TAG = "ccat/run_status"
 
 
 class StepRunConfig(dg.Config):
@@ -39,6 +49,11 @@ def partitions_name(pipeline: str, group_by: tuple[str, ...]) -> str:
 
 def partitions_def(pipeline: str, group_by: tuple[str, ...]) -> dg.DynamicPartitionsDefinition:
     return dg.DynamicPartitionsDefinition(name=partitions_name(pipeline, group_by))
+
+
+def pipeline_pool(pipeline: str) -> str:
+    """The Dagster concurrency pool shared by a pipeline's step assets."""
+    return f"ccat/{pipeline}"
 
 
 def step_asset_key(pipeline: str, step: str) -> dg.AssetKey:
@@ -120,29 +135,41 @@ def _step_asset(
         op_tags={PIPELINE_TAG: pipeline.name, STEP_TAG: step.name, BACKEND_TAG: backend},
         output_required=False,
         backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=max_partitions_per_run),
+        # Per-pipeline limit on steps executing at once, whatever launched the run (dagster.yaml concurrency.pools).
+        pool=pipeline_pool(pipeline.name),
         metadata={"group_by": dg.MetadataValue.json(list(step.group_by)), "resources": step.resources},
         required_resource_keys={"opsdb", "hpc", "container_runtime", "stager", "execution"},
     )
     def _step(context: dg.AssetExecutionContext, config: StepRunConfig):  # type: ignore[no-untyped-def]
-        yield from run_step(context, config, pipeline_name=pipeline.name, step_name=step.name)
+        run_step(context, config, pipeline_name=pipeline.name, step_name=step.name)
+        # A generator with no output (output_required=False): the sub-groups were materialized one by one.
+        yield from ()
 
     return _step
 
 
-def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeline_name: str, step_name: str):  # type: ignore[no-untyped-def]
-    """The asset body: hand the requested sub-groups to the StepRunner and mirror the outcomes into Dagster."""
+def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeline_name: str, step_name: str) -> None:
+    """The asset body: hand the requested sub-groups to the StepRunner and mirror the outcomes into Dagster.
+
+    Each completed sub-group is logged as its materialization when it completes; failed ones fail the step at
+    the end with one ``dg.Failure`` naming them.
+    """
     keys = _requested_keys(context, config)
     if not keys:
         raise dg.Failure(
             f"no sub-group requested for {pipeline_name}/{step_name}: materialize a partition "
             "(--partition KEY), a range, or pass run config sub_group_keys"
         )
-    force = (
-        config.force if config.force is not None else context.run.tags.get(TRIGGER_TAG) not in ("sensor", "schedule")
-    )
+    # A manual run redoes up-to-date sub-groups; a sensor / schedule run only does what has no completed attempt
+    # for its current inputs; a re-execution or run retry of any run redoes exactly its failed sub-groups.
+    retry_failed = PARENT_RUN_ID_TAG in context.run.tags
+    automatic = context.run.tags.get(TRIGGER_TAG) in ("sensor", "schedule") or retry_failed
+    force = config.force if config.force is not None else not automatic
     res = context.resources
     execution = res.execution
     instance = context.instance
+    _hold_storage_connections(instance)
+    events = _AssetEventBatch(context)
 
     def is_run_alive(run_id: str) -> bool:
         run = instance.get_run_by_id(run_id)
@@ -163,32 +190,27 @@ def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeli
         ),
         report=context.log.info,
         is_run_alive=is_run_alive,
+        # Each sub-group is materialized in the round it completes, so a long batch shows its progress.
+        on_outcome=lambda outcome: events.add(_materialization(context.asset_key, outcome)),
+        on_round_end=events.flush,
     )
-    outcomes = runner.run(
-        pipeline_name=pipeline_name,
-        step_name=step_name,
-        sub_group_keys=keys,
-        dagster_run_id=context.run.run_id,
-        force=force,
-    )
-    failed = []
-    for outcome in outcomes:
-        if outcome.kind is OutcomeKind.COMPLETED:
-            metadata = {k: v for k, v in outcome.metadata.items() if v is not None}
-            metadata["products_dir"] = dg.MetadataValue.path(metadata.get("products_dir", ""))
-            yield dg.AssetMaterialization(
-                asset_key=context.asset_key,
-                partition=outcome.sub_group_key,
-                metadata=metadata,
-                tags={DATA_VERSION_TAG: outcome.fingerprint or ""},
-            )
-        elif outcome.kind in (OutcomeKind.FAILED, OutcomeKind.CANCELLED):
-            failed.append(outcome)
+    with observe_transitions(lambda change: events.add(_transition_observation(context.asset_key, change))):
+        outcomes = runner.run(
+            pipeline_name=pipeline_name,
+            step_name=step_name,
+            sub_group_keys=keys,
+            dagster_run_id=context.run.run_id,
+            force=force,
+            retry_failed=retry_failed,
+        )
+    events.flush()
+    failed = [o for o in outcomes if o.kind in (OutcomeKind.FAILED, OutcomeKind.CANCELLED)]
     done = sum(1 for o in outcomes if o.kind is OutcomeKind.COMPLETED)
     skipped = sum(1 for o in outcomes if o.kind is OutcomeKind.SKIPPED)
     context.log.info(
         f"{pipeline_name}/{step_name}: {done} completed, {len(failed)} failed, {skipped} skipped "
-        f"of {len(outcomes)} sub-group(s)"
+        f"of {len(outcomes)} sub-group(s); {runner.waited_seconds:.2f} s waiting for jobs between polls, "
+        f"{runner.status_query_seconds:.2f} s in status queries, {runner.submit_seconds:.2f} s submitting"
     )
     if failed:
         lines = [
@@ -203,6 +225,89 @@ def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeli
                 "completed": done,
             },
         )
+
+
+def _hold_storage_connections(instance: dg.DagsterInstance) -> None:
+    """Let this run worker keep its Dagster-storage connections open instead of opening new ones per event.
+
+    dagster-postgres defaults to no connection pool: every stored event opens two fresh PostgreSQL connections
+    (≈5 ms each on a busy host). A batched run writes one materialization per sub-group plus one observation
+    per attempt transition, so that would dominate its cost (issue 7). ``optimize_for_webserver`` is Dagster's
+    switch to a small pool for a long-lived process (the webserver uses it); a no-op for SQLite storage.
+    """
+    if instance in _POOLED_INSTANCES:  # once per instance: each call replaces (and leaks) the engines
+        return
+    instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=4)
+    _POOLED_INSTANCES.add(instance)
+
+
+_POOLED_INSTANCES: weakref.WeakSet[dg.DagsterInstance] = weakref.WeakSet()
+
+
+def _materialization(asset_key: dg.AssetKey, outcome: SubGroupOutcome) -> dg.AssetMaterialization | None:
+    """A completed sub-group as its own materialization (data version = input fingerprint)."""
+    if outcome.kind is not OutcomeKind.COMPLETED:
+        return None
+    metadata = {k: v for k, v in outcome.metadata.items() if v is not None}
+    metadata["products_dir"] = dg.MetadataValue.path(metadata.get("products_dir", ""))
+    return dg.AssetMaterialization(
+        asset_key=asset_key,
+        partition=outcome.sub_group_key,
+        metadata=metadata,
+        tags={DATA_VERSION_TAG: outcome.fingerprint or ""},
+    )
+
+
+class _AssetEventBatch:
+    """The asset events of one runner round, written to the event log as one batch per kind.
+
+    One event per sub-group and per transition, written one by one, would cost two event-log round trips each
+    (issue 7). Dagster writes a batch in one INSERT when ``DAGSTER_EVENT_BATCH_SIZE`` > 0 (set below, unless the
+    deployment sets it) and one by one otherwise; either way each event is logged for its own partition.
+    """
+
+    def __init__(self, context: dg.AssetExecutionContext) -> None:
+        self.context = context
+        self.pending: list[dg.AssetObservation | dg.AssetMaterialization] = []
+
+    def add(self, event: dg.AssetObservation | dg.AssetMaterialization | None) -> None:
+        if event is not None:
+            self.pending.append(event)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        step_context = self.context.get_step_execution_context()
+        # Transitions first: a sub-group's COMPLETED observation precedes its materialization.
+        for kind, to_event in (
+            (dg.AssetObservation, DagsterEvent.asset_observation),
+            (dg.AssetMaterialization, DagsterEvent.asset_materialization),
+        ):
+            batch = [e for e in pending if isinstance(e, kind)]
+            batch_id = generate_event_batch_id()
+            for index, event in enumerate(batch):
+                to_event(step_context, event, DagsterEventBatchMetadata(batch_id, index == len(batch) - 1))
+
+
+def _transition_observation(asset_key: dg.AssetKey, change: ObservedTransition) -> dg.AssetObservation:
+    """One RunStatus transition of an attempt as a structured event on the sub-group's partition."""
+    metadata = {
+        "attempt_id": change.attempt_id,
+        "attempt": change.attempt,
+        "status_from": change.from_status.value,
+        "status_to": change.to_status.value,
+        "at": change.at.isoformat(),
+        "hpc_job_id": change.hpc_job_id or "",
+        "message": (change.message or "")[:2000],
+    }
+    return dg.AssetObservation(
+        asset_key=asset_key,
+        partition=change.sub_group_key,
+        description=f"attempt {change.attempt_id}: {change.from_status.value} → {change.to_status.value}",
+        metadata=metadata,
+        tags={TRANSITION_TAG: change.to_status.value},
+    )
 
 
 def _requested_keys(context: dg.AssetExecutionContext, config: StepRunConfig) -> list[str]:

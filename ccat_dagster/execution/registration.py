@@ -240,7 +240,8 @@ def register_attempt_results(
     Writes one DataProduct per ``discovered`` entry (same order; ``product_type`` one of DataProductType's
     values, ``sha256`` 64 hex digits, ``host_path`` absolute), one ``PhysicalCopy(status=present)`` per
     product at ``processing_location_id`` with the absolute host path, the input lineage and its closure
-    (idempotent, see ``record_input_lineage``), the lineage aggregates (``record_lineage_aggregates``),
+    (idempotent, see ``record_input_lineage``; empty input lists mean "recorded when the attempt was created"
+    and skip it), the lineage aggregates (``record_lineage_aggregates``),
     supersession of older products (module docstring) and the transition.
     ``metrics`` may set the attempt's ``exit_code``, ``wall_time_seconds``, ``cpu_hours``,
     ``peak_memory_gb`` (None values are ignored).
@@ -261,7 +262,8 @@ def register_attempt_results(
             "check CCAT_WORKFLOW_MANAGER_PROCESSING_LOCATION_ID"
         )
     _apply_metrics(attempt, metrics)
-    record_input_lineage(session, attempt=attempt, package_ids=input_package_ids, product_ids=input_product_ids)
+    if input_package_ids or input_product_ids:
+        record_input_lineage(session, attempt=attempt, package_ids=input_package_ids, product_ids=input_product_ids)
     record_lineage_aggregates(session, attempt_id=attempt_id)
 
     products: list[DataProduct] = []

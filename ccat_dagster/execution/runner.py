@@ -6,6 +6,19 @@ collection (products + lineage + COMPLETED in one transaction). Each sub-group h
 own outcome: one failing sub-group fails only itself; a failed attempt is retried as a new attempt while
 ``max_retries`` allows, with more memory/time after an out-of-memory or timeout failure.
 
+Cost per sub-group is kept small (issue 7): ops-db work is done for a whole submission round or poll in one
+transaction (attempt rows, SUBMITTED / RUNNING / COLLECTING_RESULTS), except collection, which is one
+transaction per sub-group so that one refused collection never rolls back another. The poll interval starts
+at ``min_poll_interval_seconds`` and backs off to ``poll_interval_seconds`` while nothing finishes. Per-
+sub-group happy-path messages go to the Python logger; the reporter (the Dagster run log) gets batch lines,
+throttled progress and every failure. ``on_outcome`` hears each sub-group's final outcome as soon as it is
+known (the asset turns it into a materialization at once, so progress is visible during a long batch), and
+``on_round_end`` is called after every submission / poll round (the asset writes that round's events then,
+as one batch).
+
+``max_in_flight`` bounds the jobs of this backend in flight from the whole processing location, counted in
+ops-db (SUBMITTED / RUNNING attempts), not only this run's.
+
 Job ids are committed to ops-db before waiting, so a run that dies can be re-executed and will reattach to
 its jobs instead of submitting them again.
 """
@@ -13,15 +26,18 @@ its jobs instead of submitting them again.
 from __future__ import annotations
 
 import enum
+import logging
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from ccat_dagster.errors import CcatError
 from ccat_dagster.execution import contract
@@ -39,6 +55,9 @@ from ccat_dagster.opsdb.models import utcnow
 from ccat_dagster.opsdb.states import transition
 
 Reporter = Callable[[str], None]
+log = logging.getLogger(__name__)
+# A batch waiting on queued or running jobs says so at least this often, even when nothing changed.
+WAIT_REPORT_SECONDS = 300.0
 
 
 class RunnerError(CcatError):
@@ -76,6 +95,7 @@ class _Active:
     job_id: str | None = None
     last_state: JobState | None = None
     staged: dict[int, StagedPackage] = field(default_factory=dict)
+    retry: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,9 +104,15 @@ class RunnerConfig:
     processing_location_id: int
     sif_cache_dir: Path
     max_in_flight: int = 4
+    """Jobs of this backend in flight from the processing location (all runs), counted in ops-db."""
     poll_interval_seconds: float = 2.0
+    """The longest pause between two status polls (the back-off ceiling)."""
+    min_poll_interval_seconds: float = 0.2
+    """The first pause after a submission or a finished job; grows ×1.5 per poll that sees nothing end."""
     staging_timeout_seconds: float = 3600.0
     pre_walltime_signal_seconds: int = 120
+    progress_report_seconds: float = 10.0
+    """At most one "N of M sub-groups done" line per this many seconds in the run log."""
 
 
 class StepRunner:
@@ -102,6 +128,8 @@ class StepRunner:
         config: RunnerConfig,
         report: Reporter = lambda _message: None,
         is_run_alive: Callable[[str], bool] = lambda _run_id: False,
+        on_outcome: Callable[[SubGroupOutcome], None] = lambda _outcome: None,
+        on_round_end: Callable[[], None] = lambda: None,
     ) -> None:
         self.engine = engine
         self.backend = backend
@@ -110,7 +138,18 @@ class StepRunner:
         self.config = config
         self.report = report
         self.is_run_alive = is_run_alive
+        self.on_outcome = on_outcome
+        self.on_round_end = on_round_end
+        # Where a batch's time went besides ccat-dagster's own work (benchmarks/bench_scale.py reads them).
+        self.waited_seconds = 0.0
+        self.status_query_seconds = 0.0
+        self.submit_seconds = 0.0
         self._cancel = threading.Event()
+        self._run_id = ""
+        self._last_wait: tuple[str, float] = ("", 0.0)
+        self._last_staging_report = float("-inf")
+        self._last_submit_report = float("-inf")
+        self._submitted = 0
 
     def cancel(self) -> None:
         """Ask the batch to stop: jobs in flight are cancelled and their attempts end CANCELLED."""
@@ -126,7 +165,14 @@ class StepRunner:
         sub_group_keys: Sequence[str],
         dagster_run_id: str,
         force: bool = False,
+        retry_failed: bool = False,
     ) -> list[SubGroupOutcome]:
+        """Run the sub-groups of ``sub_group_keys`` that need it; one outcome per key, in order.
+
+        ``force`` also redoes up-to-date sub-groups (a manual run). ``retry_failed`` (a re-execution or retry of
+        an earlier run) also redoes sub-groups whose attempts with the current inputs all failed, past
+        ``max_retries``; up-to-date ones are still skipped, so only the failed ones run again.
+        """
         keys = list(dict.fromkeys(sub_group_keys))
         outcomes: dict[str, SubGroupOutcome] = {}
         with session_scope(self.engine) as session:
@@ -141,7 +187,7 @@ class StepRunner:
         queue: list[tuple[SubGroupPlan, int]] = []
         adopted: list[_Active] = []
         for plan in plans:
-            if plan.readiness is Readiness.GAP:
+            if plan.readiness is Readiness.GAP or (retry_failed and plan.readiness is Readiness.EXHAUSTED):
                 queue.append((plan, 0))
             elif plan.readiness is Readiness.IN_FLIGHT:
                 active = self._adopt(plan, step_snapshot, dagster_run_id)
@@ -182,41 +228,56 @@ class StepRunner:
     ) -> dict[str, SubGroupOutcome]:
         outcomes: dict[str, SubGroupOutcome] = {}
         active: list[_Active] = list(adopted)
-        retries: dict[str, int] = {}
-        done = 0
+        progress = _Progress(total, self.report, every_seconds=self.config.progress_report_seconds)
+        self._run_id = run_id
+        wait = self.config.min_poll_interval_seconds
+
+        def settle(outcome: SubGroupOutcome) -> None:
+            outcomes[outcome.sub_group_key] = outcome
+            progress.done(outcome)
+            self.on_outcome(outcome)
+
         try:
             while queue or active:
                 if self._cancel.is_set():
                     raise _Cancelled()
-                free = self.config.max_in_flight - sum(1 for a in active if a.job_id)
-                if free > 0 and queue:
+                free = self._free_slots(active) if queue else 0
+                if free > 0:
                     batch, queue = queue[:free], queue[free:]
-                    started, failed = self._start(batch, step, run_id, retries)
+                    started, failed = self._start(batch, step, run_id)
                     active.extend(started)
                     for outcome in failed:
-                        outcomes[outcome.sub_group_key] = outcome
-                        done += 1
-                        self.report(f"{done} of {total} sub-groups done ({outcome.sub_group_key}: failed)")
-                if not active:
-                    continue
-                infos = self._poll([a.job_id for a in active if a.job_id])
-                still: list[_Active] = []
-                for item in active:
-                    info = infos.get(item.job_id) if item.job_id else None
-                    if info is None or not info.is_terminal:
-                        self._note_running(item, info)
-                        still.append(item)
-                        continue
-                    outcome, retry = self._finish(item, info, step)
-                    if retry is not None:
-                        queue.append((item.plan, retry))
-                        continue
-                    outcomes[item.plan.sub_group_key] = outcome
-                    done += 1
-                    self.report(f"{done} of {total} sub-groups done ({item.plan.sub_group_key}: {outcome.kind.value})")
-                active = still
-                if active and not (queue and self.config.max_in_flight > sum(1 for a in active if a.job_id)):
-                    self._cancel.wait(self.config.poll_interval_seconds)
+                        settle(outcome)
+                    wait = self.config.min_poll_interval_seconds
+                if active:
+                    infos = self._poll([a.job_id for a in active if a.job_id])
+                    self._report_waiting(active, infos)
+                    self._note_running(
+                        [a for a in active if a.job_id in infos and not infos[a.job_id].is_terminal], infos
+                    )
+                    finished = [
+                        (a, infos[a.job_id]) for a in active if a.job_id in infos and infos[a.job_id].is_terminal
+                    ]
+                    if finished:
+                        ended = {id(a) for a, _ in finished}
+                        active = [a for a in active if id(a) not in ended]
+                        for item, outcome, retry in self._finish_many(finished, step):
+                            if retry is not None:
+                                queue.append((item.plan, retry))
+                            else:
+                                settle(outcome)
+                        wait = self.config.min_poll_interval_seconds
+                        if queue:
+                            self.on_round_end()
+                            continue  # slots were freed: refill them before waiting
+                    else:
+                        wait = min(wait * 1.5, self.config.poll_interval_seconds)
+                self.on_round_end()
+                if active or queue:
+                    # Nothing ended, or this location's slots are held by other runs: wait, then look again.
+                    began = time.monotonic()
+                    self._cancel.wait(wait)
+                    self.waited_seconds += time.monotonic() - began
         except BaseException as error:  # Dagster's run termination arrives as a BaseException
             cancelled = not isinstance(error, Exception) or isinstance(error, _Cancelled) or self._cancel.is_set()
             reason = "the Dagster run was terminated" if cancelled else f"the batch failed: {error!r}"
@@ -236,30 +297,43 @@ class StepRunner:
                     fingerprint=plan.fingerprint,
                     detail=reason,
                 )
+            self.on_round_end()
             if not isinstance(error, _Cancelled):
                 raise
+        progress.finish()
+        self.on_round_end()
         return outcomes
+
+    def _free_slots(self, active: list[_Active]) -> int:
+        """Jobs this run may submit now: ``max_in_flight`` minus the backend's jobs in flight at this location.
+
+        Other runs' jobs are counted in ops-db (one COUNT per submission round); two runs that count at the same
+        moment may overshoot the limit by one round of theirs, never more.
+        """
+        own = sum(1 for a in active if a.job_id)
+        with session_scope(self.engine) as session:
+            elsewhere = session.scalar(
+                select(func.count(m.ExecutedReductionStep.id))
+                .join(m.ReductionStep, m.ReductionStep.id == m.ExecutedReductionStep.reduction_step_id)
+                .join(m.Pipeline, m.Pipeline.id == m.ReductionStep.pipeline_id)
+                .where(m.Pipeline.processing_location_id == self.config.processing_location_id)
+                .where(m.ExecutedReductionStep.hpc_backend == self.backend.name)
+                .where(m.ExecutedReductionStep.status.in_([RunStatus.SUBMITTED, RunStatus.RUNNING]))
+                .where(m.ExecutedReductionStep.hpc_job_id.is_not(None))
+                .where(
+                    (m.ExecutedReductionStep.dagster_run_id != self._run_id)
+                    | m.ExecutedReductionStep.dagster_run_id.is_(None)
+                )
+            )
+        return self.config.max_in_flight - own - int(elsewhere or 0)
 
     # ------------------------------------------------------------------ phases
 
     def _start(
-        self, batch: list[tuple[SubGroupPlan, int]], step: _StepSnapshot, run_id: str, retries: dict[str, int]
+        self, batch: list[tuple[SubGroupPlan, int]], step: _StepSnapshot, run_id: str
     ) -> tuple[list[_Active], list[SubGroupOutcome]]:
         """Create attempts, stage inputs, write manifests, submit all jobs of the batch together."""
-        created: list[_Active] = []
-        failed: list[SubGroupOutcome] = []
-        for plan, retry in batch:
-            try:
-                created.append(self._create_attempt(plan, step, run_id, retry))
-            except IntegrityError:
-                failed.append(
-                    SubGroupOutcome(
-                        plan.sub_group_key,
-                        OutcomeKind.SKIPPED,
-                        fingerprint=plan.fingerprint,
-                        detail="another run started this sub-group at the same moment",
-                    )
-                )
+        created, failed = self._create_attempts(batch, step, run_id)
         if not created:
             return [], failed
         package_ids = sorted({p for a in created for p in a.plan.package_ids})
@@ -271,7 +345,7 @@ class StepRunner:
                     package_ids=package_ids,
                     processing_location_id=self.config.processing_location_id,
                     timeout_seconds=self.config.staging_timeout_seconds,
-                    progress=self.report,
+                    progress=self._staging_progress,
                 )
                 if package_ids
                 else {}
@@ -288,33 +362,85 @@ class StepRunner:
             except CcatError as error:
                 failed.append(self._fail(item, str(error)))
         if ready:
+            began = time.monotonic()
             job_ids = self.backend.submit_many([a.spec for a in ready if a.spec is not None])
+            self.submit_seconds += time.monotonic() - began
             with session_scope(self.engine) as session:
+                attempts = _attempts_by_id(session, [a.attempt_id for a in ready])
                 for item, job_id in zip(ready, job_ids, strict=True):
                     item.job_id = job_id
-                    attempt = session.get(m.ExecutedReductionStep, item.attempt_id)
+                    attempt = attempts[item.attempt_id]
                     attempt.hpc_job_id = job_id
                     attempt.hpc_backend = self.backend.name
                     transition(session, attempt, RunStatus.SUBMITTED, message=f"{self.backend.name} job {job_id}")
-            self.report(
-                f"submitted {len(ready)} job(s) to {self.backend.name}: {', '.join(job_ids[:10])}"
-                + (" …" if len(job_ids) > 10 else "")
+            self._submitted += len(ready)
+            message = (
+                f"submitted {len(ready)} job(s) to {self.backend.name} (attempts {ready[0].attempt_id}"
+                + (f"–{ready[-1].attempt_id}" if len(ready) > 1 else "")
+                + f"): {', '.join(job_ids[:5])}"
+                + (" …" if len(job_ids) > 5 else "")
             )
+            log.info(message)
+            # The run log gets a line per round only every progress_report_seconds: a round is a few jobs when
+            # a job ends every moment, and each line is an event-log write.
+            now = time.monotonic()
+            if now - self._last_submit_report >= self.config.progress_report_seconds:
+                self._last_submit_report = now
+                self.report(f"{message}; {self._submitted} submitted by this run so far")
         return ready, failed
 
-    def _create_attempt(self, plan: SubGroupPlan, step: _StepSnapshot, run_id: str, retry: int) -> _Active:
-        with session_scope(self.engine) as session:
-            previous = session.scalar(
-                select(m.ExecutedReductionStep.attempt)
-                .where(m.ExecutedReductionStep.reduction_step_id == plan.step_id)
-                .where(m.ExecutedReductionStep.sub_group_key == plan.sub_group_key)
-                .order_by(m.ExecutedReductionStep.attempt.desc())
-                .limit(1)
-            )
-            attempt = m.ExecutedReductionStep(
+    def _create_attempts(
+        self, batch: list[tuple[SubGroupPlan, int]], step: _StepSnapshot, run_id: str
+    ) -> tuple[list[_Active], list[SubGroupOutcome]]:
+        """The attempt rows of a submission round, in one transaction.
+
+        When another run started one of these sub-groups at the same moment (the one-non-terminal-attempt
+        constraint), the round is retried one sub-group per transaction to find which; only that one is skipped.
+        """
+        try:
+            with session_scope(self.engine) as session:
+                return self._insert_attempts(session, batch, step, run_id), []
+        except IntegrityError:
+            created: list[_Active] = []
+            failed: list[SubGroupOutcome] = []
+            for plan, retry in batch:
+                try:
+                    with session_scope(self.engine) as session:
+                        created.extend(self._insert_attempts(session, [(plan, retry)], step, run_id))
+                except IntegrityError:
+                    failed.append(
+                        SubGroupOutcome(
+                            plan.sub_group_key,
+                            OutcomeKind.SKIPPED,
+                            fingerprint=plan.fingerprint,
+                            detail="another run started this sub-group at the same moment",
+                        )
+                    )
+            return created, failed
+
+    def _insert_attempts(
+        self, session: Session, batch: list[tuple[SubGroupPlan, int]], step: _StepSnapshot, run_id: str
+    ) -> list[_Active]:
+        step_ids = {plan.step_id for plan, _ in batch}
+        keys = [plan.sub_group_key for plan, _ in batch]
+        previous = {
+            (step_id, key): number
+            for step_id, key, number in session.execute(
+                select(
+                    m.ExecutedReductionStep.reduction_step_id,
+                    m.ExecutedReductionStep.sub_group_key,
+                    func.max(m.ExecutedReductionStep.attempt),
+                )
+                .where(m.ExecutedReductionStep.reduction_step_id.in_(step_ids))
+                .where(m.ExecutedReductionStep.sub_group_key.in_(keys))
+                .group_by(m.ExecutedReductionStep.reduction_step_id, m.ExecutedReductionStep.sub_group_key)
+            ).tuples()
+        }
+        attempts = [
+            m.ExecutedReductionStep(
                 reduction_step_id=plan.step_id,
                 sub_group_key=plan.sub_group_key,
-                attempt=(previous or 0) + 1,
+                attempt=(previous.get((plan.step_id, plan.sub_group_key)) or 0) + 1,
                 retry_count=retry,
                 status=RunStatus.PENDING,
                 input_fingerprint=plan.fingerprint,
@@ -322,15 +448,26 @@ class StepRunner:
                 reduction_step_config_id=plan.config_id,
                 dagster_run_id=run_id,
                 hpc_backend=self.backend.name,
+                # Empty collections on the new rows: appending below then needs no lazy load per attempt.
+                input_packages=[],
+                input_products=[],
+                transitions=[],
             )
-            session.add(attempt)
-            session.flush()
+            for plan, retry in batch
+        ]
+        session.add_all(attempts)
+        session.flush()
+        for (plan, _retry), attempt in zip(batch, attempts, strict=True):
             record_input_lineage(
                 session,
                 attempt=attempt,
                 package_ids=list(plan.package_ids),
                 product_ids=[p.product_id for p in plan.upstream_products],
             )
+        # Only now the transitions and directories: nothing below queries, so they reach ops-db in a few
+        # batched statements at commit instead of one by one between the lineage queries above.
+        created: list[_Active] = []
+        for (plan, retry), attempt in zip(batch, attempts, strict=True):
             transition(
                 session,
                 attempt,
@@ -346,18 +483,24 @@ class StepRunner:
                 is_final=step.is_final,
             )
             attempt.attempt_dir = str(layout.attempt_dir)
-            resources = _scaled_resources(step.resources, retry, session, plan)
-            self.report(
-                f"attempt {attempt.id} ({step.step_name}[{plan.sub_group_key}] #{attempt.attempt}): "
-                f"pending → staging_data"
+            log.debug(
+                "attempt %s (%s[%s] #%s): pending → staging_data",
+                attempt.id,
+                step.step_name,
+                plan.sub_group_key,
+                attempt.attempt,
             )
-            return _Active(
-                plan=plan,
-                attempt_id=attempt.id,
-                attempt_number=attempt.attempt,
-                layout=layout,
-                resources=resources,
+            created.append(
+                _Active(
+                    plan=plan,
+                    attempt_id=attempt.id,
+                    attempt_number=attempt.attempt,
+                    layout=layout,
+                    resources=_scaled_resources(step.resources, retry, session, plan),
+                    retry=retry,
+                )
             )
+        return created
 
     def _prepare(self, item: _Active, step: _StepSnapshot, run_id: str) -> JobSpec:
         """Layout, manifest, mounts and the container command of one attempt."""
@@ -483,6 +626,13 @@ class StepRunner:
         """One status query for all jobs; a job the scheduler no longer knows is reported failed, not fatal."""
         if not job_ids:
             return {}
+        began = time.monotonic()
+        try:
+            return self._status(job_ids)
+        finally:
+            self.status_query_seconds += time.monotonic() - began
+
+    def _status(self, job_ids: list[str]) -> dict[str, JobInfo]:
         try:
             return self.backend.status_many(job_ids)
         except UnknownJobError as error:
@@ -493,29 +643,101 @@ class StepRunner:
                 infos[job_id] = JobInfo(job_id=job_id, state=JobState.FAILED, reason="job unknown to the scheduler")
             return infos
 
-    def _note_running(self, item: _Active, info: JobInfo | None) -> None:
-        if info is None or info.state is not JobState.RUNNING or item.last_state is JobState.RUNNING:
+    def _report_waiting(self, active: list[_Active], infos: dict[str, JobInfo]) -> None:
+        """Say what the batch waits for: when the job states change, and at least every WAIT_REPORT_SECONDS."""
+        if not active:
             return
-        item.last_state = JobState.RUNNING
-        with session_scope(self.engine) as session:
-            attempt = session.get(m.ExecutedReductionStep, item.attempt_id)
-            if attempt.status is RunStatus.SUBMITTED:
-                transition(session, attempt, RunStatus.RUNNING, message=f"job {item.job_id} started")
-        self.report(f"attempt {item.attempt_id} [{item.plan.sub_group_key}]: submitted → running (job {item.job_id})")
+        counts: Counter[str] = Counter()
+        for item in active:
+            info = infos.get(item.job_id) if item.job_id else None
+            if info is not None and info.is_terminal:
+                continue  # finished in this poll: being collected, not waited for
+            label = info.state.value.upper() if info else "UNKNOWN"
+            if info is not None and info.state is JobState.PENDING and info.reason:
+                label += f" ({info.reason})"
+            counts[label] += 1
+        summary = ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
+        now = time.monotonic()
+        # A change is reported, but at most every progress_report_seconds (a batch of hundreds of jobs changes
+        # state on nearly every poll, and each line is an event-log write); no change, every WAIT_REPORT_SECONDS.
+        changed = summary != self._last_wait[0]
+        if now - self._last_wait[1] < (self.config.progress_report_seconds if changed else WAIT_REPORT_SECONDS):
+            return
+        self._last_wait = (summary, now)
+        if summary:
+            self.report(f"waiting for {sum(counts.values())} {self.backend.name} job(s): {summary}")
 
-    def _finish(self, item: _Active, info: JobInfo, step: _StepSnapshot) -> tuple[SubGroupOutcome, int | None]:
-        """A job ended: collect its products, or fail the attempt (and maybe queue a retry)."""
+    def _staging_progress(self, message: str) -> None:
+        """Every staging message to the Python log; to the run log at most every ``progress_report_seconds``,
+        so a long staging wait says what it waits for without one line per package."""
+        log.info(message)
+        now = time.monotonic()
+        if now - self._last_staging_report >= self.config.progress_report_seconds:
+            self._last_staging_report = now
+            self.report(message)
+
+    def _note_running(self, items: list[_Active], infos: dict[str, JobInfo]) -> None:
+        """Record RUNNING for the jobs that started since the last poll, all in one transaction."""
+        started = [
+            a
+            for a in items
+            if a.job_id and infos[a.job_id].state is JobState.RUNNING and a.last_state is not JobState.RUNNING
+        ]
+        if not started:
+            return
+        with session_scope(self.engine) as session:
+            attempts = _attempts_by_id(session, [a.attempt_id for a in started])
+            for item in started:
+                item.last_state = JobState.RUNNING
+                attempt = attempts[item.attempt_id]
+                if attempt.status is RunStatus.SUBMITTED:
+                    transition(session, attempt, RunStatus.RUNNING, message=f"job {item.job_id} started")
+                log.debug(
+                    "attempt %s [%s]: submitted → running (job %s)",
+                    item.attempt_id,
+                    item.plan.sub_group_key,
+                    item.job_id,
+                )
+
+    def _finish_many(
+        self, finished: list[tuple[_Active, JobInfo]], step: _StepSnapshot
+    ) -> list[tuple[_Active, SubGroupOutcome, int | None]]:
+        """Jobs that ended in one poll: collect the successful ones, fail (and maybe retry) the others.
+
+        The successful ones enter COLLECTING_RESULTS together; each is then registered in its own transaction.
+        """
+        results: list[tuple[_Active, SubGroupOutcome, int | None]] = []
+        succeeded = [(a, i) for a, i in finished if i.state is JobState.COMPLETED and i.exit_code in (0, None)]
+        if succeeded:
+            with session_scope(self.engine) as session:
+                attempts = _attempts_by_id(session, [a.attempt_id for a, _ in succeeded])
+                for item, info in succeeded:
+                    attempt = attempts[item.attempt_id]
+                    _apply_metrics(attempt, info)
+                    if attempt.status is RunStatus.SUBMITTED:
+                        transition(session, attempt, RunStatus.RUNNING, message="job finished between two polls")
+                    transition(session, attempt, RunStatus.COLLECTING_RESULTS, message=f"exit code {info.exit_code}")
+            for item, info in succeeded:
+                try:
+                    outcome = self._collect(item, info, step)
+                except CcatError as error:
+                    outcome = self._fail(item, f"output collection refused: {error}", info=info)
+                results.append((item, outcome, None))
+        for item, info in finished:
+            if info.state is JobState.COMPLETED and info.exit_code in (0, None):
+                continue
+            outcome, retry = self._finish_failed(item, info, step)
+            results.append((item, outcome, retry))
+        return results
+
+    def _finish_failed(self, item: _Active, info: JobInfo, step: _StepSnapshot) -> tuple[SubGroupOutcome, int | None]:
+        """A job that did not succeed: fail the attempt and say whether to queue a retry."""
         metrics = {
             "exit_code": info.exit_code,
             "wall_time_seconds": info.wall_time_seconds,
             "cpu_hours": info.cpu_hours,
             "peak_memory_gb": info.peak_memory_gb,
         }
-        if info.state is JobState.COMPLETED and info.exit_code in (0, None):
-            try:
-                return self._collect(item, info, step), None
-            except CcatError as error:
-                return self._fail(item, f"output collection refused: {error}", info=info), None
         if info.state is JobState.CANCELLED:
             outcome = self._fail(
                 item,
@@ -526,27 +748,17 @@ class StepRunner:
             return outcome, None
         error = _failure_message(info, self.backend.logs(item.job_id, tail_lines=30) if item.job_id else "")
         outcome = self._fail(item, error, info=info)
-        retry_index = self._retry_index(item)
-        if retry_index < step.max_retries and not self._cancel.is_set():
+        if item.retry < step.max_retries and not self._cancel.is_set():
             self.report(
-                f"attempt {item.attempt_id} failed ({error.splitlines()[0]}); retry "
-                f"{retry_index + 1} of {step.max_retries}"
+                f"attempt {item.attempt_id} failed ({error.splitlines()[0]}); "
+                f"retry {item.retry + 1} of {step.max_retries}"
             )
-            return outcome, retry_index + 1
+            return outcome, item.retry + 1
         outcome.metadata.update({k: v for k, v in metrics.items() if v is not None})
         return outcome, None
 
-    def _retry_index(self, item: _Active) -> int:
-        with session_scope(self.engine) as session:
-            return session.get(m.ExecutedReductionStep, item.attempt_id).retry_count
-
     def _collect(self, item: _Active, info: JobInfo, step: _StepSnapshot) -> SubGroupOutcome:
-        with session_scope(self.engine) as session:
-            attempt = session.get(m.ExecutedReductionStep, item.attempt_id)
-            _apply_metrics(attempt, info)
-            if attempt.status is RunStatus.SUBMITTED:
-                transition(session, attempt, RunStatus.RUNNING, message="job finished between two polls")
-            transition(session, attempt, RunStatus.COLLECTING_RESULTS, message=f"exit code {info.exit_code}")
+        """Register the attempt's products, lineage and COMPLETED in one transaction (all or nothing)."""
         discovered = discover_products(layout=item.layout)
         with session_scope(self.engine) as session:
             attempt = session.get(m.ExecutedReductionStep, item.attempt_id)
@@ -555,11 +767,12 @@ class StepRunner:
                 attempt=attempt,
                 discovered=discovered,
                 processing_location_id=self.config.processing_location_id,
-                input_package_ids=list(item.plan.package_ids),
-                input_product_ids=[p.product_id for p in item.plan.upstream_products],
+                # The input lineage and its closure were recorded when the attempt was created (_create_attempts).
+                input_package_ids=[],
+                input_product_ids=[],
             )
             product_count, product_bytes = len(products), sum(p.size_bytes for p in products)
-        self.report(f"attempt {item.attempt_id} [{item.plan.sub_group_key}]: completed, {product_count} product(s)")
+        log.debug("attempt %s [%s]: completed, %s product(s)", item.attempt_id, item.plan.sub_group_key, product_count)
         return SubGroupOutcome(
             item.plan.sub_group_key,
             OutcomeKind.COMPLETED,
@@ -653,6 +866,7 @@ class StepRunner:
                 resources=_resources(step.resources),
                 job_id=attempt.hpc_job_id,
                 last_state=JobState.RUNNING if attempt.status is RunStatus.RUNNING else None,
+                retry=attempt.retry_count,
             )
 
 
@@ -739,13 +953,57 @@ def _failure_message(info: JobInfo, log_tail: str) -> str:
     reason = (info.reason or "").upper()
     if info.exit_code == 137 or "OUT_OF_MEMORY" in reason or "OOM" in reason:
         head = f"job killed (exit code {info.exit_code}): out of memory or killed by signal 9"
-    elif "TIMEOUT" in reason:
+    elif "TIMEOUT" in reason or "PRE-WALLTIME" in reason:
+        # A payload killed by the pre-walltime warning (bubblewrap does not pass it on) hit its limit too.
         head = f"job exceeded its time limit (exit code {info.exit_code})"
     else:
-        head = f"job failed with exit code {info.exit_code}" + (f" ({info.reason})" if info.reason else "")
+        shown = info.reason if info.reason and info.reason != f"exit code {info.exit_code}" else None
+        head = f"job failed with exit code {info.exit_code}" + (f" ({shown})" if shown else "")
     return head + (f"\n--- last log lines ---\n{log_tail.rstrip()}" if log_tail.strip() else "")
 
 
 def _job_name(step: _StepSnapshot, key: str, attempt_id: int) -> str:
     digest = contract.short_hash(key)
     return f"ccat-{step.pipeline_name}-{step.step_name}-{attempt_id}-{digest}"[:120]
+
+
+def _attempts_by_id(session: Session, attempt_ids: list[int]) -> dict[int, m.ExecutedReductionStep]:
+    """The attempts of a round in one query (not one ``session.get`` each).
+
+    Their transitions are loaded with them (one more query): ``transition`` appends to that collection, and a
+    lazy load per attempt would also flush the previous attempt's changes one statement at a time.
+    """
+    rows = session.scalars(
+        select(m.ExecutedReductionStep)
+        .where(m.ExecutedReductionStep.id.in_(attempt_ids))
+        .options(selectinload(m.ExecutedReductionStep.transitions))
+    )
+    return {row.id: row for row in rows}
+
+
+class _Progress:
+    """Counts finished sub-groups; reports failures at once and "N of M done" at most every few seconds."""
+
+    def __init__(self, total: int, report: Reporter, *, every_seconds: float) -> None:
+        self.total = total
+        self.report = report
+        self.every_seconds = every_seconds
+        self.counts: dict[OutcomeKind, int] = {}
+        self._last = time.monotonic()
+
+    def done(self, outcome: SubGroupOutcome) -> None:
+        self.counts[outcome.kind] = self.counts.get(outcome.kind, 0) + 1
+        if outcome.kind is OutcomeKind.SKIPPED:  # failures were reported where they happened
+            self.report(f"{outcome.sub_group_key}: {outcome.kind.value}: {outcome.detail.partition(chr(10))[0]}")
+        now = time.monotonic()
+        if now - self._last >= self.every_seconds:
+            self._last = now
+            self.report(self._line())
+
+    def finish(self) -> None:
+        self.report(self._line())
+
+    def _line(self) -> str:
+        finished = sum(self.counts.values())
+        kinds = ", ".join(f"{count} {kind.value}" for kind, count in sorted(self.counts.items()))
+        return f"{finished} of {self.total} sub-groups done" + (f" ({kinds})" if kinds else "")

@@ -31,7 +31,7 @@ class HpcBackendResource(dg.ConfigurableResource):
 
     kind: str = "local"
     state_dir: str = ""
-    max_concurrent_jobs: int = 4
+    max_concurrent_jobs: int = 2
     slurm_partition: str = ""
 
     def get(self) -> HpcBackend:
@@ -77,7 +77,7 @@ class ExecutionSettingsResource(dg.ConfigurableResource):
     pipeline_base_dir: str
     sif_cache_dir: str
     processing_location_id: int
-    max_in_flight: int = 4
+    max_in_flight: int = 100
     poll_interval_seconds: float = 2.0
     staging_timeout_seconds: float = 3600.0
 
@@ -91,7 +91,7 @@ def resources_from_settings(settings: Settings, *, processing_location_id: int) 
         "hpc": HpcBackendResource(
             kind=settings.hpc_backend,
             state_dir=str(settings.pipeline_base_dir / ".local-jobs"),
-            max_concurrent_jobs=settings.max_concurrent_jobs,
+            max_concurrent_jobs=settings.local_max_running,
             slurm_partition=settings.slurm_partition,
         ),
         "container_runtime": ContainerRuntimeResource(kind=settings.container_runtime),

@@ -7,10 +7,12 @@ orchestrator, a CLI) can ask about, cancel or read the logs of a job it did not 
     <job_id>.launch.json  written when a slot frees up and the wrapper is started: wrapper pid
     <job_id>.json         written by the wrapper (local_wrapper.py): payload pid/pgid, exit status, usage
     <job_id>.cancel.json  written by cancel
+    active/<job_id>       empty; from submit until the wrapper records the end (or a queued job is cancelled),
+                          so scheduling reads the unfinished jobs only, not every job of a long-lived state_dir
 
-Jobs beyond `max_concurrent_jobs` stay PENDING; every `submit`/`status_many`/`cancel` call starts
-queued jobs (oldest first) while slots are free, under a file lock so two processes never start the
-same job. Nothing runs in the background except the wrappers themselves.
+Jobs beyond `max_concurrent_jobs` stay PENDING; every `submit`/`status_many`/`cancel` call, and every
+wrapper whose job has ended, starts queued jobs (oldest first) while slots are free, under a file lock so
+two processes never start the same job. Nothing runs in the background except the wrappers themselves.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from ccat_dagster.execution.hpc.base import (
     read_log_tail,
 )
 from ccat_dagster.execution.hpc.local_wrapper import (
+    ACTIVE_DIR,
     JOB_ID_PATTERN,
+    active_marker_path,
     cancel_marker_path,
     launch_record_path,
     read_json,
@@ -91,13 +95,34 @@ class LocalBackend(HpcBackend):
         self.state_dir = Path(state_dir).absolute()
         self.max_concurrent_jobs = max_concurrent_jobs
         self.kill_grace_seconds = kill_grace_seconds
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / ACTIVE_DIR).mkdir(parents=True, exist_ok=True)
         # Wrappers this process started: polled so they do not linger as zombies.
         self._children: list[subprocess.Popen[bytes]] = []
+        # Jobs seen finished (a final state): the scheduler never reads their files again, so a state_dir
+        # with thousands of finished jobs does not make every submit / poll slower.
+        self._finished: set[str] = set()
 
     # --- submission -----------------------------------------------------------------------------
 
     def submit(self, spec: JobSpec) -> str:
+        job_id = self._queue(spec)
+        self._schedule()
+        return job_id
+
+    def submit_many(self, specs: Sequence[JobSpec]) -> list[str]:
+        """Queues all jobs, then starts what the free slots allow once (not once per job)."""
+        job_ids: list[str] = []
+        try:
+            for spec in specs:
+                job_ids.append(self._queue(spec))
+        except JobSubmissionError:
+            for job_id in job_ids:  # queued, never started: cancelled, so they never start
+                self.cancel(job_id)
+            raise
+        self._schedule()
+        return job_ids
+
+    def _queue(self, spec: JobSpec) -> str:
         job_id = uuid.uuid4().hex
         record = {
             "job_id": job_id,
@@ -113,6 +138,8 @@ class LocalBackend(HpcBackend):
                 spec.pre_walltime_signal_seconds, spec.resources.time_limit_seconds // 2
             ),
             "kill_grace_seconds": self.kill_grace_seconds,
+            # The wrapper starts the next queued jobs when this one ends, within this limit.
+            "max_concurrent_jobs": self.max_concurrent_jobs,
             "resources": {
                 "cpu": spec.resources.cpu,
                 "memory_gb": spec.resources.memory_gb,
@@ -127,9 +154,10 @@ class LocalBackend(HpcBackend):
             raise InvalidJobSpecError(f"workdir={str(spec.workdir)!r} does not exist: create it before submitting")
         try:
             write_json_atomically(spec_path(self.state_dir, job_id), record)
+            # After the spec: a scheduler that sees the marker can always read what to run.
+            active_marker_path(self.state_dir, job_id).touch()
         except OSError as exc:
             raise JobSubmissionError(f"cannot queue job {spec.job_name!r} in {self.state_dir}: {exc}") from exc
-        self._schedule()
         return job_id
 
     # --- status ---------------------------------------------------------------------------------
@@ -204,6 +232,7 @@ class LocalBackend(HpcBackend):
             if files.cancel is None:
                 write_json_atomically(cancel_marker_path(self.state_dir, job_id), {"cancelled_at": time.time()})
             if files.launch is None:
+                active_marker_path(self.state_dir, job_id).unlink(missing_ok=True)  # will never start
                 return
             wrapper_pid = _wrapper_pid(files)
             if wrapper_pid is not None and self._wrapper_alive(files):
@@ -255,11 +284,13 @@ class LocalBackend(HpcBackend):
         launch_path = launch_record_path(self.state_dir, job_id)
         # Recorded before the start so that a crash right after Popen cannot make the job look queued
         # (and be started a second time by another process).
-        write_json_atomically(launch_path, {"launched_at": time.time(), "wrapper_pid": None})
+        write_json_atomically(launch_path, {"launched_at": time.time(), "wrapper_pid": None}, durable=False)
         wrapper_log = (self.state_dir / f"{job_id}.wrapper.log").open("ab")
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", _WRAPPER_MODULE, "--state-dir", str(self.state_dir), "--job-id", job_id],
+                # -S: the wrapper needs only the standard library and ccat_dagster (on PYTHONPATH), and
+                # skipping site-packages saves tens of ms per job.
+                [sys.executable, "-S", "-m", _WRAPPER_MODULE, "--state-dir", str(self.state_dir), "--job-id", job_id],
                 stdin=subprocess.DEVNULL,
                 stdout=wrapper_log,
                 stderr=subprocess.STDOUT,
@@ -286,6 +317,7 @@ class LocalBackend(HpcBackend):
         write_json_atomically(
             launch_path,
             {"launched_at": time.time(), "wrapper_pid": process.pid, "wrapper_start_ticks": _start_ticks(process.pid)},
+            durable=False,
         )
 
     @contextmanager
@@ -312,15 +344,21 @@ class LocalBackend(HpcBackend):
         )
 
     def _unfinished_jobs(self) -> Iterator[_JobFiles]:
-        for path in self.state_dir.glob("*.spec.json"):
-            job_id = path.name.removesuffix(".spec.json")
-            if not JOB_ID_PATTERN.fullmatch(job_id):
+        for path in (self.state_dir / ACTIVE_DIR).iterdir():
+            job_id = path.name
+            if job_id in self._finished or not JOB_ID_PATTERN.fullmatch(job_id):
                 continue
-            # Most jobs in a long-lived state_dir are finished: look at their small status file only.
+            # A wrapper that was killed before removing its marker: its final record says it ended.
             status = read_json(status_path(self.state_dir, job_id))
             if status is not None and status.get("state") == "finished":
+                self._finished.add(job_id)
+                path.unlink(missing_ok=True)
                 continue
-            yield self._read(job_id)
+            files = self._read(job_id)
+            if files.spec is None:  # the marker of a submission that failed half-way
+                path.unlink(missing_ok=True)
+                continue
+            yield files
 
     def _wrapper_alive(self, files: _JobFiles) -> bool:
         launch = files.launch or {}

@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 POLL_SECONDS = 0.2
+ACTIVE_DIR = "active"
+# The first exit checks come sooner, so a short job does not hold its slot for a whole POLL_SECONDS.
+FIRST_POLL_SECONDS = 0.005
 # Job ids name files in the state directory: nothing that could leave it.
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
@@ -59,14 +62,24 @@ def cancel_marker_path(state_dir: Path, job_id: str) -> Path:
     return state_dir / f"{job_id}.cancel.json"
 
 
-def write_json_atomically(path: Path, record: dict[str, Any]) -> None:
-    """Write to a temporary file in the same directory, fsync, rename over `path`."""
+def active_marker_path(state_dir: Path, job_id: str) -> Path:
+    """An empty file per job that has not finished: scheduling lists these, not every job ever run."""
+    return state_dir / ACTIVE_DIR / job_id
+
+
+def write_json_atomically(path: Path, record: dict[str, Any], *, durable: bool = True) -> None:
+    """Write to a temporary file in the same directory, fsync, rename over `path`.
+
+    `durable=False` skips the fsync, for records that mean nothing after the machine restarts (a launch
+    record names processes that a restart ended anyway): readers still see the old or the new record whole.
+    """
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(record, handle, sort_keys=True)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -99,7 +112,9 @@ class _Job:
 
     def record(self, **fields: Any) -> None:
         base = {"job_id": self.job_id, "wrapper_pid": os.getpid(), "started_at": self.started_at}
-        write_json_atomically(status_path(self.state_dir, self.job_id), base | fields)
+        # Only the final record must survive a restart; a "running" one names processes a restart ends.
+        durable = fields.get("state") != "running"
+        write_json_atomically(status_path(self.state_dir, self.job_id), base | fields, durable=durable)
 
     def on_terminate(self, signum: int, _frame: object) -> None:
         # Cancel (or shutdown) of the wrapper: pass it on to the payload's group, escalate later.
@@ -180,6 +195,7 @@ def run(*, state_dir: Path, job_id: str) -> int:
 
     time_limit = float(spec["time_limit_seconds"])
     warning_lead = float(spec["pre_walltime_signal_seconds"])
+    pause = FIRST_POLL_SECONDS
     while not _exit_observed(pid):
         elapsed = time.monotonic() - job.started_monotonic
         if warning_lead > 0 and job.warning_sent_at is None and elapsed >= time_limit - warning_lead:
@@ -194,7 +210,8 @@ def run(*, state_dir: Path, job_id: str) -> int:
             job.terminate_group()
         if job.kill_at is not None and time.monotonic() >= job.kill_at:
             _signal_group(pid, signal.SIGKILL)
-        time.sleep(POLL_SECONDS)
+        time.sleep(pause)
+        pause = min(pause * 2, POLL_SECONDS)
 
     finished_at = time.time()
     wall_time_seconds = time.monotonic() - job.started_monotonic
@@ -224,7 +241,22 @@ def run(*, state_dir: Path, job_id: str) -> int:
         warning_sent_at=job.warning_sent_at,
         reason=reason,
     )
+    active_marker_path(state_dir, job_id).unlink(missing_ok=True)
+    _start_queued_jobs(state_dir, spec)
     return 0
+
+
+def _start_queued_jobs(state_dir: Path, spec: dict[str, Any]) -> None:
+    """Hand this job's slot to the next queued job at once, instead of at the orchestrator's next poll."""
+    limit = spec.get("max_concurrent_jobs")
+    if not limit:
+        return  # queued by an older version: its submitter's next poll starts the next job
+    from ccat_dagster.execution.hpc.local import LocalBackend  # here: only a finishing wrapper needs it
+
+    try:
+        LocalBackend(state_dir, max_concurrent_jobs=int(limit))._schedule()
+    except OSError as exc:  # the job is recorded; the next poll of any process starts the queue instead
+        print(f"local_wrapper: could not start queued jobs: {exc}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
