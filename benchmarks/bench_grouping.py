@@ -81,7 +81,7 @@ NOTES = [
     "- One SQL statement per call; PostgreSQL 15 cannot aggregate `array_agg` in parallel (16 can), so the "
     "planner runs these plans serially. With the scan in parallel (`SET parallel_tuple_cost = 0.001` in a psql "
     "session) the [source, line] query took 0.47-0.54 s on the same data; the engine changes no session setting.",
-    "- No index was added (no migration 0002): the benchmark grouping keeps ~64% of the archive, so a sequential "
+    "- No index was added for grouping resolution: the benchmark grouping keeps ~64% of the archive, so a sequential "
     "scan is the right plan; `resolve_touched` is driven by the existing primary-key and foreign-key indexes.",
     "- The machine was shared with other test runs during the benchmark; min / max show the spread. The first run "
     "builds the two databases with COPY (under a minute) and later runs reuse them (`--rebuild` reloads).",
