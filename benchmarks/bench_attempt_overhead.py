@@ -33,14 +33,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_grouping import machine  # noqa: E402
+from bench_common import machine, write_section  # noqa: E402
 
 from ccat_dagster.execution.hpc.base import JobResources, JobSpec  # noqa: E402
 from ccat_dagster.execution.hpc.local_wrapper import status_path  # noqa: E402
 from ccat_dagster.execution.runner import OutcomeKind, RunnerConfig  # noqa: E402
 from tests.runner_fixtures import STEP, RunnerWorld, dispose_runner_world, make_runner_world  # noqa: E402
 
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Per-attempt overhead (issue 5)"
 TARGET_SECONDS = 0.5
 PAYLOAD_RE = re.compile(r"payload_seconds=([0-9.]+)")
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attempts", type=int, default=50)
     parser.add_argument("--long-attempts", type=int, default=5, help="attempts with a 5 s payload")
     parser.add_argument("--slurm-jobs", type=int, default=10)
-    parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS}")
+    parser.add_argument("--write-docs", action="store_true", help="write the results into docs/benchmarks.md")
     args = parser.parse_args(argv)
     started_at = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
@@ -281,20 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines) + "\n"
     print(report)
     if args.write_docs:
-        write_section(report)
+        write_section(SECTION, report)
     return 0
-
-
-def write_section(report: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md, leaving other sections alone."""
-    existing = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    start = existing.find(SECTION)
-    if start == -1:
-        updated = existing.rstrip("\n") + "\n\n" + report
-    else:
-        end = existing.find("\n## ", start + len(SECTION))
-        updated = existing[:start] + report + ("" if end == -1 else existing[end:])
-    DOCS.write_text(updated)
 
 
 if __name__ == "__main__":

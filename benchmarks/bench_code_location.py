@@ -33,10 +33,8 @@ from typing import Any
 PROCESS_STARTED = time.perf_counter()
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Code location load (issue 4)"
 EXAMPLE = REPO / "examples" / "pipelines" / "chai_ngc253_co43.yaml"
-ADMIN_URL = os.environ.get("CCAT_BENCH_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 DATABASE = "ccat_bench_code_location"
 PIPELINES = 50
 TARGET_SECONDS = 5.0
@@ -64,7 +62,7 @@ def pipeline_specs() -> list[dict[str, Any]]:
 
 
 def build_ops_db(data_dir: Path) -> str:
-    from sqlalchemy import create_engine, text
+    from bench_common import recreate_database
     from sqlalchemy.orm import Session
 
     from ccat_dagster.demo.seed import seed_demo
@@ -73,12 +71,7 @@ def build_ops_db(data_dir: Path) -> str:
     from ccat_dagster.pipelines.apply import apply_pipeline_spec
     from ccat_dagster.pipelines.spec import parse_pipeline_spec
 
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{DATABASE}" WITH (FORCE)'))
-        connection.execute(text(f'CREATE DATABASE "{DATABASE}"'))
-    admin.dispose()
-    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{DATABASE}"
+    url = recreate_database(DATABASE)
     upgrade(url)
     engine = make_engine(url)
     with Session(engine) as session, session.begin():
@@ -135,14 +128,14 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, subprocess.Co
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS}")
+    parser.add_argument("--write-docs", action="store_true", help="write the results into docs/benchmarks.md")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child_phases()
         return 0
 
-    from bench_grouping import machine
+    from bench_common import machine, write_section
 
     started_at = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
@@ -232,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines) + "\n"
     print(report)
     if args.write_docs:
-        write_section(report)
+        write_section(SECTION, report)
     return 0
 
 
@@ -258,18 +251,6 @@ NOTES = [
     "- All 50 pipelines are CONTINUOUS; a CRON pipeline loads the same assets and jobs and one `<pipeline>__cron` "
     "sensor instead of `<pipeline>__new_data`, so it costs the same.",
 ]
-
-
-def write_section(report: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md, leaving other sections alone."""
-    existing = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    start = existing.find(SECTION)
-    if start == -1:
-        updated = existing.rstrip("\n") + "\n\n" + report
-    else:
-        end = existing.find("\n## ", start + len(SECTION))
-        updated = existing[:start] + report + ("" if end == -1 else existing[end:])
-    DOCS.write_text(updated)
 
 
 if __name__ == "__main__":

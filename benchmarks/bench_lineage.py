@@ -37,18 +37,16 @@ import hashlib
 import io
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, text
+from bench_common import database_exists, db_url, machine, recreate_database, write_section
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from ccat_dagster.execution.registration import (
@@ -68,10 +66,7 @@ from ccat_dagster.opsdb.lineage import (
 )
 from ccat_dagster.opsdb.migrate import upgrade
 
-ADMIN_URL = os.environ.get("CCAT_BENCH_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 DATABASE = "ccat_bench_lineage"
-REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Provenance (issue 6)"
 TARGET_SECONDS = 0.100
 
@@ -90,27 +85,7 @@ FINAL_PRODUCTS = (
 )
 
 
-def db_url(name: str) -> str:
-    return ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-
-
 # -------------------------------------------------------------------------------------------- data load
-
-
-def _database_exists(name: str) -> bool:
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        found = connection.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first()
-    admin.dispose()
-    return found is not None
-
-
-def _recreate_database(name: str) -> None:
-    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
 
 
 def _loaded(url: str) -> bool:
@@ -219,9 +194,9 @@ def ensure_dataset(*, rebuild: bool) -> Dataset:
     url = db_url(DATABASE)
     load_seconds = None
     closure_seconds: dict[str, float] = {}
-    if rebuild or not _database_exists(DATABASE) or not _loaded(url):
+    if rebuild or not database_exists(DATABASE) or not _loaded(url):
         started = time.perf_counter()
-        _recreate_database(DATABASE)
+        recreate_database(DATABASE)
         upgrade(url)
         _load(url)
         load_seconds = time.perf_counter() - started
@@ -512,33 +487,6 @@ def _describe_impact(impact: Any) -> str:
     )
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = subprocess.run(["free", "-g"], capture_output=True, text=True, check=False).stdout.rstrip()
-    engine = create_engine(ADMIN_URL)
-    with engine.connect() as connection:
-        version = connection.execute(text("SHOW server_version")).scalar_one()
-        settings = {
-            name: connection.execute(text(f"SHOW {name}")).scalar_one()
-            for name in ("shared_buffers", "work_mem", "max_parallel_workers_per_gather")
-        }
-    engine.dispose()
-    return (
-        f"- CPU: {cpu}; `nproc` = {os.cpu_count()}\n"
-        f"- `free -g`:\n\n```\n{memory}\n```\n"
-        f"- PostgreSQL {version} on the same machine, default configuration "
-        f"({', '.join(f'{k}={v}' for k, v in settings.items())}); Python {platform.python_version()}, "
-        f"SQLAlchemy + psycopg2"
-    )
-
-
 NOTES = [
     "Notes:",
     "- Every read uses the lineage closure that registration records with the links (`run_ancestor_run`, "
@@ -563,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=11)
     parser.add_argument("--rebuild", action="store_true", help="drop and reload the benchmark database")
-    parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS}")
+    parser.add_argument("--write-docs", action="store_true", help="write the results into docs/benchmarks.md")
     args = parser.parse_args(argv)
     wall_start = time.perf_counter()
     load_at_start = os.getloadavg()
@@ -679,21 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines) + "\n"
     print(report)
     if args.write_docs:
-        write_section(report)
+        write_section(SECTION, report)
     return 0
-
-
-def write_section(report: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md, leaving other sections alone."""
-    existing = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    start = existing.find(SECTION)
-    if start == -1:
-        updated = existing.rstrip("\n") + "\n\n" + report
-    else:
-        end = existing.find("\n## ", start + len(SECTION))
-        updated = existing[:start] + report + ("" if end == -1 else existing[end:])
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(updated)
 
 
 if __name__ == "__main__":

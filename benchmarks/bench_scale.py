@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dagster as dg  # noqa: E402
+from bench_common import write_section  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
@@ -67,7 +68,6 @@ RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_p
 RUNNER_STATS = re.compile(
     r"([\d.]+) s waiting for jobs between polls, ([\d.]+) s in status queries, ([\d.]+) s submitting"
 )
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Scale (issue 7)"
 
 
@@ -356,7 +356,7 @@ def main() -> None:
     lines = report(args, started, load_start, load_end, results, ratios, profile)
     print("\n".join(lines))
     if args.write_docs:
-        write_docs(lines)
+        write_section(SECTION, "\n".join(lines) + "\n")
 
 
 def report(args, started, load_start, load_end, results, ratios, profile) -> list[str]:  # type: ignore[no-untyped-def]
@@ -436,19 +436,6 @@ def report(args, started, load_start, load_end, results, ratios, profile) -> lis
             *[f"| {label} | {seconds:.1f} s | {calls:,} |" for label, seconds, calls in rows],
         ]
     return lines
-
-
-def write_docs(lines: list[str]) -> None:
-    text = DOCS.read_text()
-    block = "\n".join(lines) + "\n"
-    if SECTION in text:
-        head, _, rest = text.partition(SECTION)
-        following = rest.find("\n## ")
-        tail = rest[following + 1 :] if following >= 0 else ""
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    DOCS.write_text(text)
 
 
 if __name__ == "__main__":

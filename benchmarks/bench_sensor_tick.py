@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_grouping import ensure_dataset, machine
+from bench_common import machine, write_section
+from bench_grouping import ensure_dataset
 from sqlalchemy import event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -39,7 +40,6 @@ from ccat_dagster.opsdb.enums import LocationType, StorageType, TriggerType
 from ccat_dagster.opsdb.migrate import upgrade
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Sensor tick (issue 4)"
 # label → (database, scans of 10 packages)
 ARCHIVES = {
@@ -316,7 +316,7 @@ def explain(url: str, statements: list[tuple[float, str, Any]], top: int = 3) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS}")
+    parser.add_argument("--write-docs", action="store_true", help="write the results into docs/benchmarks.md")
     parser.add_argument("--explain", action="store_true", help="print EXPLAIN ANALYZE of the slowest 1M statements")
     args = parser.parse_args(argv)
     started_at = dt.datetime.now(dt.UTC)
@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.explain:
         print(explain(urls["1M"], runs["1M"]["scattered"][-1].statements))
     if args.write_docs:
-        write_section(report)
+        write_section(SECTION, report)
     return 0
 
 
@@ -447,18 +447,6 @@ NOTES = [
     "exactly once, no sub-group requested twice, a late-committed row caught, and a cursor window that never "
     "holds more than one overlap window of ids.",
 ]
-
-
-def write_section(report: str) -> None:
-    """Replace (or append) this benchmark's section of docs/benchmarks.md, leaving other sections alone."""
-    existing = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    start = existing.find(SECTION)
-    if start == -1:
-        updated = existing.rstrip("\n") + "\n\n" + report
-    else:
-        end = existing.find("\n## ", start + len(SECTION))
-        updated = existing[:start] + report + ("" if end == -1 else existing[end:])
-    DOCS.write_text(updated)
 
 
 if __name__ == "__main__":
