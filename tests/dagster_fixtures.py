@@ -9,10 +9,13 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dagster.demo.seed import seed_demo
+from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
+from ccat_dagster.opsdb.enums import PackageState
 from ccat_dagster.opsdb.migrate import upgrade
 from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import load_pipeline_spec
@@ -34,6 +37,20 @@ def require_bwrap_and_numpy() -> None:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+def archived_example_scan_ids(session: Session) -> list:
+    """ExecutedObsUnit ids with archived packages in the example pipeline's grouping (NGC253 CO(4-3), LFA)."""
+    return list(
+        session.scalars(
+            select(m.ExecutedObsUnit.id)
+            .join(m.RawDataPackage, m.RawDataPackage.executed_obs_unit_id == m.ExecutedObsUnit.id)
+            .join(m.ObsUnit, m.ObsUnit.id == m.ExecutedObsUnit.obs_unit_id)
+            .join(m.InstrumentModule, m.InstrumentModule.id == m.RawDataPackage.instrument_module_id)
+            .where(m.ObsUnit.name == "ngc253-co43", m.InstrumentModule.name == "LFA")
+            .where(m.RawDataPackage.state == PackageState.ARCHIVED)
+        ).unique()
+    )
 
 
 @dataclass

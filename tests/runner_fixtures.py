@@ -25,12 +25,12 @@ from ccat_dagster.execution.runtimes import BubblewrapRuntime
 from ccat_dagster.execution.staging import LocalStager
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
-from ccat_dagster.opsdb.enums import PackageState
 from ccat_dagster.opsdb.migrate import upgrade
 from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import parse_pipeline_spec
 
 from .conftest import create_pg_database, drop_pg_database
+from .dagster_fixtures import archived_example_scan_ids
 
 # Runs inside the container (host /usr/bin/python3, standard library only). It times its own payload and
 # prints it, so a benchmark can subtract the payload from the attempt's wall time.
@@ -236,14 +236,7 @@ def make_runner_world(tmp_path: Path, *, scans: int = 12) -> RunnerWorld:
     with Session(engine) as session, session.begin():
         seed_demo(session, data_dir=data_dir, scans=scans)
         location_id = session.scalar(select(m.DataLocation.id).where(m.DataLocation.name == PROCESSING_LOCATION))
-        eous = session.scalars(
-            select(m.ExecutedObsUnit.id)
-            .join(m.RawDataPackage, m.RawDataPackage.executed_obs_unit_id == m.ExecutedObsUnit.id)
-            .join(m.ObsUnit, m.ObsUnit.id == m.ExecutedObsUnit.obs_unit_id)
-            .join(m.InstrumentModule, m.InstrumentModule.id == m.RawDataPackage.instrument_module_id)
-            .where(m.ObsUnit.name == "ngc253-co43", m.InstrumentModule.name == "LFA")
-            .where(m.RawDataPackage.state == PackageState.ARCHIVED)
-        ).all()
+        eous = archived_example_scan_ids(session)
     software_dir = tmp_path / "behave-software"
     (software_dir / "bin").mkdir(parents=True)
     (software_dir / "bin" / "behave.py").write_text(BEHAVE)

@@ -24,7 +24,7 @@ from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import load_pipeline_spec
 from ccat_dagster.sensors.gaps import sensor_name
 
-from .dagster_fixtures import EXAMPLE, PIPELINE, demo_world, require_bwrap_and_numpy  # noqa: F401
+from .dagster_fixtures import EXAMPLE, PIPELINE, archived_example_scan_ids, demo_world, require_bwrap_and_numpy  # noqa: F401
 
 PER_SCAN = f"{PIPELINE}__executed_obs_unit"
 
@@ -32,15 +32,7 @@ PER_SCAN = f"{PIPELINE}__executed_obs_unit"
 def _expected_scan_keys(url: str) -> set[str]:
     engine = make_engine(url)
     with Session(engine) as session:
-        rows = session.execute(
-            select(m.ExecutedObsUnit.id)
-            .join(m.RawDataPackage, m.RawDataPackage.executed_obs_unit_id == m.ExecutedObsUnit.id)
-            .join(m.ObsUnit, m.ObsUnit.id == m.ExecutedObsUnit.obs_unit_id)
-            .join(m.InstrumentModule, m.InstrumentModule.id == m.RawDataPackage.instrument_module_id)
-            .where(m.ObsUnit.name == "ngc253-co43", m.InstrumentModule.name == "LFA")
-            .where(m.RawDataPackage.state == PackageState.ARCHIVED)
-        ).scalars()
-        keys = {f"executed_obs_unit={eou}" for eou in rows}
+        keys = {f"executed_obs_unit={eou}" for eou in archived_example_scan_ids(session)}
     engine.dispose()
     return keys
 

@@ -474,14 +474,7 @@ class StepRunner:
                 RunStatus.STAGING_DATA,
                 message=f"{len(plan.package_ids)} package(s), {len(plan.upstream_products)} upstream product(s)",
             )
-            layout = contract.attempt_layout(
-                base_dir=self.config.pipeline_base_dir,
-                pipeline=step.pipeline_name,
-                sub_group_key=plan.sub_group_key,
-                step=step.step_name,
-                attempt_id=str(attempt.id),
-                is_final=step.is_final,
-            )
+            layout = self._layout(step, plan.sub_group_key, attempt.id)
             attempt.attempt_dir = str(layout.attempt_dir)
             log.debug(
                 "attempt %s (%s[%s] #%s): pending → staging_data",
@@ -621,6 +614,16 @@ class StepRunner:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source.rename(target)
                 copy.path = str(target)
+
+    def _layout(self, step: _StepSnapshot, sub_group_key: str, attempt_id: int) -> contract.AttemptLayout:
+        return contract.attempt_layout(
+            base_dir=self.config.pipeline_base_dir,
+            pipeline=step.pipeline_name,
+            sub_group_key=sub_group_key,
+            step=step.step_name,
+            attempt_id=str(attempt_id),
+            is_final=step.is_final,
+        )
 
     def _poll(self, job_ids: list[str]) -> dict[str, JobInfo]:
         """One status query for all jobs; a job the scheduler no longer knows is reported failed, not fatal."""
@@ -846,14 +849,7 @@ class StepRunner:
                 transition(session, attempt, RunStatus.FAILED, message=attempt.error)
                 return None
             attempt.dagster_run_id = run_id
-            layout = contract.attempt_layout(
-                base_dir=self.config.pipeline_base_dir,
-                pipeline=step.pipeline_name,
-                sub_group_key=plan.sub_group_key,
-                step=step.step_name,
-                attempt_id=str(attempt.id),
-                is_final=step.is_final,
-            )
+            layout = self._layout(step, plan.sub_group_key, attempt.id)
             self.report(
                 f"attempt {attempt.id} [{plan.sub_group_key}]: reattached to {attempt.hpc_backend} "
                 f"job {attempt.hpc_job_id} left by run {owner}"
