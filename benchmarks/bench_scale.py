@@ -6,10 +6,10 @@ plus Dagster plus the backend. Fresh ops-db and Dagster databases on PostgreSQL 
 
 Runs are launched the way the daemon launches them: a separate process per run that loads the code location,
 creates the run and executes it with Dagster's default (multiprocess) executor, i.e. one more process for the
-step. The command is ``dagster job execute -m ccat_dagster.definitions -a defs -j <step job> --tags ...``,
-with the partition range tags a sensor / backfill puts on a batched run, or ``dagster/partition`` for a
-single-partition run (``dagster asset materialize --partition-range`` refuses assets with a multi-run backfill
-policy, so the job command is used for both, with identical code paths).
+step. The command is ``python benchmarks/execute_run.py <pipeline>/<step> <tags>`` (what ``dagster job execute``
+does, on the implicit asset job with the step selected, as sensor and backfill runs are), with the partition
+range tags a sensor / backfill puts on a batched run, or ``dagster/partition`` for a single-partition run; the
+same code path for both.
 
 (a) ``--sub-groups`` sub-groups through batched runs of ``MAX_PARTITIONS_PER_RUN`` partitions, one after the
     other. Payload time = sum of the jobs' wall times / job slots; overhead per sub-group = (wall time −
@@ -63,7 +63,7 @@ from tests.scale_fixtures import (  # noqa: E402
     seed_scale_world,
 )
 
-JOB = f"{PIPELINE}__{STEP}__job"
+ASSET = f"{PIPELINE}/{STEP}"
 RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 RUNNER_STATS = re.compile(
     r"([\d.]+) s waiting for jobs between polls, ([\d.]+) s in status queries, ([\d.]+) s submitting"
@@ -149,8 +149,7 @@ def make_world(backend: str, scans: int, *, max_in_flight: int, local_running: i
 
 def launch(world: World, tags: dict[str, str]) -> tuple[float, int]:
     """One run in its own process, as the daemon's run launcher would; (wall seconds, exit code)."""
-    command = [str(REPO / ".venv" / "bin" / "dagster"), "job", "execute", "-m", "ccat_dagster.definitions"]
-    command += ["-a", "defs", "-j", JOB, "--tags", json.dumps(tags)]
+    command = [sys.executable, str(REPO / "benchmarks" / "execute_run.py"), ASSET, json.dumps(tags)]
     began = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env=world.env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - began
@@ -248,12 +247,16 @@ def profile_batched(world: World, keys: list[str], out: Path) -> tuple[float, li
     from ccat_dagster.settings import Settings
 
     defs = build_definitions(Settings.from_env(world.env))
-    job = defs.resolve_job_def(JOB)
+    job = defs.resolve_implicit_global_asset_job_def()
     instance = world.instance()
     profiler = cProfile.Profile()
     began = time.perf_counter()
     profiler.enable()
-    result = job.execute_in_process(instance=instance, tags={RANGE_START: keys[0], RANGE_END: keys[-1]})
+    result = job.execute_in_process(
+        instance=instance,
+        asset_selection=[dg.AssetKey([PIPELINE, STEP])],
+        tags={RANGE_START: keys[0], RANGE_END: keys[-1]},
+    )
     profiler.disable()
     wall = time.perf_counter() - began
     assert result.success
@@ -364,7 +367,7 @@ def report(args, started, load_start, load_end, results, ratios, profile) -> lis
     lines = [
         SECTION,
         "",
-        f"Run on 2026-11-23 {started:%H:%M} UTC with {command}.",
+        f"Run on {started:%Y-%m-%d %H:%M} UTC with {command}.",
         "",
         *machine(),
         f"- load average (1, 5, 15 min) at start: {', '.join(f'{v:.2f}' for v in load_start)}; at end: "
@@ -374,7 +377,8 @@ def report(args, started, load_start, load_end, results, ratios, profile) -> lis
         f"`MAX_PARTITIONS_PER_RUN` = {args.per_run}, `MAX_CONCURRENT_JOBS` = {args.in_flight}, "
         f"`LOCAL_MAX_RUNNING` = {args.local_running}, `POLL_INTERVAL_SECONDS` = 2 (polls start at 0.2 s and back "
         "off)",
-        "- Each run is its own process (`dagster job execute`; the code location's executor runs the step in that "
+        "- Each run is its own process (`benchmarks/execute_run.py`: `dagster job execute` on the implicit asset "
+        "job with the step selected; the code location's executor runs the step in that "
         f"process), as the daemon launches runs. (a): runs {args.concurrent_runs} at a time (the run queue's "
         "`ccat/backend` limits in dagster.yaml); (b): one after the other",
         "",

@@ -104,6 +104,7 @@ class Settings:
     poll_interval_seconds: int
     staging_timeout_seconds: int
     sensor_batch_limit: int
+    sensor_interval_seconds: int
     watermark_overlap_seconds: int
     retention_days: int
 
@@ -130,6 +131,7 @@ class Settings:
             "POLL_INTERVAL_SECONDS": "2",
             "STAGING_TIMEOUT_SECONDS": "3600",
             "SENSOR_BATCH_LIMIT": "5000",
+            "SENSOR_INTERVAL_SECONDS": "30",
             "WATERMARK_OVERLAP_SECONDS": "300",
             "RETENTION_DAYS": "30",
         }
@@ -148,6 +150,7 @@ class Settings:
             "POLL_INTERVAL_SECONDS": _int(1),
             "STAGING_TIMEOUT_SECONDS": _int(1),
             "SENSOR_BATCH_LIMIT": _int(1),
+            "SENSOR_INTERVAL_SECONDS": _int(1),
             "WATERMARK_OVERLAP_SECONDS": _int(0),
             "RETENTION_DAYS": _int(0),
         }
@@ -190,6 +193,7 @@ def variable_reference() -> list[tuple[str, str, str]]:
         (PREFIX + "POLL_INTERVAL_SECONDS", "2", "longest pause between job status polls (first 0.2 s), ≥ 1"),
         (PREFIX + "STAGING_TIMEOUT_SECONDS", "3600", "seconds a run waits for staging, ≥ 1"),
         (PREFIX + "SENSOR_BATCH_LIMIT", "5000", "changed packages read per sensor tick, ≥ 1"),
+        (PREFIX + "SENSOR_INTERVAL_SECONDS", "30", "least seconds between two ticks of a pipeline's sensor, ≥ 1"),
         (PREFIX + "WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark, ≥ 0"),
         (PREFIX + "RETENTION_DAYS", "30", "days before consumed intermediates may be deleted, ≥ 0"),
     ]

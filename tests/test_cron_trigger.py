@@ -18,7 +18,14 @@ from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import load_pipeline_spec
 from ccat_dagster.sensors.gaps import build_pipeline_cron_sensor, cron_sensor_name, sensor_name
 
-from .dagster_fixtures import EXAMPLE, PIPELINE, demo_world, require_bwrap_and_numpy  # noqa: F401
+from .dagster_fixtures import (  # noqa: F401
+    EXAMPLE,
+    PIPELINE,
+    demo_world,
+    execute_request,
+    request_step,
+    require_bwrap_and_numpy,
+)
 from .test_dagster_pipeline import _expected_scan_keys, _requested_keys
 
 
@@ -52,14 +59,9 @@ def _before_last_cron_tick(cursor: str) -> str:
 def _run_all(defs, instance, result) -> list[str]:
     steps = []
     for request in result.run_requests:
-        outcome = defs.resolve_job_def(request.job_name).execute_in_process(
-            instance=instance,
-            partition_key=request.partition_key,
-            tags=request.tags,
-            raise_on_error=False,
-        )
-        assert outcome.success, request.job_name
-        steps.append(request.job_name.split("__")[1])
+        outcome = execute_request(defs, instance, request)
+        assert outcome.success, request.asset_selection
+        steps.append(request_step(request))
     return steps
 
 
@@ -70,7 +72,9 @@ def test_cron_pipeline_loads_as_a_cron_sensor(demo_world, tmp_path):
     assert f"{PIPELINE}/calibrate" in keys and f"{PIPELINE}/load_error" not in keys
     sensor = defs.get_sensor_def(cron_sensor_name(PIPELINE))
     assert "0 12 * * *" in sensor.description
-    assert {job.name for job in sensor.jobs} >= {f"{PIPELINE}__calibrate__job", f"{PIPELINE}__grid_map__job"}
+    assert set(sensor.asset_selection.resolve(defs.resolve_asset_graph())) == {
+        dg.AssetKey([PIPELINE, step]) for step in ("calibrate", "baseline", "grid_map")
+    }
     with pytest.raises(dg.DagsterInvariantViolationError):
         defs.get_sensor_def(sensor_name(PIPELINE))
 
@@ -88,7 +92,7 @@ def test_cron_pipeline_waits_for_its_tick_then_runs_through_in_one_night(demo_wo
 
     # At the cron tick: a full gap evaluation; only the first step has gaps that can run.
     at_tick = _tick(defs, instance, _before_last_cron_tick(first.cursor))
-    assert [r.job_name for r in at_tick.run_requests] == [f"{PIPELINE}__calibrate__job"]
+    assert [request_step(r) for r in at_tick.run_requests] == ["calibrate"]
     assert at_tick.run_requests[0].tags["ccat/trigger"] == "schedule"
     expected = _expected_scan_keys(demo_world.ops_db_url)
     assert {k for r in at_tick.run_requests for k in _requested_keys(instance, r)} == expected
@@ -113,7 +117,7 @@ def test_cron_pipeline_waits_for_its_tick_then_runs_through_in_one_night(demo_wo
     assert new_keys
     assert _tick(defs, instance, cursor).run_requests == []
     next_tick = _tick(defs, instance, _before_last_cron_tick(cursor))
-    assert [r.job_name for r in next_tick.run_requests] == [f"{PIPELINE}__calibrate__job"]
+    assert [request_step(r) for r in next_tick.run_requests] == ["calibrate"]
     assert {k for r in next_tick.run_requests for k in _requested_keys(instance, r)} == new_keys
 
 

@@ -6,7 +6,7 @@ import dagster as dg
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from ccat_dagster.assets.factory import TRANSITION_TAG, step_asset_key, step_job_name
+from ccat_dagster.assets.factory import TRANSITION_TAG, step_asset_key
 from ccat_dagster.definitions import build_definitions
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
@@ -21,8 +21,10 @@ def test_transitions_are_asset_observations_in_the_run_event_log(demo_world):
     instance = demo_world.instance()
     _tick(defs, instance)
     key = sorted(instance.get_dynamic_partitions(PER_SCAN))[0]
-    job = defs.resolve_job_def(step_job_name(PIPELINE, "calibrate"))
-    result = job.execute_in_process(instance=instance, partition_key=key)
+    job = defs.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        instance=instance, asset_selection=[step_asset_key(PIPELINE, "calibrate")], partition_key=key
+    )
     assert result.success
 
     asset_key = step_asset_key(PIPELINE, "calibrate")

@@ -24,7 +24,14 @@ from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import load_pipeline_spec
 from ccat_dagster.sensors.gaps import sensor_name
 
-from .dagster_fixtures import EXAMPLE, PIPELINE, archived_example_scan_ids, demo_world, require_bwrap_and_numpy  # noqa: F401
+from .dagster_fixtures import (  # noqa: F401
+    EXAMPLE,
+    PIPELINE,
+    archived_example_scan_ids,
+    demo_world,
+    request_step,
+    require_bwrap_and_numpy,
+)
 
 PER_SCAN = f"{PIPELINE}__executed_obs_unit"
 
@@ -74,7 +81,7 @@ def test_first_tick_requests_exactly_the_archived_scans(demo_world):
     result = _tick(defs, instance)
     expected = _expected_scan_keys(demo_world.ops_db_url)
     assert set(instance.get_dynamic_partitions(PER_SCAN)) == expected
-    assert [r.job_name for r in result.run_requests] == [f"{PIPELINE}__calibrate__job"]  # upstream of the rest
+    assert [request_step(r) for r in result.run_requests] == ["calibrate"]  # upstream of the rest
     request = result.run_requests[0]
     assert set(_requested_keys(instance, request)) == expected
     assert request.tags["ccat/trigger"] == "sensor" and request.run_key.startswith("calibrate:")
@@ -120,7 +127,7 @@ def test_full_chain_through_sensor_and_runs_then_cooldown(demo_world):
     defs = build_definitions(demo_world.settings())
     instance = demo_world.instance()
     log = run_sensor_until_idle(defs=defs, instance=instance, pipeline=PIPELINE, echo=lambda _m: None)
-    assert [(step.split("__")[1], ok) for step, _label, ok in log.runs] == [
+    assert [(step.split("/")[1], ok) for step, _label, ok in log.runs] == [
         ("calibrate", True),
         ("baseline", True),
         ("grid_map", True),
@@ -145,7 +152,7 @@ def test_full_chain_through_sensor_and_runs_then_cooldown(demo_world):
     engine.dispose()
     # New scans: their calibrate and baseline run; grid_map waits for its one-day cooldown.
     cursor_log = run_sensor_until_idle(defs=defs, instance=instance, pipeline=PIPELINE, echo=lambda _m: None)
-    steps = [step.split("__")[1] for step, _label, _ok in cursor_log.runs]
+    steps = [step.split("/")[1] for step, _label, _ok in cursor_log.runs]
     assert steps == ["calibrate", "baseline"]
 
 

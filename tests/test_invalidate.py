@@ -27,7 +27,13 @@ from ccat_dagster.provenance import invalidate as invalidate_module
 from ccat_dagster.provenance.invalidate import InvalidationError, invalidate_package
 from ccat_dagster.provenance.prov import lineage_to_prov_json, validate_prov_json
 
-from .dagster_fixtures import PIPELINE, demo_world, require_bwrap_and_numpy  # noqa: F401
+from .dagster_fixtures import (  # noqa: F401
+    PIPELINE,
+    demo_world,
+    execute_request,
+    request_step,
+    require_bwrap_and_numpy,
+)
 from .execution_factories import HAPPY_PATH, sha256, write_product
 from .opsdb_factories import T0, make_world
 from .test_lineage import build_graph
@@ -324,7 +330,7 @@ def _requested(instance, result) -> set[tuple[str, str]]:
 
     requested = set()
     for request in result.run_requests:
-        step = request.job_name.split("__")[1]
+        step = request_step(request)
         if request.partition_key:
             requested.add((step, request.partition_key))
             continue
@@ -337,14 +343,8 @@ def _requested(instance, result) -> set[tuple[str, str]]:
 
 def _execute(defs, instance, result) -> None:
     for request in result.run_requests:
-        outcome = defs.resolve_job_def(request.job_name).execute_in_process(
-            instance=instance,
-            partition_key=request.partition_key,
-            run_config=request.run_config or None,
-            tags=dict(request.tags),
-            raise_on_error=False,
-        )
-        assert outcome.success, f"{request.job_name} failed"
+        outcome = execute_request(defs, instance, request)
+        assert outcome.success, f"{request_step(request)} failed"
 
 
 def _until_idle(defs, instance, cursor, max_ticks=8):

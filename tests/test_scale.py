@@ -25,7 +25,7 @@ from dagster._core.storage.tags import (
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from ccat_dagster.assets.factory import step_asset_key, step_job_name
+from ccat_dagster.assets.factory import step_asset_key
 from ccat_dagster.definitions import build_definitions
 from ccat_dagster.execution.hpc.local_wrapper import read_json
 from ccat_dagster.opsdb import models as m
@@ -39,7 +39,6 @@ from .conftest import create_pg_database, drop_pg_database
 from .scale_fixtures import PARTITIONS, PIPELINE, STEP, dagster_yaml, scale_environment, seed_scale_world
 
 ASSET = step_asset_key(PIPELINE, STEP)
-JOB = step_job_name(PIPELINE, STEP)
 
 
 @dataclass
@@ -99,9 +98,14 @@ def make_scale(tmp_path, monkeypatch):
 
 
 def _run_range(scale: Scale, keys: list[str], **tags: str) -> dg.ExecuteInProcessResult:
-    job = build_definitions(scale.settings()).resolve_job_def(JOB)
+    job = build_definitions(scale.settings()).resolve_implicit_global_asset_job_def()
     range_tags = {ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]}
-    return job.execute_in_process(instance=scale.instance, tags={**range_tags, **tags}, raise_on_error=False)
+    return job.execute_in_process(
+        instance=scale.instance,
+        asset_selection=[step_asset_key(PIPELINE, STEP)],
+        tags={**range_tags, **tags},
+        raise_on_error=False,
+    )
 
 
 def _failure_message(scale: Scale, run_id: str) -> str:

@@ -51,17 +51,18 @@ def run_sensor_until_idle(
             echo(f"tick {log.ticks}: {result.skip_reason.skip_message if result.skip_reason else 'no run requested'}")
             break
         echo(f"tick {log.ticks}: {len(result.run_requests)} run(s) requested")
+        job = defs.resolve_implicit_global_asset_job_def()
         for request in result.run_requests:
-            job = defs.resolve_job_def(request.job_name)
             outcome = job.execute_in_process(
                 instance=instance,
+                asset_selection=request.asset_selection,
                 partition_key=request.partition_key,
                 run_config=request.run_config or None,
                 tags={**request.tags, "dagster/sensor_name": sensor.name},
                 raise_on_error=False,
             )
             label = request.partition_key or f"{request.tags.get('ccat/sub_groups', '?')} sub-groups"
-            step = request.job_name
+            step = "/".join(request.asset_selection[0].path) if request.asset_selection else "?"
             log.runs.append((step, label, outcome.success))
             echo(f"  run {outcome.run_id[:8]} {step} [{label}]: {'success' if outcome.success else 'FAILED'}")
     return log

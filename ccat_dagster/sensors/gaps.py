@@ -17,9 +17,9 @@ from ccat_dagster.assets.factory import (
     PIPELINE_TAG,
     STEP_TAG,
     TRIGGER_TAG,
-    build_step_jobs,
     partitions_name,
-    step_job_name,
+    step_asset_key,
+    step_asset_keys,
 )
 from ccat_dagster.assets.snapshot import PipelineSnapshot
 from ccat_dagster.execution.planning import load_pipeline
@@ -34,16 +34,14 @@ def sensor_name(pipeline: str) -> str:
 
 
 def build_pipeline_sensor(pipeline: PipelineSnapshot, *, settings: Settings) -> dg.SensorDefinition:
-    jobs = build_step_jobs(pipeline)
-
     @dg.sensor(
         name=sensor_name(pipeline.name),
         description=(
             f"Watches ops-db for raw data of grouping {pipeline.grouping_name!r} that became archived or changed, "
             "and for finished upstream attempts; requests runs for the sub-groups with a gap (SPEC §5)."
         ),
-        minimum_interval_seconds=30,
-        jobs=jobs,
+        minimum_interval_seconds=settings.sensor_interval_seconds,
+        asset_selection=step_asset_keys(pipeline),
         default_status=dg.DefaultSensorStatus.STOPPED,
     )
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
@@ -71,8 +69,8 @@ def cron_sensor_name(pipeline: str) -> str:
 def build_pipeline_cron_sensor(pipeline: PipelineSnapshot, *, settings: Settings) -> dg.SensorDefinition:
     """The trigger of a CRON pipeline: a full gap evaluation at every cron tick, follow-ups in between.
 
-    A Dagster schedule can launch only the one job it targets, and a pipeline has a job per step (each step has
-    its own partitions), so the cron trigger is a sensor that keeps the cron itself: at each cron tick it
+    A Dagster schedule launches one target with one partitions definition, and a pipeline's steps have their
+    own partitions each, so the cron trigger is a sensor that keeps the cron itself: at each cron tick it
     evaluates every step and sub-group (``evaluate_all``); between ticks it only starts dependent steps whose
     upstream attempts finished, so a nightly pipeline runs through in one night. Like a Dagster schedule it does
     not catch up on cron ticks from before it was turned on.
@@ -90,8 +88,8 @@ def build_pipeline_cron_sensor(pipeline: PipelineSnapshot, *, settings: Settings
             f"Evaluates every step and sub-group of {pipeline.name!r} for gaps on {cron!r} ({timezone}), and "
             "starts dependent steps as soon as their upstream sub-groups complete (SPEC §5)."
         ),
-        minimum_interval_seconds=30,
-        jobs=build_step_jobs(pipeline),
+        minimum_interval_seconds=settings.sensor_interval_seconds,
+        asset_selection=step_asset_keys(pipeline),
         default_status=dg.DefaultSensorStatus.STOPPED,
     )
     def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
@@ -200,7 +198,7 @@ def _run_requests(
             current.append(plan)
         else:
             chunks.append([plan])
-    job_name = step_job_name(pipeline.name, request.step_name)
+    selection = [step_asset_key(pipeline.name, request.step_name)]
     base_tags = {
         TRIGGER_TAG: trigger,
         PIPELINE_TAG: pipeline.name,
@@ -213,13 +211,15 @@ def _run_requests(
         run_key = f"{request.step_name}:{_batch_digest([(p.sub_group_key, p.fingerprint) for p in chunk])}"
         if len(chunk) == 1:
             runs.append(
-                dg.RunRequest(run_key=run_key, job_name=job_name, partition_key=chunk[0].sub_group_key, tags=base_tags)
+                dg.RunRequest(
+                    run_key=run_key, asset_selection=selection, partition_key=chunk[0].sub_group_key, tags=base_tags
+                )
             )
             continue
         runs.append(
             dg.RunRequest(
                 run_key=run_key,
-                job_name=job_name,
+                asset_selection=selection,
                 tags={
                     **base_tags,
                     ASSET_PARTITION_RANGE_START_TAG: chunk[0].sub_group_key,
