@@ -205,6 +205,98 @@ def test_submit_many_is_all_or_nothing(backend, tmp_path):
     assert wait_terminal(backend, job_ids[0]).state is JobState.CANCELLED
 
 
+def _records(backend: LocalBackend, job_ids: list[str], kind: str = "") -> list[dict]:
+    return [json.loads((backend.state_dir / f"{job_id}{kind}.json").read_text()) for job_id in job_ids]
+
+
+def test_a_finishing_wrapper_takes_the_next_queued_job_itself(tmp_path):
+    """One interpreter per slot, not per job: the wrapper of a finished job runs the next queued one."""
+    backend = LocalBackend(tmp_path / "state", max_concurrent_jobs=1, kill_grace_seconds=1.0)
+    # Each job burns a different, measurable amount of CPU: its record must hold its own usage only.
+    burn = 'i=0; while [ "$i" -lt "$1" ]; do i=$((i+1)); done'
+    loops = [200_000, 1, 200_000, 1]
+    job_ids = backend.submit_many(
+        [spec(tmp_path, f"seq{n}", ["bash", "-c", burn, "burn", str(count)]) for n, count in enumerate(loops)]
+    )
+    final = wait_for(backend, job_ids, lambda infos: all(i.is_terminal for i in infos.values()), what="all done")
+    assert all(info.state is JobState.COMPLETED for info in final.values())
+    statuses = _records(backend, job_ids)
+    launches = _records(backend, job_ids, ".launch")
+    assert {record["wrapper_pid"] for record in statuses} == {statuses[0]["wrapper_pid"]}  # one wrapper ran all four
+    assert all(launch["wrapper_pid"] == statuses[0]["wrapper_pid"] for launch in launches)
+    # Queue order, one after the other.
+    assert [r["started_at"] for r in statuses] == sorted(r["started_at"] for r in statuses)
+    assert all(a["finished_at"] <= b["started_at"] for a, b in zip(statuses, statuses[1:], strict=False))
+    # Per-job usage: the short jobs do not carry the long jobs' CPU time.
+    cpu = [record["cpu_seconds"] for record in statuses]
+    assert cpu[1] < cpu[0] / 2 and cpu[3] < cpu[2] / 2, cpu
+    # Each job's wrapper messages go to its own wrapper log, and nothing is left queued.
+    assert all((backend.state_dir / f"{job_id}.wrapper.log").exists() for job_id in job_ids)
+    assert os.listdir(backend.state_dir / "queued") == [] and os.listdir(backend.state_dir / "active") == []
+
+
+def test_cancel_reaches_a_job_run_by_a_wrapper_that_took_it_over(tmp_path):
+    backend = LocalBackend(tmp_path / "state", max_concurrent_jobs=1, kill_grace_seconds=1.0)
+    first = backend.submit(spec(tmp_path, "first", ["true"]))
+    second = backend.submit(spec(tmp_path, "second", ["sleep", "300"]))
+    third = backend.submit(spec(tmp_path, "third", ["true"]))
+    status_file = backend.state_dir / f"{second}.json"
+    wait_until(lambda: status_file.exists() and "pid" in json.loads(status_file.read_text()), what="the payload")
+    first_record, second_record = _records(backend, [first, second])
+    assert second_record["wrapper_pid"] == first_record["wrapper_pid"]
+    wrapper = second_record["wrapper_pid"]
+
+    # A cancel signal for a job the wrapper ran before (no cancel marker on the current job) is ignored.
+    os.kill(wrapper, signal.SIGUSR1)
+    time.sleep(0.5)
+    assert backend.status(second).state is JobState.RUNNING
+
+    backend.cancel(second)
+    assert wait_terminal(backend, second).state is JobState.CANCELLED
+    wait_until(lambda: process_gone(second_record["pgid"]), what="the payload to die")
+    # The wrapper goes on with the queue.
+    assert wait_terminal(backend, third).state is JobState.COMPLETED
+    assert _records(backend, [third])[0]["wrapper_pid"] == wrapper
+
+
+def test_a_wrapper_asked_to_stop_ends_its_job_and_takes_no_other(tmp_path):
+    backend = LocalBackend(tmp_path / "state", max_concurrent_jobs=1, kill_grace_seconds=1.0)
+    running = backend.submit(spec(tmp_path, "running", ["sleep", "300"]))
+    queued = backend.submit(spec(tmp_path, "queued", ["true"]))
+    status_file = backend.state_dir / f"{running}.json"
+    wait_until(lambda: status_file.exists() and "pid" in json.loads(status_file.read_text()), what="the payload")
+    wrapper = _records(backend, [running])[0]["wrapper_pid"]
+    os.kill(wrapper, signal.SIGTERM)  # e.g. the host shuts down
+    wait_until(lambda: process_gone(wrapper), what="the wrapper to exit")
+    record = _records(backend, [running])[0]
+    assert record["state"] == "finished" and record["reason"] == "cancelled"
+    # The queued job was not taken by the stopping wrapper: the next scheduling pass starts it in a new one.
+    assert wait_terminal(backend, queued).state is JobState.COMPLETED
+    assert _records(backend, [queued])[0]["wrapper_pid"] != wrapper
+
+
+def test_a_state_dir_without_a_queue_index_is_indexed_in_order(tmp_path):
+    """A state directory written before ``queued/`` existed: its queued jobs start, oldest first."""
+    state = tmp_path / "state"
+    backend = LocalBackend(state, max_concurrent_jobs=1, kill_grace_seconds=1.0)
+    gate = tmp_path / "gate"
+    blocker = backend.submit(spec(tmp_path, "blocker", ["bash", "-c", f'while [ ! -e "{gate}" ]; do sleep 0.05; done']))
+    order = tmp_path / "order"
+    later = [backend.submit(spec(tmp_path, f"later{n}", ["bash", "-c", f"echo {n} >> {order}"])) for n in range(3)]
+    for path in (state / "queued").iterdir():
+        path.unlink()
+    (state / "queued").rmdir()
+    gate.touch()
+    final = wait_for(
+        LocalBackend(state, max_concurrent_jobs=1),
+        [blocker, *later],
+        lambda i: all(x.is_terminal for x in i.values()),
+        what="all done",
+    )
+    assert all(info.state is JobState.COMPLETED for info in final.values())
+    assert order.read_text().split() == ["0", "1", "2"]
+
+
 # --- cancel -----------------------------------------------------------------------------------
 
 

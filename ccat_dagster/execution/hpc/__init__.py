@@ -7,7 +7,6 @@ this machine, `slurm` submits them to a Slurm cluster. Nothing here knows Dagste
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 # Loaded on first use (PEP 562): the local backend's job wrapper lives in this package and starts once per
 # job, so importing the package must not pull in both backends (tens of ms per job on a busy host).
@@ -27,7 +26,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -18,6 +18,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from ccat_dagster.errors import CcatError
+from ccat_dagster.execution.hpc.exit_codes import describe_exit_code
 
 __all__ = [
     "HpcBackend",
@@ -37,8 +38,6 @@ __all__ = [
 # Job names end up in scheduler options, file names and process titles: keep them boring.
 JOB_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-SIGKILL_EXIT_CODE = 137
 
 
 class HpcError(CcatError):
@@ -182,24 +181,6 @@ class JobInfo:
     def out_of_memory(self) -> bool:
         """True when the job was (most likely) killed for exceeding its memory."""
         return self.reason == "OUT_OF_MEMORY"
-
-
-def describe_exit_code(exit_code: int | None, *, signal_number: int | None = None) -> str | None:
-    """A human reason for a non-zero exit, or None for success / unknown.
-
-    137 is spelled out because it is the usual face of an out-of-memory kill.
-    """
-    if signal_number:
-        if signal_number == 9:
-            return "killed by signal 9 (SIGKILL: killed, or out of memory)"
-        return f"killed by signal {signal_number}"
-    if exit_code is None or exit_code == 0:
-        return None
-    if exit_code == SIGKILL_EXIT_CODE:
-        return "exit code 137 (killed by SIGKILL: killed, or out of memory)"
-    if exit_code > 128:
-        return f"exit code {exit_code} (killed by signal {exit_code - 128})"
-    return f"exit code {exit_code}"
 
 
 def read_log_tail(paths: Sequence[Path], *, tail_lines: int) -> str:

@@ -9,23 +9,23 @@ orchestrator, a CLI) can ask about, cancel or read the logs of a job it did not 
     <job_id>.cancel.json  written by cancel
     active/<job_id>       empty; from submit until the wrapper records the end (or a queued job is cancelled),
                           so scheduling reads the unfinished jobs only, not every job of a long-lived state_dir
+    queued/<seq>          empty, named `<time_ns>-<job_id>`; from submit until the job is started or cancelled:
+                          the queue in order, read from the names alone
 
 Jobs beyond `max_concurrent_jobs` stay PENDING; every `submit`/`status_many`/`cancel` call, and every
 wrapper whose job has ended, starts queued jobs (oldest first) while slots are free, under a file lock so
-two processes never start the same job. Nothing runs in the background except the wrappers themselves.
+two processes never start the same job (``local_wrapper.start_queued_jobs``, shared with the wrappers). Nothing
+runs in the background except the wrappers themselves.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,20 +44,24 @@ from ccat_dagster.execution.hpc.base import (
 from ccat_dagster.execution.hpc.local_wrapper import (
     ACTIVE_DIR,
     JOB_ID_PATTERN,
+    QUEUE_DIR,
     active_marker_path,
     cancel_marker_path,
     launch_record_path,
+    process_alive,
+    queue_marker_path,
     read_json,
+    scheduler_lock,
     spec_path,
+    start_queued_jobs,
     status_path,
+    wrapper_alive,
+    wrapper_pid,
     write_json_atomically,
 )
 
 __all__ = ["LocalBackend"]
 
-_WRAPPER_MODULE = "ccat_dagster.execution.hpc.local_wrapper"
-# A launch record without a wrapper pid older than this means the launching process died mid-launch.
-_LAUNCH_GRACE_SECONDS = 60.0
 _KIB_PER_GIB = 1024 * 1024
 
 
@@ -96,11 +100,10 @@ class LocalBackend(HpcBackend):
         self.max_concurrent_jobs = max_concurrent_jobs
         self.kill_grace_seconds = kill_grace_seconds
         (self.state_dir / ACTIVE_DIR).mkdir(parents=True, exist_ok=True)
+        if not (self.state_dir / QUEUE_DIR).is_dir():
+            start_queued_jobs(self.state_dir, 0, env={})  # limit 0: only indexes the queue of an older version
         # Wrappers this process started: polled so they do not linger as zombies.
         self._children: list[subprocess.Popen[bytes]] = []
-        # Jobs seen finished (a final state): the scheduler never reads their files again, so a state_dir
-        # with thousands of finished jobs does not make every submit / poll slower.
-        self._finished: set[str] = set()
 
     # --- submission -----------------------------------------------------------------------------
 
@@ -154,8 +157,9 @@ class LocalBackend(HpcBackend):
             raise InvalidJobSpecError(f"workdir={str(spec.workdir)!r} does not exist: create it before submitting")
         try:
             write_json_atomically(spec_path(self.state_dir, job_id), record)
-            # After the spec: a scheduler that sees the marker can always read what to run.
+            # After the spec: a scheduler that sees a marker can always read what to run.
             active_marker_path(self.state_dir, job_id).touch()
+            queue_marker_path(self.state_dir, record["sequence"]).touch()
         except OSError as exc:
             raise JobSubmissionError(f"cannot queue job {spec.job_name!r} in {self.state_dir}: {exc}") from exc
         return job_id
@@ -163,11 +167,18 @@ class LocalBackend(HpcBackend):
     # --- status ---------------------------------------------------------------------------------
 
     def status_many(self, job_ids: Sequence[str]) -> dict[str, JobInfo]:
+        """One look at each job's records: a finished job costs its status and cancel records, a queued one
+        its launch record too; only a job with none of them has its spec read (to tell it from an unknown id)."""
         wanted = list(dict.fromkeys(job_ids))
         _check_job_ids(wanted)
         self._schedule()
-        files = {job_id: self._read(job_id) for job_id in wanted}
-        unknown = [job_id for job_id, record in files.items() if record.spec is None]
+        files = {job_id: self._read(job_id, spec=False) for job_id in wanted}
+        unknown = []
+        for job_id, record in files.items():
+            if record.status is None and record.launch is None and record.cancel is None:
+                record.spec = read_json(spec_path(self.state_dir, job_id))
+                if record.spec is None:
+                    unknown.append(job_id)
         if unknown:
             raise UnknownJobError(
                 f"no local jobs {unknown!r} in {self.state_dir} (wrong state_dir, or never submitted)",
@@ -197,7 +208,7 @@ class LocalBackend(HpcBackend):
                 state=JobState.PENDING,
                 reason=f"queued: max_concurrent_jobs={self.max_concurrent_jobs} jobs already running",
             )
-        if self._wrapper_alive(files):
+        if wrapper_alive(files.launch, files.status):
             started_at = status.get("started_at")
             return JobInfo(
                 job_id=files.job_id,
@@ -212,8 +223,8 @@ class LocalBackend(HpcBackend):
             job_id=files.job_id,
             state=JobState.FAILED,
             reason=(
-                f"the wrapper process (pid {_wrapper_pid(files)}) ended without recording an exit status "
-                "(killed, or the machine restarted)"
+                f"the wrapper process (pid {wrapper_pid(files.launch, files.status)}) ended without recording an "
+                "exit status (killed, or the machine restarted)"
             ),
         )
 
@@ -223,7 +234,7 @@ class LocalBackend(HpcBackend):
         """Queued: never starts. Running: SIGTERM to the job's process group, SIGKILL after the grace
         period (done by the wrapper, so this returns at once). Finished: no-op."""
         _check_job_ids([job_id])
-        with self._scheduler_lock():
+        with scheduler_lock(self.state_dir):
             files = self._read(job_id)
             if files.spec is None:
                 raise UnknownJobError(f"no local job {job_id!r} in {self.state_dir}", job_ids=[job_id])
@@ -231,19 +242,23 @@ class LocalBackend(HpcBackend):
                 return
             if files.cancel is None:
                 write_json_atomically(cancel_marker_path(self.state_dir, job_id), {"cancelled_at": time.time()})
-            if files.launch is None:
-                active_marker_path(self.state_dir, job_id).unlink(missing_ok=True)  # will never start
+            if files.launch is None:  # will never start
+                queue_marker_path(self.state_dir, files.spec.get("sequence", "")).unlink(missing_ok=True)
+                active_marker_path(self.state_dir, job_id).unlink(missing_ok=True)
                 return
-            wrapper_pid = _wrapper_pid(files)
-            if wrapper_pid is not None and self._wrapper_alive(files):
+            pid = wrapper_pid(files.launch, files.status)
+            if pid is not None and wrapper_alive(files.launch, files.status):
+                # A wrapper may run several jobs one after the other: it ends its current job on SIGUSR1 only
+                # if that job has a cancel marker (local_wrapper._Wrapper); wrappers of older versions on SIGTERM.
+                cancel_signal = signal.SIGUSR1 if (files.launch or {}).get("cancel_signal") == "SIGUSR1" else None
                 try:
-                    os.kill(wrapper_pid, signal.SIGTERM)
+                    os.kill(pid, cancel_signal or signal.SIGTERM)
                     return
                 except ProcessLookupError:
                     pass
             # No wrapper left to escalate: kill the payload's group ourselves.
             pgid = (files.status or {}).get("pgid")
-            if pgid and _process_alive(pgid, None):
+            if pgid and process_alive(pgid, None):
                 for signum in (signal.SIGTERM, signal.SIGKILL):
                     try:
                         os.killpg(pgid, signum)
@@ -264,118 +279,25 @@ class LocalBackend(HpcBackend):
 
     def _schedule(self) -> None:
         """Start queued jobs, oldest first, while fewer than max_concurrent_jobs are running."""
-        self._reap_children()
-        with self._scheduler_lock():
-            running = 0
-            queued: list[_JobFiles] = []
-            for files in self._unfinished_jobs():
-                if files.finished or files.spec is None:
-                    continue
-                if files.launch is None:
-                    if files.cancel is None:
-                        queued.append(files)
-                elif self._wrapper_alive(files):
-                    running += 1
-            queued.sort(key=lambda files: files.spec["sequence"] if files.spec else "")
-            for files in queued[: max(0, self.max_concurrent_jobs - running)]:
-                self._launch(files.job_id)
-
-    def _launch(self, job_id: str) -> None:
-        launch_path = launch_record_path(self.state_dir, job_id)
-        # Recorded before the start so that a crash right after Popen cannot make the job look queued
-        # (and be started a second time by another process).
-        write_json_atomically(launch_path, {"launched_at": time.time(), "wrapper_pid": None}, durable=False)
-        wrapper_log = (self.state_dir / f"{job_id}.wrapper.log").open("ab")
-        try:
-            process = subprocess.Popen(
-                # -S: the wrapper needs only the standard library and ccat_dagster (on PYTHONPATH), and
-                # skipping site-packages saves tens of ms per job.
-                [sys.executable, "-S", "-m", _WRAPPER_MODULE, "--state-dir", str(self.state_dir), "--job-id", job_id],
-                stdin=subprocess.DEVNULL,
-                stdout=wrapper_log,
-                stderr=subprocess.STDOUT,
-                # Own session: the job survives this process, and signals to our group do not reach it.
-                start_new_session=True,
-                env=_wrapper_environment(),
-                cwd="/",
-            )
-        except OSError as exc:
-            write_json_atomically(
-                status_path(self.state_dir, job_id),
-                {
-                    "state": "finished",
-                    "finished_at": time.time(),
-                    "exit_code": None,
-                    "signal": 0,
-                    "reason": f"could not start the local job wrapper: {exc}",
-                },
-            )
-            return
-        finally:
-            wrapper_log.close()
-        self._children.append(process)
-        write_json_atomically(
-            launch_path,
-            {"launched_at": time.time(), "wrapper_pid": process.pid, "wrapper_start_ticks": _start_ticks(process.pid)},
-            durable=False,
-        )
-
-    @contextmanager
-    def _scheduler_lock(self) -> Iterator[None]:
-        with (self.state_dir / ".scheduler.lock").open("a") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-    def _reap_children(self) -> None:
         self._children = [child for child in self._children if child.poll() is None]
+        self._children += start_queued_jobs(self.state_dir, self.max_concurrent_jobs, env=_wrapper_environment())
 
     # --- state files ----------------------------------------------------------------------------
 
-    def _read(self, job_id: str) -> _JobFiles:
+    def _read(self, job_id: str, *, spec: bool = True) -> _JobFiles:
         return _JobFiles(
             job_id=job_id,
-            spec=read_json(spec_path(self.state_dir, job_id)),
+            spec=read_json(spec_path(self.state_dir, job_id)) if spec else None,
             launch=read_json(launch_record_path(self.state_dir, job_id)),
             status=read_json(status_path(self.state_dir, job_id)),
             cancel=read_json(cancel_marker_path(self.state_dir, job_id)),
         )
-
-    def _unfinished_jobs(self) -> Iterator[_JobFiles]:
-        for path in (self.state_dir / ACTIVE_DIR).iterdir():
-            job_id = path.name
-            if job_id in self._finished or not JOB_ID_PATTERN.fullmatch(job_id):
-                continue
-            # A wrapper that was killed before removing its marker: its final record says it ended.
-            status = read_json(status_path(self.state_dir, job_id))
-            if status is not None and status.get("state") == "finished":
-                self._finished.add(job_id)
-                path.unlink(missing_ok=True)
-                continue
-            files = self._read(job_id)
-            if files.spec is None:  # the marker of a submission that failed half-way
-                path.unlink(missing_ok=True)
-                continue
-            yield files
-
-    def _wrapper_alive(self, files: _JobFiles) -> bool:
-        launch = files.launch or {}
-        pid = _wrapper_pid(files)
-        if pid is None:
-            return time.time() - launch.get("launched_at", 0) < _LAUNCH_GRACE_SECONDS
-        return _process_alive(pid, launch.get("wrapper_start_ticks"))
 
 
 def _check_job_ids(job_ids: Sequence[str]) -> None:
     invalid = [job_id for job_id in job_ids if not JOB_ID_PATTERN.fullmatch(job_id)]
     if invalid:
         raise UnknownJobError(f"{invalid!r} are not local job ids (32 hex digits)", job_ids=invalid)
-
-
-def _wrapper_pid(files: _JobFiles) -> int | None:
-    return (files.launch or {}).get("wrapper_pid") or (files.status or {}).get("wrapper_pid")
 
 
 def _finished_info(job_id: str, status: dict[str, Any]) -> JobInfo:
@@ -399,38 +321,6 @@ def _cpu_hours(status: dict[str, Any]) -> float | None:
 def _peak_memory(status: dict[str, Any]) -> float | None:
     max_rss_kib = status.get("max_rss_kib")
     return max_rss_kib / _KIB_PER_GIB if max_rss_kib is not None else None
-
-
-def _start_ticks(pid: int) -> int | None:
-    """Process start time in clock ticks since boot (field 22 of /proc/<pid>/stat): tells a live
-    process from a later one that got the same pid."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
-
-
-def _process_alive(pid: int, start_ticks: int | None) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        # No /proc (not Linux): fall back to a signal-0 probe.
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in {"Z", "X"}:
-        return False  # exited; only its parent has not collected it yet
-    return start_ticks is None or int(fields[19]) == start_ticks
 
 
 def _wrapper_environment() -> dict[str, str]:
