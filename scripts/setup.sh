@@ -38,4 +38,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# Byte-compile the package as pip does for a regular install: every run worker and local job wrapper is a fresh
+# interpreter, and without cached bytecode (PYTHONDONTWRITEBYTECODE, read-only trees) each recompiles it.
+.venv/bin/python -m compileall -q ccat_dagster >/dev/null
 .venv/bin/python -c "import ccat_dagster, dagster; print('setup.sh: ccat-dagster ready (dagster', dagster.__version__ + ')')"
