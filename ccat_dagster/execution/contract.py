@@ -628,9 +628,15 @@ def manifest_schema() -> dict[str, Any]:
     return schema
 
 
+@functools.cache
+def _manifest_validator() -> jsonschema.Draft202012Validator:
+    """Read and checked once per process: a batched run writes a manifest per sub-group (issue 7)."""
+    return jsonschema.Draft202012Validator(manifest_schema())
+
+
 def validate_manifest(manifest: Mapping[str, Any]) -> None:
     """Raise ContainerContractError naming the first entry of ``manifest`` the schema refuses."""
-    validator = jsonschema.Draft202012Validator(manifest_schema())
+    validator = _manifest_validator()
     error = jsonschema.exceptions.best_match(validator.iter_errors(manifest))
     if error is not None:
         where = "/".join(str(part) for part in error.absolute_path) or "(top level)"
@@ -643,10 +649,10 @@ def write_manifest(*, layout: AttemptLayout, manifest: Mapping[str, Any]) -> Pat
     text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
     descriptor, temporary = tempfile.mkstemp(dir=layout.config_dir, prefix=".manifest.", suffix=".partial")
     try:
+        # No fsync: the job that reads it is submitted after this returns (a shared file system shows a closed
+        # file to other clients), and a host crash ends the attempt, whose retry writes a new manifest.
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.chmod(temporary, 0o444)
         try:
             # link() fails on an existing name: the manifest appears complete or not at all, and once.
