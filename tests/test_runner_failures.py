@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ccat_dagster.execution.hpc.base import JobSpec, JobState
 from ccat_dagster.execution.hpc.local import LocalBackend
@@ -231,6 +233,27 @@ def test_one_failing_sub_group_fails_alone(world, keys):
     failed, completed = (world.attempts(pipeline, key)[0] for key in keys)
     assert failed.status is RunStatus.FAILED and completed.status is RunStatus.COMPLETED
     assert world.registered_counts([completed.id])["products"] == 1
+
+
+def test_refused_output_in_a_collection_round_rolls_back_only_its_sub_group(world):
+    """Sub-groups that end in the same poll are registered in one transaction, each in its own savepoint."""
+    keys = world.scan_keys[:3]
+    assert len(keys) == 3
+    pipeline = world.apply(behaviour="ok", extra_config={"fail_keys": [keys[1]], "fail_behaviour": "fifo"})
+    # A first poll after all three jobs have ended: one collection round for the three.
+    runner = world.runner(min_poll_interval_seconds=3.0, poll_interval_seconds=3.0)
+    outcomes = run(world, pipeline, keys, runner=runner)
+    assert [o.kind for o in outcomes] == [OutcomeKind.COMPLETED, OutcomeKind.FAILED, OutcomeKind.COMPLETED]
+    first, refused, last = (world.attempts(pipeline, key)[0] for key in keys)
+    assert first.status is RunStatus.COMPLETED and last.status is RunStatus.COMPLETED
+    assert refused.status is RunStatus.FAILED and refused.error.startswith("output collection refused: ")
+    assert_path(refused, "staging_data", "submitted", "collecting_results", "failed")
+    assert_nothing_registered(world, [refused])
+    assert world.registered_counts([first.id, last.id])["products"] == 2
+    # Lineage aggregates were written for the completed attempts of the round, not for the refused one.
+    with Session(world.engine) as session:
+        totals = set(session.scalars(select(m.RunLineageTotal.executed_reduction_step_id)))
+    assert {first.id, last.id} <= totals and refused.id not in totals
 
 
 # ---------------------------------------------------------------- cancellation

@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dagster.errors import CcatError
 from ccat_dagster.opsdb.enums import DataProductType, PhysicalCopyStatus, RunStatus
-from ccat_dagster.opsdb.lineage import lineage_step_rows, lineage_total_rows
+from ccat_dagster.opsdb.lineage import attempt_filter, lineage_step_rows, lineage_total_rows
 from ccat_dagster.opsdb.models import (
     DataLocation,
     DataProduct,
@@ -177,10 +177,13 @@ def record_lineage_closure(session: Session, *, attempt_id: int) -> None:
     )
 
 
-def record_lineage_aggregates(session: Session, *, attempt_id: int) -> None:
-    """(Re)write ``run_lineage_step`` / ``run_lineage_total`` of attempt ``attempt_id`` from its closure rows,
-    in the caller's transaction. ``register_attempt_results`` calls it once the attempt's products exist (only
-    a product's lineage is ever summarized, so attempts that never complete need none)."""
+def record_lineage_aggregates(session: Session, *, attempt_id: int | Sequence[int]) -> None:
+    """(Re)write ``run_lineage_step`` / ``run_lineage_total`` of attempt ``attempt_id`` (or of several: a
+    sequence, in four statements whatever their number) from the closure rows, in the caller's transaction.
+    ``register_attempt_results`` calls it once the attempt's products exist (only a product's lineage is ever
+    summarized, so attempts that never complete need none)."""
+    if not isinstance(attempt_id, int) and not attempt_id:
+        return
     _write_lineage_aggregates(session, attempt_id=attempt_id)
 
 
@@ -190,16 +193,13 @@ def rebuild_lineage_aggregates(session: Session) -> None:
     _write_lineage_aggregates(session, attempt_id=None)
 
 
-def _write_lineage_aggregates(session: Session, *, attempt_id: int | None) -> None:
+def _write_lineage_aggregates(session: Session, *, attempt_id: int | Sequence[int] | None) -> None:
     """Replace the lineage aggregates of ``attempt_id`` (None: of every attempt) with ones computed from its
     closure rows: per (ancestor step, software version, config) the attempts, distinct sub-groups and finish
     times; the totals of products used in the lineage, raw packages, their bytes and raw files."""
     steps, totals = RunLineageStep.__table__, RunLineageTotal.__table__
     for table in (steps, totals):
-        statement = delete(table)
-        if attempt_id is not None:
-            statement = statement.where(table.c.executed_reduction_step_id == attempt_id)
-        session.execute(statement)
+        session.execute(delete(table).where(*attempt_filter(table.c.executed_reduction_step_id, attempt_id)))
 
     session.execute(
         insert(steps).from_select(
@@ -233,6 +233,7 @@ def register_attempt_results(
     input_package_ids: Sequence[int],
     input_product_ids: Sequence[int],
     metrics: Mapping[str, Any] | None = None,
+    lineage_aggregates: bool = True,
 ) -> list[DataProduct]:
     """Register everything ``attempt`` produced and move it COLLECTING_RESULTS → COMPLETED, in the caller's
     transaction (nothing is committed here).
@@ -244,7 +245,9 @@ def register_attempt_results(
     and skip it), the lineage aggregates (``record_lineage_aggregates``),
     supersession of older products (module docstring) and the transition.
     ``metrics`` may set the attempt's ``exit_code``, ``wall_time_seconds``, ``cpu_hours``,
-    ``peak_memory_gb`` (None values are ignored).
+    ``peak_memory_gb`` (None values are ignored). ``lineage_aggregates=False`` leaves the aggregates to the
+    caller, who then calls ``record_lineage_aggregates`` for all attempts it registered in the transaction at
+    once (a runner collecting a round of sub-groups).
 
     Raises ``RegistrationError`` (bad discovered entry, duplicate relative path, unknown location or input,
     a database constraint) or ``IllegalTransitionError`` (attempt not in COLLECTING_RESULTS). After any
@@ -264,7 +267,8 @@ def register_attempt_results(
     _apply_metrics(attempt, metrics)
     if input_package_ids or input_product_ids:
         record_input_lineage(session, attempt=attempt, package_ids=input_package_ids, product_ids=input_product_ids)
-    record_lineage_aggregates(session, attempt_id=attempt_id)
+    if lineage_aggregates:
+        record_lineage_aggregates(session, attempt_id=attempt_id)
 
     products: list[DataProduct] = []
     for entry, product_type in entries:

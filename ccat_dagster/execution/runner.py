@@ -45,7 +45,11 @@ from ccat_dagster.execution.discovery import discover_products
 from ccat_dagster.execution.hpc.base import HpcBackend, JobInfo, JobResources, JobSpec, JobState, UnknownJobError
 from ccat_dagster.execution.images import resolve_image
 from ccat_dagster.execution.planning import Planner, Readiness, SubGroupPlan, load_pipeline
-from ccat_dagster.execution.registration import record_input_lineage, register_attempt_results
+from ccat_dagster.execution.registration import (
+    record_input_lineage,
+    record_lineage_aggregates,
+    register_attempt_results,
+)
 from ccat_dagster.execution.runtimes import ContainerInvocation, ContainerRuntime
 from ccat_dagster.execution.staging import StagedPackage, Stager, require_present_products
 from ccat_dagster.opsdb import models as m
@@ -707,7 +711,7 @@ class StepRunner:
     ) -> list[tuple[_Active, SubGroupOutcome, int | None]]:
         """Jobs that ended in one poll: collect the successful ones, fail (and maybe retry) the others.
 
-        The successful ones enter COLLECTING_RESULTS together; each is then registered in its own transaction.
+        The successful ones enter COLLECTING_RESULTS together, then are registered together (``_collect_round``).
         """
         results: list[tuple[_Active, SubGroupOutcome, int | None]] = []
         succeeded = [(a, i) for a, i in finished if i.state is JobState.COMPLETED and i.exit_code in (0, None)]
@@ -720,12 +724,7 @@ class StepRunner:
                     if attempt.status is RunStatus.SUBMITTED:
                         transition(session, attempt, RunStatus.RUNNING, message="job finished between two polls")
                     transition(session, attempt, RunStatus.COLLECTING_RESULTS, message=f"exit code {info.exit_code}")
-            for item, info in succeeded:
-                try:
-                    outcome = self._collect(item, info, step)
-                except CcatError as error:
-                    outcome = self._fail(item, f"output collection refused: {error}", info=info)
-                results.append((item, outcome, None))
+            results.extend((item, outcome, None) for item, outcome in self._collect_round(succeeded, step))
         for item, info in finished:
             if info.state is JobState.COMPLETED and info.exit_code in (0, None):
                 continue
@@ -760,21 +759,79 @@ class StepRunner:
         outcome.metadata.update({k: v for k, v in metrics.items() if v is not None})
         return outcome, None
 
+    def _collect_round(
+        self, succeeded: list[tuple[_Active, JobInfo]], step: _StepSnapshot
+    ) -> list[tuple[_Active, SubGroupOutcome]]:
+        """Register the products, lineage and COMPLETED of a round's successful attempts in one transaction, each
+        attempt in its own savepoint: an attempt whose results are refused rolls back alone (all or nothing per
+        sub-group) and fails; the lineage aggregates of the others are written in one go. A round costs one
+        commit and four aggregate statements instead of one each per sub-group (issue 7). Should anything
+        unexpected break the round, it is collected again one transaction per sub-group, as before."""
+        try:
+            return self._register_round(succeeded, step)
+        except Exception:  # noqa: BLE001 - fall back to per-sub-group transactions, which isolate the culprit
+            log.warning("collecting %s sub-group(s) together failed; one by one instead", len(succeeded), exc_info=True)
+        outcomes = []
+        for item, info in succeeded:
+            try:
+                outcome = self._collect(item, info, step)
+            except CcatError as error:
+                outcome = self._fail(item, f"output collection refused: {error}", info=info)
+            outcomes.append((item, outcome))
+        return outcomes
+
+    def _register_round(
+        self, succeeded: list[tuple[_Active, JobInfo]], step: _StepSnapshot
+    ) -> list[tuple[_Active, SubGroupOutcome]]:
+        registered: dict[int, tuple[int, int]] = {}
+        refused: dict[int, CcatError] = {}
+        with session_scope(self.engine) as session:
+            attempts = _attempts_by_id(session, [item.attempt_id for item, _ in succeeded])
+            for item, _info in succeeded:
+                try:
+                    discovered = discover_products(layout=item.layout)
+                    with session.begin_nested():
+                        products = self._register(session, attempts[item.attempt_id], discovered, aggregates=False)
+                except CcatError as error:
+                    refused[item.attempt_id] = error
+                    continue
+                registered[item.attempt_id] = (len(products), sum(p.size_bytes for p in products))
+            record_lineage_aggregates(session, attempt_id=list(registered))
+        outcomes = []
+        for item, info in succeeded:
+            if item.attempt_id in refused:
+                error = refused[item.attempt_id]
+                outcomes.append((item, self._fail(item, f"output collection refused: {error}", info=info)))
+            else:
+                outcomes.append((item, self._completed(item, info, step, *registered[item.attempt_id])))
+        return outcomes
+
+    def _register(
+        self, session: Session, attempt: m.ExecutedReductionStep, discovered: list, *, aggregates: bool
+    ) -> list[m.DataProduct]:
+        return register_attempt_results(
+            session,
+            attempt=attempt,
+            discovered=discovered,
+            processing_location_id=self.config.processing_location_id,
+            # The input lineage and its closure were recorded when the attempt was created (_create_attempts).
+            input_package_ids=[],
+            input_product_ids=[],
+            lineage_aggregates=aggregates,
+        )
+
     def _collect(self, item: _Active, info: JobInfo, step: _StepSnapshot) -> SubGroupOutcome:
         """Register the attempt's products, lineage and COMPLETED in one transaction (all or nothing)."""
         discovered = discover_products(layout=item.layout)
         with session_scope(self.engine) as session:
             attempt = session.get(m.ExecutedReductionStep, item.attempt_id)
-            products = register_attempt_results(
-                session,
-                attempt=attempt,
-                discovered=discovered,
-                processing_location_id=self.config.processing_location_id,
-                # The input lineage and its closure were recorded when the attempt was created (_create_attempts).
-                input_package_ids=[],
-                input_product_ids=[],
-            )
+            products = self._register(session, attempt, discovered, aggregates=True)
             product_count, product_bytes = len(products), sum(p.size_bytes for p in products)
+        return self._completed(item, info, step, product_count, product_bytes)
+
+    def _completed(
+        self, item: _Active, info: JobInfo, step: _StepSnapshot, product_count: int, product_bytes: int
+    ) -> SubGroupOutcome:
         log.debug("attempt %s [%s]: completed, %s product(s)", item.attempt_id, item.plan.sub_group_key, product_count)
         return SubGroupOutcome(
             item.plan.sub_group_key,

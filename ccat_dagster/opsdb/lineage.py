@@ -523,8 +523,18 @@ class LineageSummary:
         return len(self.packages) == self.package_count
 
 
-def lineage_step_rows(attempt_id: int | None) -> Select[Any]:
-    """Rows of ``run_lineage_step`` for attempt ``attempt_id`` (None: every attempt), computed from the closure:
+def attempt_filter(column: Any, attempt_id: int | Sequence[int] | None) -> list[ColumnElement[bool]]:
+    """``column`` is the attempt, one of the attempts, or (None) anything."""
+    if attempt_id is None:
+        return []
+    if isinstance(attempt_id, int):
+        return [column == attempt_id]
+    return [column.in_(list(attempt_id))]
+
+
+def lineage_step_rows(attempt_id: int | Sequence[int] | None) -> Select[Any]:
+    """Rows of ``run_lineage_step`` for attempt ``attempt_id`` (several: a sequence; None: every attempt), computed
+    from the closure:
     (attempt, ancestor step, software version, config, attempts, distinct sub-groups, first and last finish).
     Registration stores them; ``lineage_summary`` computes them here when they were not stored."""
     rar, ancestor = m.run_ancestor_run, m.ExecutedReductionStep.__table__.alias("ancestor")
@@ -545,11 +555,12 @@ def lineage_step_rows(attempt_id: int | None) -> Select[Any]:
         .join(ancestor, ancestor.c.id == rar.c.ancestor_run_id)
         .group_by(*key)
     )
-    return rows if attempt_id is None else rows.where(rar.c.executed_reduction_step_id == attempt_id)
+    return rows.where(*attempt_filter(rar.c.executed_reduction_step_id, attempt_id))
 
 
-def lineage_total_rows(attempt_id: int | None) -> Select[Any]:
-    """Rows of ``run_lineage_total`` for attempt ``attempt_id`` (None: every attempt), computed from the
+def lineage_total_rows(attempt_id: int | Sequence[int] | None) -> Select[Any]:
+    """Rows of ``run_lineage_total`` for attempt ``attempt_id`` (several: a sequence; None: every attempt), computed
+    from the
     closure: (attempt, distinct products used by it and its ancestors, raw packages, their bytes, raw files).
     Grouped joins rather than correlated subqueries, so computing every attempt at once (a bulk load) stays one
     pass over each table."""
@@ -562,7 +573,7 @@ def lineage_total_rows(attempt_id: int | None) -> Select[Any]:
     package, file = m.RawDataPackage.__table__, m.RawDataFile.__table__
 
     def only(column: Any) -> list[ColumnElement[bool]]:
-        return [] if attempt_id is None else [column == attempt_id]
+        return attempt_filter(column, attempt_id)
 
     # Each attempt with itself and its ancestors: whose run_input_product rows its lineage used.
     sources = union_all(
