@@ -156,9 +156,11 @@ def seed_scale_world(
 
 
 def dagster_yaml(dagster_url: str) -> str:
-    """A DAGSTER_HOME/dagster.yaml on PostgreSQL (dagster-postgres wants a URL without the +driver)."""
+    """A DAGSTER_HOME/dagster.yaml on PostgreSQL with the production storage (the repository's dagster.yaml:
+    pooled connections in every process; dagster-postgres wants a URL without the +driver)."""
     return (
-        f"storage:\n  postgres:\n    postgres_url: {dagster_url.replace('+psycopg2', '')}\n"
+        "storage:\n  custom:\n    module: ccat_dagster.dagster_storage\n    class: PooledPostgresStorage\n"
+        f"    config:\n      postgres_url: {dagster_url.replace('+psycopg2', '')}\n"
         "telemetry:\n  enabled: false\n"
     )
 
