@@ -15,7 +15,6 @@ up to date.
 # No `from __future__ import annotations`: Dagster reads the config class from the real annotation.
 
 import os
-import weakref
 
 import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
@@ -161,7 +160,6 @@ def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeli
     res = context.resources
     execution = res.execution
     instance = context.instance
-    _hold_storage_connections(instance)
     events = _AssetEventBatch(context)
 
     def is_run_alive(run_id: str) -> bool:
@@ -218,23 +216,6 @@ def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeli
                 "completed": done,
             },
         )
-
-
-def _hold_storage_connections(instance: dg.DagsterInstance) -> None:
-    """Let this run worker keep its Dagster-storage connections open instead of opening new ones per event.
-
-    dagster-postgres defaults to no connection pool: every stored event opens two fresh PostgreSQL connections
-    (≈5 ms each on a busy host). A batched run writes one materialization per sub-group plus one observation
-    per attempt transition, so that would dominate its cost (issue 7). ``optimize_for_webserver`` is Dagster's
-    switch to a small pool for a long-lived process (the webserver uses it); a no-op for SQLite storage.
-    """
-    if instance in _POOLED_INSTANCES:  # once per instance: each call replaces (and leaks) the engines
-        return
-    instance.optimize_for_webserver(statement_timeout=0, pool_recycle=3600, max_overflow=4)
-    _POOLED_INSTANCES.add(instance)
-
-
-_POOLED_INSTANCES: weakref.WeakSet[dg.DagsterInstance] = weakref.WeakSet()
 
 
 def _materialization(asset_key: dg.AssetKey, outcome: SubGroupOutcome) -> dg.AssetMaterialization | None:
