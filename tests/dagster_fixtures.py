@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ccat_dagster.demo.run import execute_run_request as execute_request  # noqa: F401 - for the tests
 from ccat_dagster.demo.seed import seed_demo
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
@@ -107,16 +108,3 @@ def request_step(request: dg.RunRequest) -> str:
     """The step a sensor's run request targets (its one selected asset is ``[pipeline, step]``)."""
     (key,) = request.asset_selection
     return key.path[-1]
-
-
-def execute_request(defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest, **tags: str):
-    """Execute a sensor's run request in process, as the daemon would launch it: the implicit asset job with the
-    request's one step selected, its partition (or partition-range tags) and run config."""
-    return defs.resolve_implicit_global_asset_job_def().execute_in_process(
-        instance=instance,
-        asset_selection=request.asset_selection,
-        partition_key=request.partition_key,
-        run_config=request.run_config or None,
-        tags={**request.tags, **tags},
-        raise_on_error=False,
-    )

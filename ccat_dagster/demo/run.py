@@ -27,6 +27,21 @@ class DemoRunLog:
     runs: list[tuple[str, str, bool]] = field(default_factory=list)  # (step, partition or batch, success)
 
 
+def execute_run_request(
+    defs: dg.Definitions, instance: dg.DagsterInstance, request: dg.RunRequest, **tags: str
+) -> dg.ExecuteInProcessResult:
+    """Execute a sensor's run request in process, as the daemon would launch it: the implicit asset job with the
+    request's one step selected, its partition (or partition-range tags) and run config."""
+    return defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance,
+        asset_selection=request.asset_selection,
+        partition_key=request.partition_key,
+        run_config=request.run_config or None,
+        tags={**request.tags, **tags},
+        raise_on_error=False,
+    )
+
+
 def run_sensor_until_idle(
     *,
     defs: dg.Definitions,
@@ -51,16 +66,8 @@ def run_sensor_until_idle(
             echo(f"tick {log.ticks}: {result.skip_reason.skip_message if result.skip_reason else 'no run requested'}")
             break
         echo(f"tick {log.ticks}: {len(result.run_requests)} run(s) requested")
-        job = defs.resolve_implicit_global_asset_job_def()
         for request in result.run_requests:
-            outcome = job.execute_in_process(
-                instance=instance,
-                asset_selection=request.asset_selection,
-                partition_key=request.partition_key,
-                run_config=request.run_config or None,
-                tags={**request.tags, "dagster/sensor_name": sensor.name},
-                raise_on_error=False,
-            )
+            outcome = execute_run_request(defs, instance, request, **{"dagster/sensor_name": sensor.name})
             label = request.partition_key or f"{request.tags.get('ccat/sub_groups', '?')} sub-groups"
             step = "/".join(request.asset_selection[0].path) if request.asset_selection else "?"
             log.runs.append((step, label, outcome.success))
