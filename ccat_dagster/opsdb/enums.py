@@ -88,6 +88,33 @@ class RunStatus(enum.StrEnum):
 TERMINAL_RUN_STATUSES = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 
 
+class FailureKind(enum.StrEnum):
+    """Why an attempt failed, as a type: what a retry does follows from it, never from the message text."""
+
+    OOM = "oom"
+    """Killed for exceeding its memory (sacct OUT_OF_MEMORY, pod OOMKilled, the kernel's OOM killer)."""
+    WALLTIME = "walltime"
+    """Ended by its time limit (sacct TIMEOUT, the pre-walltime signal, pod DeadlineExceeded)."""
+    EXIT_CODE = "exit_code"
+    """The payload exited non-zero by itself."""
+    SIGNAL = "signal"
+    """The payload was killed by a signal nobody in ccat-dagster sent (not OOM, not walltime)."""
+    CANCELLED = "cancelled"
+    """A person or Dagster's run termination cancelled it, or it was scancelled from outside."""
+    NODE_FAILURE = "node_failure"
+    """The node (or pod) it ran on failed or it was preempted: nothing wrong with the attempt itself."""
+    LOST = "lost"
+    """The scheduler forgot the job, or the orchestrator lost track of it."""
+    STAGING = "staging"
+    """Its inputs could not be staged."""
+    CONTRACT = "contract"
+    """Its outputs were refused by the container contract (writes outside, symlinks, too many products)."""
+    SCHEDULER_UNAVAILABLE = "scheduler_unavailable"
+    """The scheduler could not be asked for longer than the configured tolerance."""
+    DISK_FULL = "disk_full"
+    """A filesystem it needed was full (ENOSPC)."""
+
+
 class DataProductType(enum.StrEnum):
     SCIENCE = "science"
     QA_METRIC = "qa_metric"

@@ -1,8 +1,9 @@
 """The interface every HPC backend implements, and the value types it speaks.
 
 A backend runs one command per job with given resources and environment and answers, for any job id
-it handed out, in which state the job is. It knows nothing of Dagster, containers or ops-db: the
-caller builds the command (e.g. an `apptainer exec ...` argument list) and records the outcome.
+it handed out, in which state the job is. It knows nothing of Dagster, containers or ops-db (it shares only
+ops-db's plain ``FailureKind`` enum, to say why a job failed): the caller builds the command (e.g. an
+`apptainer exec ...` argument list) and records the outcome.
 
 Memory is counted in GiB throughout (`memory_gb`, `peak_memory_gb`), as Slurm's `--mem=<n>G` does.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from ccat_dagster.errors import CcatError
 from ccat_dagster.execution.hpc.exit_codes import describe_exit_code
+from ccat_dagster.opsdb.enums import FailureKind
 
 __all__ = [
     "HpcBackend",
@@ -171,6 +173,9 @@ class JobInfo:
     cpu_hours: float | None = None
     peak_memory_gb: float | None = None
     reason: str | None = None
+    failure_kind: FailureKind | None = None
+    """Set by the backend from its own evidence (scheduler state, pod reason, wait status) for a job that did
+    not complete; None while the job is not terminal or when it completed."""
 
     @property
     def is_terminal(self) -> bool:
