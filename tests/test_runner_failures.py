@@ -302,10 +302,10 @@ def test_run_termination_cancels_the_job_and_marks_the_attempt_cancelled(world, 
         poll = runner._poll
         state = {"interrupt": False}
 
-        def interrupting_poll(job_ids):
+        def interrupting_poll(active):
             if state["interrupt"]:
                 raise TerminatedByDagster()
-            return poll(job_ids)
+            return poll(active)
 
         runner._poll = interrupting_poll  # type: ignore[method-assign]
 

@@ -21,7 +21,6 @@ import json
 import os
 import posixpath
 import re
-import signal
 import tempfile
 import uuid
 from collections import defaultdict
@@ -34,6 +33,7 @@ from typing import Any
 import jsonschema
 
 from ccat_dagster.errors import CcatError
+from ccat_dagster.execution.hpc.exit_codes import explain_exit_code
 
 CONTAINER_ROOT = "/workflow"
 CONTAINER_INPUT_DIR = "/workflow/input"
@@ -675,20 +675,7 @@ def short_hash(value: str, *, length: int = 8) -> str:
 def describe_exit_code(exit_code: int) -> str:
     """What a container's exit code means under the contract (0 = success, anything else fails the attempt).
 
-    Accepts shell-style codes (128 + signal) and Python's negative codes for a process killed by a signal.
+    Accepts shell-style codes (128 + signal) and Python's negative codes for a process killed by a signal; the
+    wording lives with every other exit-code description in ``execution.hpc.exit_codes``.
     """
-    if exit_code == 0:
-        return "exit code 0: success"
-    signal_number = -exit_code if exit_code < 0 else exit_code - 128 if 128 < exit_code < 160 else None
-    if signal_number == 9:
-        return (
-            f"exit code {exit_code}: killed (SIGKILL), most often out of memory or cancelled; "
-            "check the job's peak memory and raise the step's memory request if it hit the limit"
-        )
-    if signal_number is not None:
-        try:
-            name = signal.Signals(signal_number).name
-        except ValueError:
-            name = f"signal {signal_number}"
-        return f"exit code {exit_code}: killed by {name}"
-    return f"exit code {exit_code}: the software reported failure (see its logs)"
+    return explain_exit_code(exit_code)

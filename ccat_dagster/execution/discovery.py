@@ -52,11 +52,12 @@ class _Candidate:
     host_path: Path
 
 
-def discover_products(*, layout: AttemptLayout) -> list[DiscoveredProduct]:
+def discover_products(*, layout: AttemptLayout, max_products: int | None = None) -> list[DiscoveredProduct]:
     """The products of the attempt described by ``layout``, sorted by relative path.
 
     Raises OutputContractError listing every offending path (relative to the output root) when the output
-    breaks the contract; the checksums are only computed when the structure is acceptable.
+    breaks the contract; the checksums are only computed when the structure is acceptable. More than
+    ``max_products`` files is refused too, before any is read.
     """
     root = layout.products_dir
     summary = (
@@ -107,6 +108,14 @@ def discover_products(*, layout: AttemptLayout) -> list[DiscoveredProduct]:
             problems.append(
                 OutputProblem(".", "the step wrote no file; an intermediate step must write to WORKFLOW_OUTPUT_DIR")
             )
+    if max_products is not None and len(candidates) > max_products:
+        problems.append(
+            OutputProblem(
+                ".",
+                f"{len(candidates)} files, more than the limit of {max_products} products per attempt "
+                "(CCAT_WORKFLOW_MANAGER_MAX_PRODUCTS_PER_ATTEMPT); write fewer, larger products (e.g. one archive)",
+            )
+        )
     if problems:
         raise OutputContractError(summary=summary, problems=problems)
 

@@ -36,6 +36,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from ccat_dagster.opsdb.enums import (
     DataProductType,
+    FailureKind,
     LocationType,
     ObsStatus,
     PackageState,
@@ -454,6 +455,8 @@ class ExecutedReductionStep(Base):
     cpu_hours: Mapped[float | None] = mapped_column(Float)
     peak_memory_gb: Mapped[float | None] = mapped_column(Float)
     error: Mapped[str | None] = mapped_column(Text)
+    # Why it failed, as a type (what a retry does follows from it); None unless FAILED / CANCELLED.
+    failure_kind: Mapped[FailureKind | None] = mapped_column(str_enum(FailureKind))
     attempt_dir: Mapped[str | None] = mapped_column(String(2048))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None]
