@@ -84,6 +84,38 @@ def _redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
 
 
+def _bounded_int(minimum: int, maximum: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        value = _int(minimum)(name, raw)
+        if value > maximum:
+            raise SettingsError(f"{name}={raw!r} is invalid: expected a whole number from {minimum} to {maximum}")
+        return value
+
+    return parse
+
+
+# The step runner's tolerances and bounds: key → (default, parser, allowed values as documented).
+RUNNER_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
+    "SCHEDULER_TOLERANCE_SECONDS": (
+        "900",
+        _bounded_int(0, 86_400),
+        "seconds status queries may fail before waiting attempts fail as scheduler_unavailable, 0–86400",
+    ),
+    "OPS_DB_TOLERANCE_SECONDS": (
+        "300",
+        _bounded_int(0, 86_400),
+        "seconds an ops-db call is retried through connection failures, 0–86400",
+    ),
+    "MAX_MEMORY_GB": ("512", _bounded_int(1, 65_536), "most memory (GiB) a retry after oom may ask for, 1–65536"),
+    "MAX_TIME_HOURS": ("48", _bounded_int(1, 8_760), "most time (hours) a retry after walltime may ask for, 1–8760"),
+    "MAX_PRODUCTS_PER_ATTEMPT": (
+        "10000",
+        _bounded_int(1, 1_000_000),
+        "more output files than this fail the attempt (contract), 1–1000000",
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """All configuration of one ccat-dagster deployment (one processing location)."""
@@ -107,6 +139,12 @@ class Settings:
     sensor_interval_seconds: int
     watermark_overlap_seconds: int
     retention_days: int
+    # The step runner's tolerances and bounds (RUNNER_SETTINGS below).
+    scheduler_tolerance_seconds: int
+    ops_db_tolerance_seconds: int
+    max_memory_gb: int
+    max_time_hours: int
+    max_products_per_attempt: int
 
     @property
     def redacted_ops_db_url(self) -> str:
@@ -154,6 +192,8 @@ class Settings:
             "WATERMARK_OVERLAP_SECONDS": _int(0),
             "RETENTION_DAYS": _int(0),
         }
+        defaults.update({key: default for key, (default, _, _) in RUNNER_SETTINGS.items()})
+        parsers.update({key: parse for key, (_, parse, _) in RUNNER_SETTINGS.items()})
         values: dict[str, Any] = {"data_dir": data_dir}
         for key, parse in parsers.items():
             name = PREFIX + key
@@ -196,4 +236,4 @@ def variable_reference() -> list[tuple[str, str, str]]:
         (PREFIX + "SENSOR_INTERVAL_SECONDS", "30", "least seconds between two ticks of a pipeline's sensor, ≥ 1"),
         (PREFIX + "WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark, ≥ 0"),
         (PREFIX + "RETENTION_DAYS", "30", "days before consumed intermediates may be deleted, ≥ 0"),
-    ]
+    ] + [(PREFIX + key, default, allowed) for key, (default, _, allowed) in RUNNER_SETTINGS.items()]

@@ -178,6 +178,11 @@ def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeli
             max_in_flight=execution.max_in_flight,
             poll_interval_seconds=execution.poll_interval_seconds,
             staging_timeout_seconds=execution.staging_timeout_seconds,
+            scheduler_tolerance_seconds=execution.scheduler_tolerance_seconds,
+            opsdb_tolerance_seconds=execution.ops_db_tolerance_seconds,
+            max_memory_gb=execution.max_memory_gb,
+            max_time_hours=execution.max_time_hours,
+            max_products_per_attempt=execution.max_products_per_attempt,
         ),
         report=context.log.info,
         is_run_alive=is_run_alive,
@@ -205,7 +210,8 @@ def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeli
     )
     if failed:
         lines = [
-            f"{o.sub_group_key}: {o.kind.value} (attempt {o.attempt_id}): {(o.detail or '').partition(chr(10))[0]}"
+            f"{o.sub_group_key}: {o.kind.value}{f' ({o.failure_kind.value})' if o.failure_kind else ''} "
+            f"(attempt {o.attempt_id}): {(o.detail or '').partition(chr(10))[0]}"
             for o in failed[:20]
         ]
         raise dg.Failure(
@@ -213,6 +219,9 @@ def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeli
             + "\n".join(lines),
             metadata={
                 "failed_sub_groups": dg.MetadataValue.json([o.sub_group_key for o in failed]),
+                "failure_kinds": dg.MetadataValue.json(
+                    {o.sub_group_key: o.failure_kind.value if o.failure_kind else None for o in failed}
+                ),
                 "completed": done,
             },
         )

@@ -80,6 +80,11 @@ class ExecutionSettingsResource(dg.ConfigurableResource):
     max_in_flight: int = 100
     poll_interval_seconds: float = 2.0
     staging_timeout_seconds: float = 3600.0
+    scheduler_tolerance_seconds: float = 900.0
+    ops_db_tolerance_seconds: float = 300.0
+    max_memory_gb: float = 512.0
+    max_time_hours: float = 48.0
+    max_products_per_attempt: int = 10_000
 
 
 def resources_from_settings(settings: Settings, *, processing_location_id: int) -> dict[str, Any]:
@@ -103,5 +108,10 @@ def resources_from_settings(settings: Settings, *, processing_location_id: int) 
             max_in_flight=settings.max_concurrent_jobs,
             poll_interval_seconds=float(settings.poll_interval_seconds),
             staging_timeout_seconds=float(settings.staging_timeout_seconds),
+            scheduler_tolerance_seconds=float(settings.scheduler_tolerance_seconds),
+            ops_db_tolerance_seconds=float(settings.ops_db_tolerance_seconds),
+            max_memory_gb=float(settings.max_memory_gb),
+            max_time_hours=float(settings.max_time_hours),
+            max_products_per_attempt=settings.max_products_per_attempt,
         ),
     }
