@@ -78,6 +78,10 @@ elif behaviour == "fifo":
     os.mkfifo(os.path.join(product_dir, "pipe"))
 elif behaviour == "empty":
     pass
+elif behaviour == "many":
+    os.makedirs(product_dir, exist_ok=True)
+    for i in range(int(config["files"])):
+        open(os.path.join(product_dir, f"part-{i}.txt"), "w").write(str(i))
 elif behaviour == "exit3":
     for i in range(40):
         print(f"progress line {i}", flush=True)
