@@ -80,6 +80,18 @@ class Registered:
     product_bytes: int
 
 
+def decide_adoption(
+    *, owner: str | None, run_id: str, is_run_alive: Callable[[str], bool], same_inputs: bool, job_id: str | None
+) -> tuple[Adoption, str]:
+    """Whether run ``run_id`` may take over an in-flight attempt owned by run ``owner``, and why not."""
+    if owner and owner != run_id and is_run_alive(owner):
+        return Adoption.OWNED_ELSEWHERE, f"run {owner} watches it"
+    if not same_inputs or not job_id:
+        # Nothing to reattach to (it never reached the backend) or it ran with other inputs: it is ended.
+        return Adoption.ENDED, f"abandoned by Dagster run {owner}; superseded by run {run_id}"
+    return Adoption.ADOPTED, ""
+
+
 class AttemptStore(abc.ABC):
     """Attempt rows of one processing location. Methods take and return plain values, never ORM objects."""
 
@@ -326,16 +338,20 @@ class OpsDbAttemptStore(AttemptStore):
             if attempt is None:
                 return AdoptionResult(Adoption.NONE)
             owner = attempt.dagster_run_id
-            if owner and owner != run_id and is_run_alive(owner):
-                return AdoptionResult(Adoption.OWNED_ELSEWHERE, detail=f"run {owner} watches attempt {attempt.id}")
-            if attempt.input_fingerprint != plan.fingerprint or not attempt.hpc_job_id:
-                # Nothing to reattach to (it never reached the backend) or it ran with other inputs: end it.
-                attempt.error = f"abandoned by Dagster run {owner}; superseded by run {run_id}"
-                attempt.failure_kind = FailureKind.LOST
-                transition(session, attempt, S.FAILED, message=attempt.error)
-                return AdoptionResult(Adoption.ENDED, detail=attempt.error)
-            attempt.dagster_run_id = run_id
-            return AdoptionResult(Adoption.ADOPTED, _ref(attempt, owner))
+            decision, detail = decide_adoption(
+                owner=owner,
+                run_id=run_id,
+                is_run_alive=is_run_alive,
+                same_inputs=attempt.input_fingerprint == plan.fingerprint,
+                job_id=attempt.hpc_job_id,
+            )
+            if decision is Adoption.ENDED:
+                attempt.error, attempt.failure_kind = detail, FailureKind.LOST
+                transition(session, attempt, S.FAILED, message=detail)
+            elif decision is Adoption.ADOPTED:
+                attempt.dagster_run_id = run_id
+                return AdoptionResult(decision, _ref(attempt, owner))
+            return AdoptionResult(decision, detail=detail)
 
     def count_in_flight(self, *, processing_location_id, backend, excluding_run_id):
         E = m.ExecutedReductionStep
@@ -545,20 +561,21 @@ class InMemoryAttemptStore(AttemptStore):
         if row is None:
             return AdoptionResult(Adoption.NONE)
         owner = row.run_id
-        if owner and owner != run_id and is_run_alive(owner):
-            return AdoptionResult(Adoption.OWNED_ELSEWHERE, detail=f"run {owner} watches attempt {row.id}")
-        if row.fingerprint != plan.fingerprint or not row.job_id:
-            row.error, row.failure_kind = (
-                f"abandoned by Dagster run {owner}; superseded by run {run_id}",
-                FailureKind.LOST,
-            )
-            row.move(S.FAILED)
-            return AdoptionResult(Adoption.ENDED, detail=row.error)
-        row.run_id = run_id
-        return AdoptionResult(
-            Adoption.ADOPTED,
-            AttemptRef(row.id, row.attempt, row.sub_group_key, row.retry, row.job_id, row.status, owner),
+        decision, detail = decide_adoption(
+            owner=owner,
+            run_id=run_id,
+            is_run_alive=is_run_alive,
+            same_inputs=row.fingerprint == plan.fingerprint,
+            job_id=row.job_id,
         )
+        if decision is Adoption.ENDED:
+            row.error, row.failure_kind = detail, FailureKind.LOST
+            row.move(S.FAILED)
+        elif decision is Adoption.ADOPTED:
+            row.run_id = run_id
+            ref = AttemptRef(row.id, row.attempt, row.sub_group_key, row.retry, row.job_id, row.status, owner)
+            return AdoptionResult(decision, ref)
+        return AdoptionResult(decision, detail=detail)
 
     def count_in_flight(self, *, processing_location_id, backend, excluding_run_id):
         return sum(

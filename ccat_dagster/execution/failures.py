@@ -14,9 +14,10 @@ are never retried inside a batch (a retry cannot fix them, or a job may still be
 from __future__ import annotations
 
 import enum
+import subprocess
 from dataclasses import dataclass, replace
 
-from ccat_dagster.execution.hpc.base import JobInfo, JobResources, JobState
+from ccat_dagster.execution.hpc.base import InvalidJobSpecError, JobInfo, JobResources, JobState, SchedulerCommandError
 from ccat_dagster.execution.hpc.exit_codes import SIGKILL_EXIT_CODE, describe_exit_code, signal_of
 from ccat_dagster.opsdb.enums import FailureKind
 
@@ -114,3 +115,23 @@ def retry_resources(
         hours = min(previous.time_hours + base.time_hours, max(caps.max_time_hours, base.time_hours))
         return replace(previous, time_hours=hours) if hours > previous.time_hours else None
     return previous
+
+
+def submission_failure_kind(error: BaseException) -> FailureKind:
+    """A scheduler that could not be asked is scheduler_unavailable; a job it refused is contract (not retried)."""
+    if isinstance(error, InvalidJobSpecError):
+        return FailureKind.CONTRACT
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, SchedulerCommandError | TimeoutError | subprocess.TimeoutExpired):
+            return FailureKind.SCHEDULER_UNAVAILABLE
+        cause = cause.__cause__
+    return FailureKind.CONTRACT
+
+
+def describe_resource_change(before: JobResources, after: JobResources) -> str:
+    if after.memory_gb != before.memory_gb:
+        return f" with {after.memory_gb:g} GiB memory (was {before.memory_gb:g})"
+    if after.time_hours != before.time_hours:
+        return f" with {after.time_hours * 60:g} min time limit (was {before.time_hours * 60:g})"
+    return " unchanged"

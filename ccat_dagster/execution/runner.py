@@ -21,14 +21,11 @@ in milliseconds with fakes (tests/test_runner_loop.py) besides the real-backend 
 
 from __future__ import annotations
 
-import enum
 import logging
-import subprocess
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +34,25 @@ from sqlalchemy import Engine
 from ccat_dagster.errors import CcatError
 from ccat_dagster.execution import contract
 from ccat_dagster.execution.attempts import Adoption, AttemptRef, AttemptStore, OpsDbAttemptStore
-from ccat_dagster.execution.failures import ResourceCaps, failure_kind_of, failure_message, retry_resources
+from ccat_dagster.execution.failures import (
+    ResourceCaps,
+    describe_resource_change,
+    failure_kind_of,
+    failure_message,
+    retry_resources,
+    submission_failure_kind,
+)
 from ccat_dagster.execution.hpc.base import (
     HpcBackend,
     HpcError,
-    InvalidJobSpecError,
     JobInfo,
     JobResources,
     JobSpec,
     JobState,
-    SchedulerCommandError,
-    UnknownJobError,
 )
+from ccat_dagster.execution.outcomes import OutcomeKind, Progress, RunLog, SubGroupOutcome, completed_outcome
 from ccat_dagster.execution.planning import Planner, Readiness, SubGroupPlan, load_pipeline
+from ccat_dagster.execution.polling import StatusPoller
 from ccat_dagster.execution.preparation import (
     AttemptPreparation,
     ContainerPreparation,
@@ -66,34 +69,11 @@ from ccat_dagster.opsdb.models import utcnow
 
 Reporter = Callable[[str], None]
 log = logging.getLogger(__name__)
-# A batch waiting on queued or running jobs says so at least this often, even when nothing changed.
-WAIT_REPORT_SECONDS = 300.0
-# Errors of a status query that say nothing about the jobs: the scheduler could not be asked.
-_SCHEDULER_TROUBLE = (HpcError, TimeoutError, subprocess.TimeoutExpired)
+__all__ = ["OutcomeKind", "RunnerConfig", "RunnerError", "StepRunner", "SubGroupOutcome"]
 
 
 class RunnerError(CcatError):
     """A batch could not be run at all (bad pipeline or step, nothing to do where work was required)."""
-
-
-class OutcomeKind(enum.StrEnum):
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    SKIPPED = "skipped"
-
-
-@dataclass
-class SubGroupOutcome:
-    sub_group_key: str
-    kind: OutcomeKind
-    attempt_id: int | None = None
-    attempts: int = 0
-    fingerprint: str | None = None
-    detail: str = ""
-    metadata: dict[str, Any] = field(default_factory=dict)
-    failure_kind: FailureKind | None = None
-    """Why the last attempt failed (FAILED / CANCELLED outcomes)."""
 
 
 @dataclass(frozen=True)
@@ -192,8 +172,13 @@ class StepRunner:
             if engine is None:
                 raise RunnerError("StepRunner needs an engine (ops-db) or an AttemptStore")
             store = OpsDbAttemptStore(engine)
+        # Not the cancellable wait: a cancelled batch still records its cancellations, waiting for ops-db to answer.
         self.store: AttemptStore = ResilientAttemptStore(
-            store, tolerance_seconds=config.opsdb_tolerance_seconds, clock=clock, sleep=self.sleep, report=report
+            store,
+            tolerance_seconds=config.opsdb_tolerance_seconds,
+            clock=clock,
+            sleep=sleep or time.sleep,
+            report=report,
         )
         self.preparation = preparation
         self.caps = ResourceCaps(max_memory_gb=config.max_memory_gb, max_time_hours=config.max_time_hours)
@@ -202,11 +187,10 @@ class StepRunner:
         self.status_query_seconds = 0.0
         self.submit_seconds = 0.0
         self._run_id = ""
-        self._last_wait: tuple[str, float] = ("", float("-inf"))
-        self._last_staging_report = float("-inf")
-        self._last_submit_report = float("-inf")
-        self._last_scheduler_report = float("-inf")
-        self._scheduler_trouble_since: float | None = None
+        self.log = RunLog(report, every_seconds=config.progress_report_seconds, clock=clock)
+        self.poller = StatusPoller(
+            backend, tolerance_seconds=config.scheduler_tolerance_seconds, clock=clock, log=self.log
+        )
         self._submitted = 0
 
     def cancel(self) -> None:
@@ -332,7 +316,7 @@ class StepRunner:
         total: int,
     ) -> dict[str, SubGroupOutcome]:
         outcomes: dict[str, SubGroupOutcome] = {}
-        progress = _Progress(total, self.report, every_seconds=self.config.progress_report_seconds, clock=self.clock)
+        progress = Progress(total, self.log)
         wait = self.config.min_poll_interval_seconds
 
         def settle(outcome: SubGroupOutcome) -> None:
@@ -362,7 +346,7 @@ class StepRunner:
                             active = []
                         wait = min(max(wait * 2, self.config.min_poll_interval_seconds), self._trouble_backoff)
                     else:
-                        self._report_waiting(active, infos)
+                        self.log.waiting(self.backend.name, [a.job_id for a in active], infos)
                         self._note_running([a for a in active if a.job_id in infos], infos)
                         finished = [
                             (a, infos[a.job_id]) for a in active if a.job_id in infos and infos[a.job_id].is_terminal
@@ -513,14 +497,14 @@ class StepRunner:
                 return [(item, job_id) for (item, _), job_id in zip(ready, job_ids, strict=True)], []
             except HpcError as error:
                 if len(ready) == 1:
-                    return [], [(ready[0][0], f"submission failed: {error}", _submission_kind(error))]
+                    return [], [(ready[0][0], f"submission failed: {error}", submission_failure_kind(error))]
                 log.warning("submitting %s job(s) together failed (%s); one by one instead", len(ready), error)
             submitted, refused = [], []
             for item, spec in ready:
                 try:
                     submitted.append((item, self.backend.submit(spec)))
                 except HpcError as error:
-                    refused.append((item, f"submission failed: {error}", _submission_kind(error)))
+                    refused.append((item, f"submission failed: {error}", submission_failure_kind(error)))
             return submitted, refused
         finally:
             self.submit_seconds += self.clock() - began
@@ -546,109 +530,36 @@ class StepRunner:
             + (" …" if len(job_ids) > 5 else "")
         )
         log.info(message)
-        # The run log gets a line per round only every progress_report_seconds: a round is a few jobs when a job
-        # ends every moment, and each line is an event-log write.
-        now = self.clock()
-        if now - self._last_submit_report >= self.config.progress_report_seconds:
-            self._last_submit_report = now
-            self.report(f"{message}; {self._submitted} submitted by this run so far")
+        # A round is a few jobs when a job ends every moment: the run log gets a line per round only now and then.
+        self.log.throttled("submit", f"{message}; {self._submitted} submitted by this run so far")
 
     # ------------------------------------------------------------------ polling
 
     def _poll(self, active: list[_Active]) -> dict[str, JobInfo] | None:
-        """One status query for all jobs; None when the scheduler could not be asked (waited out by the loop)."""
-        job_ids = [a.job_id for a in active if a.job_id]
-        if not job_ids:
-            return {}
-        began = self.clock()
-        try:
-            infos = self._status(job_ids)
-        except _SCHEDULER_TROUBLE as error:
-            self._scheduler_trouble(error, len(job_ids))
-            return None
-        finally:
-            self.status_query_seconds += self.clock() - began
-        if self._scheduler_trouble_since is not None:
-            self.report(f"the scheduler answers again after {self.clock() - self._scheduler_trouble_since:.0f} s")
-            self._scheduler_trouble_since = None
+        infos = self.poller.poll([a.job_id for a in active if a.job_id])
+        self.status_query_seconds = self.poller.query_seconds
         return infos
-
-    def _status(self, job_ids: list[str]) -> dict[str, JobInfo]:
-        try:
-            return self.backend.status_many(job_ids)
-        except UnknownJobError as error:
-            unknown = set(error.job_ids)
-            known = [j for j in job_ids if j not in unknown]
-            infos = self.backend.status_many(known) if known else {}
-            for job_id in unknown:
-                infos[job_id] = JobInfo(
-                    job_id=job_id,
-                    state=JobState.FAILED,
-                    reason="job unknown to the scheduler",
-                    failure_kind=FailureKind.LOST,
-                )
-            return infos
-
-    def _scheduler_trouble(self, error: BaseException, jobs: int) -> None:
-        now = self.clock()
-        if self._scheduler_trouble_since is None:
-            self._scheduler_trouble_since = now
-        waited = now - self._scheduler_trouble_since
-        message = (
-            f"waiting for the scheduler ({jobs} job(s), {waited:.0f} s of "
-            f"{self.config.scheduler_tolerance_seconds:.0f} s tolerance): {str(error).strip() or repr(error)}"
-        )
-        log.warning(message)
-        if now - self._last_scheduler_report >= self.config.progress_report_seconds:
-            self._last_scheduler_report = now
-            self.report(message)
 
     def _scheduler_gone(self, active: list[_Active]) -> list[SubGroupOutcome]:
         """Past the tolerance: the attempts fail as scheduler_unavailable; their jobs are NOT cancelled."""
-        since = self._scheduler_trouble_since
-        if since is None or self.clock() - since < self.config.scheduler_tolerance_seconds:
+        waited = self.poller.gave_up_after()
+        if waited is None:
             return []
-        waited = self.clock() - since
-        outcomes = []
-        for item in active:
-            error = (
+        return [
+            self._fail(
+                item,
                 f"the scheduler could not be asked about {self.backend.name} job {item.job_id} for {waited:.0f} s "
                 f"(tolerance {self.config.scheduler_tolerance_seconds:.0f} s); the job was not cancelled and may "
-                "still be running or have finished"
+                "still be running or have finished",
+                FailureKind.SCHEDULER_UNAVAILABLE,
             )
-            outcomes.append(self._fail(item, error, FailureKind.SCHEDULER_UNAVAILABLE))
-        self._scheduler_trouble_since = None
-        return outcomes
-
-    def _report_waiting(self, active: list[_Active], infos: dict[str, JobInfo]) -> None:
-        """Say what the batch waits for: when the job states change, and at least every WAIT_REPORT_SECONDS."""
-        counts: Counter[str] = Counter()
-        for item in active:
-            info = infos.get(item.job_id) if item.job_id else None
-            if info is not None and info.is_terminal:
-                continue  # finished in this poll: being collected, not waited for
-            label = info.state.value.upper() if info else "UNKNOWN"
-            if info is not None and info.state is JobState.PENDING and info.reason:
-                label += f" ({info.reason})"
-            counts[label] += 1
-        summary = ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
-        now = self.clock()
-        # A change is reported, but at most every progress_report_seconds (a batch of hundreds of jobs changes
-        # state on nearly every poll, and each line is an event-log write); no change, every WAIT_REPORT_SECONDS.
-        changed = summary != self._last_wait[0]
-        if now - self._last_wait[1] < (self.config.progress_report_seconds if changed else WAIT_REPORT_SECONDS):
-            return
-        self._last_wait = (summary, now)
-        if summary:
-            self.report(f"waiting for {sum(counts.values())} {self.backend.name} job(s): {summary}")
+            for item in active
+        ]
 
     def _staging_progress(self, message: str) -> None:
         """Every staging message to the Python log; to the run log at most every ``progress_report_seconds``."""
         log.info(message)
-        now = self.clock()
-        if now - self._last_staging_report >= self.config.progress_report_seconds:
-            self._last_staging_report = now
-            self.report(message)
+        self.log.throttled("staging", message)
 
     def _note_running(self, items: list[_Active], infos: dict[str, JobInfo]) -> None:
         """Record RUNNING for the jobs that started since the last poll, all in one transaction."""
@@ -713,7 +624,7 @@ class StepRunner:
         retry = item.ref.retry
         resources = retry_resources(item.resources, kind, base=step.resources, caps=self.caps)
         if retry < step.max_retries and resources is not None and not self._cancel.is_set():
-            change = _resource_change(item.resources, resources)
+            change = describe_resource_change(item.resources, resources)
             self.report(
                 f"attempt {item.attempt_id} failed ({kind.value}: {error.splitlines()[0]}); "
                 f"retry {retry + 1} of {step.max_retries}{change}"
@@ -741,33 +652,18 @@ class StepRunner:
         self, item: _Active, info: JobInfo, step: StepDefinition, product_count: int, product_bytes: int
     ) -> SubGroupOutcome:
         log.debug("attempt %s [%s]: completed, %s product(s)", item.attempt_id, item.plan.sub_group_key, product_count)
-        metadata: dict[str, Any] = {
-            "ops_db_attempt_id": item.attempt_id,
-            "attempt": item.ref.attempt_number,
-            "product_count": product_count,
-            "product_bytes": product_bytes,
-            "hpc_backend": self.backend.name,
-            "hpc_job_id": item.job_id,
-            "wall_time_seconds": info.wall_time_seconds,
-            "cpu_hours": info.cpu_hours,
-            "peak_memory_gb": info.peak_memory_gb,
-            "software_version": step.software_label,
-            "image_digest": step.image_digest or "",
-            "input_fingerprint": item.plan.fingerprint,
-            "sub_group_members": len(item.plan.package_ids) or len(item.plan.upstream_products),
-            "products_dir": str(item.layout.products_dir),
-            "memory_gb": item.resources.memory_gb,
-            "time_hours": item.resources.time_hours,
-        }
-        if item.earlier:
-            metadata["earlier_failure_kinds"] = ", ".join(kind.value for kind in item.earlier)
-        return SubGroupOutcome(
-            item.plan.sub_group_key,
-            OutcomeKind.COMPLETED,
+        return completed_outcome(
+            item.plan,
             attempt_id=item.attempt_id,
-            attempts=item.ref.attempt_number,
-            fingerprint=item.plan.fingerprint,
-            metadata=metadata,
+            attempt_number=item.ref.attempt_number,
+            step=step,
+            info=info,
+            backend=self.backend.name,
+            job_id=item.job_id,
+            resources=item.resources,
+            products=(product_count, product_bytes),
+            products_dir=str(item.layout.products_dir),
+            earlier=item.earlier,
         )
 
     def _fail(
@@ -803,58 +699,9 @@ class StepRunner:
         return SubGroupOutcome(plan.sub_group_key, OutcomeKind.SKIPPED, fingerprint=plan.fingerprint, detail=detail)
 
 
-def _submission_kind(error: BaseException) -> FailureKind:
-    """A scheduler that could not be asked is scheduler_unavailable; a job it refused is contract (not retried)."""
-    if isinstance(error, InvalidJobSpecError):
-        return FailureKind.CONTRACT
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, SchedulerCommandError | TimeoutError | subprocess.TimeoutExpired):
-            return FailureKind.SCHEDULER_UNAVAILABLE
-        cause = cause.__cause__
-    return FailureKind.CONTRACT
-
-
-def _resource_change(before: JobResources, after: JobResources) -> str:
-    if after.memory_gb != before.memory_gb:
-        return f" with {after.memory_gb:g} GiB memory (was {before.memory_gb:g})"
-    if after.time_hours != before.time_hours:
-        return f" with {after.time_hours * 60:g} min time limit (was {before.time_hours * 60:g})"
-    return " unchanged"
-
-
 def _best_effort(action: Callable[[], Any]) -> Any:
     try:
         return action()
     except Exception:  # noqa: BLE001 - cleanup on the way out must not hide the error that got us here
         log.warning("best-effort action failed", exc_info=True)
         return None
-
-
-class _Progress:
-    """Counts finished sub-groups; reports failures at once and "N of M done" at most every few seconds."""
-
-    def __init__(self, total: int, report: Reporter, *, every_seconds: float, clock: Callable[[], float]) -> None:
-        self.total = total
-        self.report = report
-        self.every_seconds = every_seconds
-        self.clock = clock
-        self.counts: dict[OutcomeKind, int] = {}
-        self._last = clock()
-
-    def done(self, outcome: SubGroupOutcome) -> None:
-        self.counts[outcome.kind] = self.counts.get(outcome.kind, 0) + 1
-        if outcome.kind is OutcomeKind.SKIPPED:  # failures were reported where they happened
-            self.report(f"{outcome.sub_group_key}: {outcome.kind.value}: {outcome.detail.partition(chr(10))[0]}")
-        now = self.clock()
-        if now - self._last >= self.every_seconds:
-            self._last = now
-            self.report(self._line())
-
-    def finish(self) -> None:
-        self.report(self._line())
-
-    def _line(self) -> str:
-        finished = sum(self.counts.values())
-        kinds = ", ".join(f"{count} {kind.value}" for kind, count in sorted(self.counts.items()))
-        return f"{finished} of {self.total} sub-groups done" + (f" ({kinds})" if kinds else "")
