@@ -29,6 +29,7 @@ import yaml
 from jsonschema.exceptions import ValidationError, best_match
 
 from ccat_dagster.errors import CcatError
+from ccat_dagster.execution.hpc.base import JobResources
 from ccat_dagster.grouping.rules import FilterRuleError, parse_rules, rules_to_json, validate_group_by
 from ccat_dagster.opsdb.enums import TriggerType, VersionPolicy
 
@@ -109,10 +110,12 @@ class SoftwareSpec:
 
 @dataclass(frozen=True)
 class ResourceSpec:
-    cpu: int = 1
-    memory_gb: float = 2
-    time_hours: float = 1
-    gpus: int = 0
+    """A step's ``resources:``; a key left out takes ``JobResources``' default (defaults are written once)."""
+
+    cpu: int = JobResources.cpu
+    memory_gb: float = JobResources.memory_gb
+    time_hours: float = JobResources.time_hours
+    gpus: int = JobResources.gpus
 
     def to_dict(self) -> dict[str, Any]:
         """``ReductionStep.resources`` as HpcBackend.submit expects it."""
