@@ -294,3 +294,24 @@ def test_retry_resources_escalate_by_the_base_request_and_stop_at_the_cap():
     assert retry_resources(base, K.LOST, base=base, caps=caps) == base
     for never in (K.CONTRACT, K.CANCELLED, K.STAGING, K.DISK_FULL, K.SCHEDULER_UNAVAILABLE):
         assert retry_resources(base, never, base=base, caps=caps) is None
+
+
+def test_ops_db_away_while_staging_and_preparing_is_waited_out_too():
+    loop = make_loop()
+    failures = {"stage": 2, "prepare": 3}
+    stage, prepare = loop.preparation.stage, loop.preparation.prepare
+
+    def flaky(name, action):
+        def call(*args, **kwargs):
+            if failures[name] > 0:
+                failures[name] -= 1
+                raise OperationalError("SELECT 1", {}, Exception("could not connect to server"))
+            return action(*args, **kwargs)
+
+        return call
+
+    loop.preparation.stage, loop.preparation.prepare = flaky("stage", stage), flaky("prepare", prepare)
+    outcomes = loop.run(["a", "b"])
+    assert [o.kind for o in outcomes.values()] == [OutcomeKind.COMPLETED] * 2
+    assert failures == {"stage": 0, "prepare": 0}
+    assert any(line.startswith("waiting for ops-db (preparation") for line in loop.reports)

@@ -474,23 +474,20 @@ class InMemoryAttemptStore(AttemptStore):
         self.rows: dict[int, MemoryAttempt] = {}
         self.location_id = processing_location_id
         self._ids = itertools.count(1)
+        self._by_sub_group: dict[tuple[int, str], list[MemoryAttempt]] = {}
 
     def attempts_of(self, sub_group_key: str) -> list[MemoryAttempt]:
         return [row for row in self.rows.values() if row.sub_group_key == sub_group_key]
 
+    def _of(self, step_id: int, key: str) -> list[MemoryAttempt]:
+        return self._by_sub_group.get((step_id, key), [])
+
     def _active(self, step_id: int, key: str) -> MemoryAttempt | None:
-        return next(
-            (
-                r
-                for r in self.rows.values()
-                if (r.step_id, r.sub_group_key) == (step_id, key) and r.status not in TERMINAL_RUN_STATUSES
-            ),
-            None,
-        )
+        return next((r for r in self._of(step_id, key) if r.status not in TERMINAL_RUN_STATUSES), None)
 
     def add(self, plan: SubGroupPlan, *, run_id: str | None, backend: str, **values) -> MemoryAttempt:
         """A row as a test wants it (e.g. an attempt left in flight by a dead run)."""
-        number = len([r for r in self.rows.values() if r.sub_group_key == plan.sub_group_key]) + 1
+        number = len(self._of(plan.step_id, plan.sub_group_key)) + 1
         row = MemoryAttempt(
             id=next(self._ids),
             step_id=plan.step_id,
@@ -504,6 +501,7 @@ class InMemoryAttemptStore(AttemptStore):
             **values,
         )
         self.rows[row.id] = row
+        self._by_sub_group.setdefault((row.step_id, row.sub_group_key), []).append(row)
         return row
 
     def create_round(self, batch, *, run_id, backend, attempt_dir_of):
@@ -591,7 +589,7 @@ class InMemoryAttemptStore(AttemptStore):
     def last_failures(self, step_id, keys):
         out: dict[str, FailureKind] = {}
         for key, fingerprint in keys:
-            rows = [r for r in self.rows.values() if (r.step_id, r.sub_group_key) == (step_id, key)]
+            rows = self._of(step_id, key)
             newest = max(rows, key=lambda r: r.attempt) if rows else None
             if newest and newest.status is S.FAILED and newest.failure_kind and newest.fingerprint == fingerprint:
                 out[key] = newest.failure_kind

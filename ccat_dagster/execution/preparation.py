@@ -177,8 +177,7 @@ class ContainerPreparation(AttemptPreparation):
 
     def _prepare(self, plan, attempt, layout, resources, staged, run_id) -> JobSpec:
         step = self.step
-        self._relocate_registered_outputs(plan, layout)
-        layout.create(set_aside_previous_output=True)
+        # ops-db first, files after: a retry after a connection failure finds nothing of this attempt on disk.
         with session_scope(self.engine) as session:
             upstream_paths = (
                 require_present_products(
@@ -189,6 +188,8 @@ class ContainerPreparation(AttemptPreparation):
                 if plan.upstream_products
                 else {}
             )
+        self._relocate_registered_outputs(plan, layout)
+        layout.create(set_aside_previous_output=True)
         inputs = [
             contract.InputFile(
                 package_id=package.package_id,

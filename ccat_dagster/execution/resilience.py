@@ -52,7 +52,16 @@ class ResilientAttemptStore(AttemptStore):
         self.report = report
         self.max_backoff_seconds = max_backoff_seconds
 
-    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+    def through_outages(self, name: str, action: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``action(*args, **kwargs)``, retried while ops-db connections fail, for up to the tolerance.
+
+        Also for callers outside the store that read ops-db before they write anything (staging, preparation).
+        """
+        try:  # the common case without tenacity's per-call set-up, which costs more than a fast ops-db call
+            return action(*args, **kwargs)
+        except Exception as error:
+            if not is_transient_db_error(error):
+                raise
         began = self.clock()
 
         def out_of_patience(_state: tenacity.RetryCallState) -> bool:
@@ -76,7 +85,10 @@ class ResilientAttemptStore(AttemptStore):
             before_sleep=say,
             reraise=True,
         )
-        return retrying(getattr(self.inner, name), *args, **kwargs)
+        return retrying(action, *args, **kwargs)
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.through_outages(name, getattr(self.inner, name), *args, **kwargs)
 
     def create_round(self, *args, **kwargs):
         return self._call("create_round", *args, **kwargs)

@@ -173,7 +173,7 @@ class StepRunner:
                 raise RunnerError("StepRunner needs an engine (ops-db) or an AttemptStore")
             store = OpsDbAttemptStore(engine)
         # Not the cancellable wait: a cancelled batch still records its cancellations, waiting for ops-db to answer.
-        self.store: AttemptStore = ResilientAttemptStore(
+        self.store: ResilientAttemptStore = ResilientAttemptStore(
             store,
             tolerance_seconds=config.opsdb_tolerance_seconds,
             clock=clock,
@@ -463,15 +463,21 @@ class StepRunner:
         ]
         if not created:
             return [], failed
-        staged = preparation.stage([item.plan for item in created])
+        staged = self.store.through_outages("staging", preparation.stage, [item.plan for item in created])
         ready: list[tuple[_Active, JobSpec]] = []
         for item in created:
             inputs: Staged | PreparationFailure = staged[item.plan.sub_group_key]
             try:
                 if isinstance(inputs, PreparationFailure):
                     raise inputs
-                spec = preparation.prepare(
-                    item.plan, item.ref, resources=item.resources, staged=inputs, run_id=self._run_id
+                spec = self.store.through_outages(
+                    "preparation",
+                    preparation.prepare,
+                    item.plan,
+                    item.ref,
+                    resources=item.resources,
+                    staged=inputs,
+                    run_id=self._run_id,
                 )
             except PreparationFailure as error:
                 failed.append(self._fail(item, str(error), error.kind))
