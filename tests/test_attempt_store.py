@@ -207,3 +207,17 @@ def test_migration_0003_adds_failure_kind_backfills_old_failures_and_downgrades(
     finally:
         if dialect == "postgresql":
             drop_pg_database(url)
+
+
+def test_observers_hear_the_failure_kind_with_the_failed_transition(db_url):
+    from ccat_dagster.opsdb.states import observe_transitions
+
+    subject, engine = _ops_db_subject(db_url)
+    heard = []
+    with observe_transitions(heard.append):
+        (ref,), _ = subject.store.create_round(
+            [(subject.plan("k1"), 0)], run_id="r1", backend="local", attempt_dir_of=_dir
+        )
+        subject.store.fail(ref.attempt_id, error="staging failed: bad tar", kind=FailureKind.STAGING)
+    engine.dispose()
+    assert [(t.to_status, t.failure_kind) for t in heard] == [(S.STAGING_DATA, None), (S.FAILED, FailureKind.STAGING)]

@@ -284,6 +284,8 @@ def _transition_observation(asset_key: dg.AssetKey, change: ObservedTransition) 
         "hpc_job_id": change.hpc_job_id or "",
         "message": (change.message or "")[:2000],
     }
+    if change.failure_kind is not None:
+        metadata["failure_kind"] = change.failure_kind.value
     return dg.AssetObservation(
         asset_key=asset_key,
         partition=change.sub_group_key,

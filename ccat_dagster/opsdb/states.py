@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
-from ccat_dagster.opsdb.enums import RunStatus
+from ccat_dagster.opsdb.enums import FailureKind, RunStatus
 from ccat_dagster.opsdb.models import ExecutedReductionStep, RunStatusTransition, utcnow
 
 S = RunStatus
@@ -94,6 +94,7 @@ def transition(
                 at=now,
                 message=message,
                 hpc_job_id=attempt.hpc_job_id,
+                failure_kind=attempt.failure_kind if to_status in (S.FAILED, S.CANCELLED) else None,
             ),
         )
     return row
@@ -112,6 +113,8 @@ class ObservedTransition:
     at: dt.datetime
     message: str | None
     hpc_job_id: str | None
+    failure_kind: FailureKind | None = None
+    """Why the attempt failed, for a transition to failed / cancelled (set before the transition)."""
 
 
 TransitionObserver = Callable[[ObservedTransition], None]
