@@ -315,3 +315,16 @@ def test_ops_db_away_while_staging_and_preparing_is_waited_out_too():
     assert [o.kind for o in outcomes.values()] == [OutcomeKind.COMPLETED] * 2
     assert failures == {"stage": 0, "prepare": 0}
     assert any(line.startswith("waiting for ops-db (preparation") for line in loop.reports)
+
+
+def test_an_adopted_attempt_mid_collection_is_collected_even_if_the_scheduler_forgot_its_job():
+    loop = make_loop()
+    row = loop.store.add(plan("a"), run_id="dead-run", backend="fake", status=S.COLLECTING_RESULTS, job_id="gone-1")
+    row.history = [S.STAGING_DATA, S.SUBMITTED, S.RUNNING, S.COLLECTING_RESULTS]
+    row.exit_code = 0
+    queries = []
+    loop.backend.on_status = lambda: queries.append(1)
+    outcomes = loop.run(["a"], plans=[plan("a", Readiness.IN_FLIGHT)])
+    assert outcomes["a"].kind is OutcomeKind.COMPLETED and outcomes["a"].attempt_id == row.id
+    assert row.status is S.COMPLETED and row.exit_code == 0 and row.product_count == 1
+    assert queries == [] and loop.backend.submitted == []

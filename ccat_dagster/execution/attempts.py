@@ -255,6 +255,8 @@ class OpsDbAttemptStore(AttemptStore):
             attempts = _attempts_by_id(session, [attempt_id for attempt_id, _ in finished])
             for attempt_id, info in finished:
                 attempt = attempts[attempt_id]
+                if attempt.status is S.COLLECTING_RESULTS:
+                    continue  # adopted mid-collection: its job's accounting was recorded then
                 _apply_metrics(attempt, info)
                 if attempt.status is S.SUBMITTED:
                     transition(session, attempt, S.RUNNING, message="job finished between two polls")
@@ -529,6 +531,8 @@ class InMemoryAttemptStore(AttemptStore):
     def mark_collecting(self, finished):
         for attempt_id, info in finished:
             row = self.rows[attempt_id]
+            if row.status is S.COLLECTING_RESULTS:
+                continue
             row.exit_code = info.exit_code
             if row.status is S.SUBMITTED:
                 row.move(S.RUNNING)

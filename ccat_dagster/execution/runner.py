@@ -64,7 +64,7 @@ from ccat_dagster.execution.runtimes import ContainerRuntime
 from ccat_dagster.execution.staging import Stager
 from ccat_dagster.execution.step import StepDefinition
 from ccat_dagster.opsdb.engine import session_scope
-from ccat_dagster.opsdb.enums import FailureKind
+from ccat_dagster.opsdb.enums import FailureKind, RunStatus
 from ccat_dagster.opsdb.models import utcnow
 
 Reporter = Callable[[str], None]
@@ -302,7 +302,7 @@ class StepRunner:
             layout=preparation.layout(plan.sub_group_key, ref.attempt_id),
             resources=step.resources,
             job_id=ref.job_id,
-            running=ref.status.value == "running",
+            running=ref.status is RunStatus.RUNNING,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -325,6 +325,14 @@ class StepRunner:
             self.on_outcome(outcome)
 
         try:
+            # A job that exited 0 and whose collection a dead run began: collect it now, whatever the scheduler
+            # still remembers of the job (it may have been purged since).
+            collecting = [a for a in active if a.ref.status is RunStatus.COLLECTING_RESULTS]
+            if collecting:
+                active = [a for a in active if a.ref.status is not RunStatus.COLLECTING_RESULTS]
+                exited = [(a, JobInfo(a.job_id or "", JobState.COMPLETED, exit_code=0)) for a in collecting]
+                for outcome in self._collect(exited, step, preparation):
+                    settle(outcome)
             while queue or active:
                 if self._cancel.is_set():
                     raise _Cancelled()
