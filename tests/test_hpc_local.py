@@ -536,6 +536,11 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+def fill_up(mount_point: Path) -> None:
+    """Write zeros into the small tmpfs until it is full (head fails with ENOSPC, as it should)."""
+    subprocess.run(["bash", "-c", f'head -c 3M /dev/zero > "{mount_point}/fill"'], check=False)
+
+
 @pytest.mark.parametrize("exit_code", [0, 1])
 def test_a_disk_that_fills_up_during_the_job_is_reported_as_disk_full(small_tmpfs, tmp_path, exit_code):
     # State and logs on the tmpfs, as under PIPELINE_BASE_DIR; the payload fills it, so the wrapper cannot write
@@ -546,7 +551,14 @@ def test_a_disk_that_fills_up_during_the_job_is_reported_as_disk_full(small_tmpf
         spec(
             tmp_path,
             "filler",
-            ["bash", "-c", f'head -c 3M /dev/zero > "{fill}"; exit {exit_code}'],
+            # Waits for the wrapper's running record (written right after the start); a disk full before that is
+            # the case of the dead-wrapper test below.
+            [
+                "bash",
+                "-c",
+                f'until grep -qs running "{small_tmpfs}"/state/*.json; do sleep 0.02; done; '
+                f'head -c 3M /dev/zero > "{fill}"; exit {exit_code}',
+            ],
             log_dir=small_tmpfs / "logs",
         )
     )
@@ -562,7 +574,7 @@ def test_a_disk_that_fills_up_during_the_job_is_reported_as_disk_full(small_tmpf
 
 def test_a_job_failing_on_a_full_output_disk_is_disk_full(small_tmpfs, tmp_path, backend):
     # The state directory has space; the job's log directory (its output file system) is full.
-    subprocess.run(["bash", "-c", f'head -c 3M /dev/zero > "{small_tmpfs}/fill"'], check=False)
+    fill_up(small_tmpfs)
     job_id = backend.submit(
         spec(
             tmp_path,
@@ -583,7 +595,7 @@ def test_a_wrapper_dead_on_a_full_disk_is_disk_full_not_lost(small_tmpfs, tmp_pa
     status_file = backend.state_dir / f"{job_id}.json"
     wait_until(status_file.exists, what="the wrapper's first record")
     record = json.loads(status_file.read_text())
-    subprocess.run(["bash", "-c", f'head -c 3M /dev/zero > "{small_tmpfs}/fill"'], check=False)
+    fill_up(small_tmpfs)
     os.kill(record["wrapper_pid"], signal.SIGKILL)
     try:
         info = wait_terminal(backend, job_id)
@@ -591,3 +603,55 @@ def test_a_wrapper_dead_on_a_full_disk_is_disk_full_not_lost(small_tmpfs, tmp_pa
         assert f"no space left on device: the file system of {backend.state_dir} is full" in info.reason
     finally:
         os.killpg(record["pgid"], signal.SIGKILL)
+
+
+# --- the kernel's OOM killer ------------------------------------------------------------------
+
+
+@pytest.fixture
+def memory_cgroup(tmp_path):
+    """A memory cgroup (v1 or v2) limited to 50 MiB below this process's own, removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a memory cgroup needs root (CI runs as root)")
+    own = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        own[controllers] = path
+    v1 = Path("/sys/fs/cgroup/memory")
+    if "memory" in own and v1.is_dir():
+        group, limit_file = v1 / own["memory"].lstrip("/") / f"ccat-oom-{os.getpid()}", "memory.limit_in_bytes"
+    elif "" in own and (Path("/sys/fs/cgroup") / "cgroup.controllers").exists():
+        group, limit_file = Path("/sys/fs/cgroup") / own[""].lstrip("/") / f"ccat-oom-{os.getpid()}", "memory.max"
+    else:
+        pytest.skip(f"no memory cgroup controller found ({own})")
+    group.mkdir()
+    try:
+        (group / limit_file).write_text(str(50 * 1024 * 1024))
+        yield group
+    finally:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def test_a_job_killed_by_the_kernels_oom_killer_is_oom(backend, tmp_path, memory_cgroup):
+    allocate = "x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096]); print('survived')"
+    job_id = backend.submit(
+        spec(
+            tmp_path,
+            "hungry",
+            ["bash", "-c", f'echo $$ > "{memory_cgroup}/cgroup.procs"; exec python3 -c "{allocate}"'],
+        )
+    )
+    info = wait_terminal(backend, job_id)
+    assert (info.state, info.exit_code) == (JobState.FAILED, 137), info
+    assert info.failure_kind is FailureKind.OOM
+    assert info.out_of_memory
+    assert "OOM killer" in info.reason
+    assert "survived" not in backend.logs(job_id)
