@@ -369,7 +369,7 @@ def test_script_directives(tmp_path):
         f"--error={tmp_path}/logs/slurm-%j.err",
         "--signal=B:TERM@120",
         f"--chdir={tmp_path}/work",
-        "--export=NONE",
+        "--export=ALL",
     ]
     assert "export WORKFLOW_OUTPUT_DIR=/workflow/output\n" in script
     assert script.rstrip().endswith("exec echo hello")

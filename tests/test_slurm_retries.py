@@ -286,3 +286,18 @@ def test_status_waits_out_a_real_slurmctld_restart(tmp_path, caplog):
         time.sleep(0.3)
         final = backend.status(job_id)
     assert final.state is JobState.COMPLETED, "the job ran through the controller's restart"
+
+
+def test_sbatch_runs_with_a_clean_environment(tmp_path, monkeypatch):
+    # The script says --export=ALL: what sbatch sees is what the job starts with, so only PATH and SLURM_CONF.
+    monkeypatch.setenv("CCAT_OPS_DB_URL", "postgresql://user:secret@db/ops")
+    monkeypatch.setenv("SBATCH_PARTITION", "not-this-one")
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm/slurm.conf")
+    sbatch = tmp_path / "sbatch"
+    sbatch.write_text(f'#!/bin/bash\nenv > "{tmp_path}/sbatch.env"\necho 7\n')
+    sbatch.chmod(0o755)
+    assert SlurmBackend(sbatch=str(sbatch), sleep=Sleeps()).submit(job_spec(tmp_path)) == "7"
+    names = {line.split("=", 1)[0] for line in (tmp_path / "sbatch.env").read_text().splitlines()}
+    # bash adds its own few (PWD, SHLVL, _); nothing of this process's environment but PATH and SLURM_CONF.
+    assert names - {"PWD", "SHLVL", "_", "OLDPWD"} == {"PATH", "SLURM_CONF"}
+    assert "#SBATCH --export=ALL\n" in (tmp_path / "logs" / "job.sbatch").read_text()

@@ -5,11 +5,12 @@ the same ``/workflow`` mounts on machines without Apptainer (the demo, the tests
 sandbox directory's file system or, for a *software directory*, the host's ``/usr`` and ``/etc`` read-only
 with the software mounted read-only at ``/opt/software``.
 
-Signals: the payload must see the scheduler's pre-walltime SIGTERM (and a cancel's) to save its work. Apptainer
-forwards signals to the container's process. bwrap does not: a TERM kills it, and ``--die-with-parent`` then
-SIGKILLs the sandbox. So the bubblewrap command starts bwrap under a small fixed bash script
-(``BWRAP_SIGNAL_FORWARDER``) that receives the signals in bwrap's place and sends them to the sandbox's main
-process (the child of bwrap's init inside the PID namespace), then waits for bwrap and exits with its status.
+Signals: the payload must see the scheduler's pre-walltime SIGTERM (and a cancel's) to save its work.
+Apptainer's starter passes the signals it receives on to the container's process. bwrap does not: a TERM kills
+it, and ``--die-with-parent`` then SIGKILLs the sandbox. So the bubblewrap command starts bwrap under a small
+fixed bash script (``BWRAP_SIGNAL_FORWARDER``) that receives the signals in bwrap's place and sends them to the
+sandbox's main process (the child of bwrap's init inside the PID namespace), then waits for bwrap and exits
+with its status.
 """
 
 from __future__ import annotations

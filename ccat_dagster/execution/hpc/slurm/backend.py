@@ -56,6 +56,7 @@ from ccat_dagster.execution.hpc.slurm.submit_script import (
     build_sbatch_script,
     parse_sbatch_parsable,
     sbatch_command,
+    sbatch_environment,
     slurm_log_paths,
 )
 
@@ -163,7 +164,7 @@ class SlurmBackend(HpcBackend):
                 if found:
                     return subprocess.CompletedProcess(command, 0, stdout=found[0], stderr="")
             outcome_unknown = True
-            result = self._commands.once(command)
+            result = self._commands.once(command, env=sbatch_environment(os.environ))
             if result.returncode != 0 and transient_sbatch_failure(result.stderr):
                 raise TransientCommandError(command_failed(result))
             return result

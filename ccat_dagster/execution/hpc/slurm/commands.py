@@ -138,9 +138,9 @@ class SlurmCommandRunner:
                 stderr=error.stderr,
             ) from error
 
-    def once(self, command: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    def once(self, command: Sequence[str], *, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """One try: the finished process, or TransientCommandError when it timed out. A missing command raises
-        SchedulerCommandError at once."""
+        SchedulerCommandError at once. `env`: the command's whole environment (None: this process's)."""
         command = list(command)
         try:
             return self.run(
@@ -150,6 +150,7 @@ class SlurmCommandRunner:
                 timeout=self.timeout_seconds,
                 check=False,
                 stdin=subprocess.DEVNULL,
+                env=env,
             )
         except FileNotFoundError as exc:
             raise SchedulerCommandError(
