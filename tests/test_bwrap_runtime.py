@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +30,11 @@ from ccat_dagster.execution.contract import (
     write_manifest,
 )
 from ccat_dagster.execution.discovery import DiscoveredProduct, discover_products
+from ccat_dagster.execution.hpc.base import JobResources, JobSpec
+from ccat_dagster.execution.hpc.local import LocalBackend
 from ccat_dagster.execution.images import ImageKind, resolve_image
 from ccat_dagster.execution.runtimes import DEFAULT_PATH, BubblewrapRuntime, ContainerInvocation
+from ccat_dagster.opsdb.enums import FailureKind
 
 pytestmark = pytest.mark.bwrap
 
@@ -138,8 +143,15 @@ class Attempt:
     result: subprocess.CompletedProcess[str]
 
 
-def run_attempt(
-    runtime: BubblewrapRuntime,
+def run_attempt(runtime: BubblewrapRuntime, world: World, **kwargs) -> Attempt:
+    layout, invocation = prepare_attempt(world, **kwargs)
+    result = subprocess.run(
+        runtime.command(invocation), env=HOST_ENV, capture_output=True, text=True, check=False, timeout=120
+    )
+    return Attempt(layout=layout, invocation=invocation, result=result)
+
+
+def prepare_attempt(
     world: World,
     *,
     step: str,
@@ -150,7 +162,7 @@ def run_attempt(
     args: tuple[str, ...] = ("step",),
     program: tuple[str, ...] = (str(DEBIAN_PYTHON), "/opt/software/bin/probe.py"),
     attempt_id: int = 1,
-) -> Attempt:
+) -> tuple[AttemptLayout, ContainerInvocation]:
     layout = attempt_layout(
         base_dir=world.base,
         pipeline="probe-pipeline",
@@ -198,10 +210,7 @@ def run_attempt(
     invocation = ContainerInvocation(
         image=image, mounts=mounts, env=build_environment(layout=layout), args=[*program, *args]
     )
-    result = subprocess.run(
-        runtime.command(invocation), env=HOST_ENV, capture_output=True, text=True, check=False, timeout=120
-    )
-    return Attempt(layout=layout, invocation=invocation, result=result)
+    return layout, invocation
 
 
 def _ok(attempt: Attempt) -> dict:
@@ -338,3 +347,74 @@ def test_the_exit_code_of_the_program_is_the_exit_code_of_the_run(runtime: Bubbl
         args=("exit", "3"),
     )
     assert attempt.result.returncode == 3
+
+
+# --- signals reach the payload inside the sandbox ------------------------------------------------------------
+
+# Traps TERM, writes a file in its output directory and exits 143; without the TERM it would run forever.
+SAVES_ON_TERM = (
+    "/usr/bin/bash",
+    "-c",
+    'trap "echo saved > $WORKFLOW_OUTPUT_DIR/saved.txt; exit 143" TERM; while true; do sleep 0.1; done',
+)
+
+
+def test_a_term_to_the_runtime_command_reaches_the_payload(runtime: BubblewrapRuntime, world: World) -> None:
+    layout, invocation = prepare_attempt(
+        world, step="calibrate", sub_group_key="eou=term", is_final=False, program=SAVES_ON_TERM, args=()
+    )
+    process = subprocess.Popen(runtime.command(invocation), env=HOST_ENV, stderr=subprocess.PIPE, text=True)
+    try:
+        # The payload runs once bwrap's init has started it (grandchild of bwrap, great-grandchild of ours).
+        deadline = time.monotonic() + 30
+        while not _descendants(process.pid, depth=3):
+            assert time.monotonic() < deadline, "the payload never started"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert (layout.step_workspace_dir / "saved.txt").read_text() == "saved\n"
+    assert stderr == ""  # the forwarder adds nothing to the job's stderr
+
+
+def test_the_local_backends_pre_walltime_signal_reaches_a_payload_in_bwrap(
+    runtime: BubblewrapRuntime, world: World, tmp_path: Path
+) -> None:
+    layout, invocation = prepare_attempt(
+        world, step="calibrate", sub_group_key="eou=walltime", is_final=False, program=SAVES_ON_TERM, args=()
+    )
+    backend = LocalBackend(tmp_path / "state", kill_grace_seconds=5.0)
+    job_id = backend.submit(
+        JobSpec(
+            command=runtime.command(invocation),
+            # A 6 s limit with the SIGTERM 3 s before it.
+            resources=JobResources(time_hours=6 / 3600),
+            env={"PATH": "/usr/bin:/bin"},
+            job_name="walltime-in-bwrap",
+            log_dir=tmp_path / "logs",
+            pre_walltime_signal_seconds=3,
+        )
+    )
+    deadline = time.monotonic() + 60
+    while not (info := backend.status(job_id)).is_terminal:
+        assert time.monotonic() < deadline, info
+        time.sleep(0.1)
+    assert (layout.step_workspace_dir / "saved.txt").read_text() == "saved\n", backend.logs(job_id)
+    assert info.failure_kind is FailureKind.WALLTIME, info
+    assert info.exit_code == 143
+    assert "pre-walltime signal" in info.reason
+
+
+def _descendants(pid: int, *, depth: int) -> list[int]:
+    level = [pid]
+    for _ in range(depth):
+        children: list[int] = []
+        for parent in level:
+            try:
+                children += [int(c) for c in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+            except OSError:
+                pass
+        level = children
+    return level

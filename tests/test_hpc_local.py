@@ -24,7 +24,9 @@ from ccat_dagster.execution.hpc.base import (
     UnknownJobError,
     describe_exit_code,
 )
-from ccat_dagster.execution.hpc.local import LocalBackend
+from ccat_dagster.execution.hpc.local import LocalBackend, local_failure_kind
+from ccat_dagster.execution.hpc.local_wrapper import kernel_oom_kills
+from ccat_dagster.opsdb.enums import FailureKind
 
 # Generous: these bound how long a broken test hangs, they are not timing assertions.
 WAIT_SECONDS = 30
@@ -113,14 +115,18 @@ def test_failing_job_fails_with_its_exit_code(backend, tmp_path):
     assert info.state is JobState.FAILED
     assert info.exit_code == 3
     assert info.reason == "exit code 3"
+    assert info.failure_kind is FailureKind.EXIT_CODE
 
 
 def test_job_killed_by_sigkill_reports_137(backend, tmp_path):
+    oom_kills = kernel_oom_kills()
     job_id = backend.submit(spec(tmp_path, "kill9", ["bash", "-c", "kill -9 $$"]))
     info = wait_terminal(backend, job_id)
     assert info.state is JobState.FAILED
     assert info.exit_code == 137
     assert "signal 9" in info.reason and "out of memory" in info.reason
+    # Not the kernel's OOM killer (unless it ran on this shared host meanwhile): a plain signal death.
+    assert info.failure_kind is (FailureKind.OOM if kernel_oom_kills() != oom_kills else FailureKind.SIGNAL)
 
 
 def test_missing_command_fails_with_127(backend, tmp_path):
@@ -354,8 +360,53 @@ def test_time_limit_kills_with_timeout_after_the_warning_signal(backend, tmp_pat
     assert info.state is JobState.FAILED
     assert info.reason == "TIMEOUT"
     assert info.exit_code == 137
+    assert info.failure_kind is FailureKind.WALLTIME
     # The pre-walltime SIGTERM (half the limit before the end) reached the payload.
     assert "got TERM" in backend.logs(job_id)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        # Saves its work on the pre-walltime SIGTERM and exits non-zero, before the limit ...
+        'trap "echo saved; exit 143" TERM; while true; do sleep 0.1; done',
+        # ... or takes SIGTERM's default action.
+        "exec sleep 30",
+    ],
+    ids=["saves-and-exits", "dies-of-sigterm"],
+)
+def test_end_by_the_pre_walltime_signal_is_walltime(backend, tmp_path, payload):
+    job_id = backend.submit(
+        spec(tmp_path, "warned", ["bash", "-c", payload], resources=JobResources(time_hours=4 / 3600))
+    )
+    info = wait_terminal(backend, job_id)
+    assert info.state is JobState.FAILED
+    assert info.failure_kind is FailureKind.WALLTIME
+    assert "pre-walltime signal" in info.reason
+    assert info.wall_time_seconds is not None and info.wall_time_seconds < 4  # before the limit itself
+    if "saved" in payload:
+        assert "saved" in backend.logs(job_id)
+
+
+@pytest.mark.parametrize(
+    ("record", "kind"),
+    [
+        ({"exit_code": 3, "signal": 0, "reason": "exit code 3"}, FailureKind.EXIT_CODE),
+        ({"exit_code": 137, "signal": 9, "reason": "killed by signal 9"}, FailureKind.SIGNAL),
+        # A shell or container runtime reports its child's signal death as 128+N.
+        ({"exit_code": 134, "signal": 0}, FailureKind.SIGNAL),
+        ({"exit_code": 137, "signal": 9, "oom_killed": True}, FailureKind.OOM),
+        ({"exit_code": 137, "signal": 9, "timed_out": True, "reason": "TIMEOUT"}, FailureKind.WALLTIME),
+        ({"exit_code": 143, "signal": 15, "cancel_requested": True, "reason": "cancelled"}, FailureKind.CANCELLED),
+        ({"exit_code": 1, "signal": 0, "warning_sent_at": 1.0}, FailureKind.WALLTIME),
+        ({"exit_code": 1, "signal": 0, "disk_full": "/pipeline/logs"}, FailureKind.DISK_FULL),
+        ({"exit_code": 0, "signal": 0, "disk_full": "/state/x.json"}, FailureKind.DISK_FULL),
+        # Written by a wrapper of an earlier version: the reason stands in for the evidence.
+        ({"exit_code": 137, "signal": 9, "reason": "TIMEOUT"}, FailureKind.WALLTIME),
+    ],
+)
+def test_local_failure_kind_from_the_wrapper_record(record, kind):
+    assert local_failure_kind(record) is kind
 
 
 # --- re-attach from another process -------------------------------------------------------------
@@ -414,6 +465,7 @@ def test_dead_wrapper_without_exit_status_is_failed(backend, tmp_path):
         assert info.state is JobState.FAILED
         assert info.exit_code is None
         assert "without recording an exit status" in info.reason
+        assert info.failure_kind is FailureKind.LOST
     finally:
         os.killpg(record["pgid"], signal.SIGKILL)
 
@@ -465,3 +517,141 @@ def test_exit_code_137_is_spelled_out():
     assert describe_exit_code(0) is None
     assert describe_exit_code(2) == "exit code 2"
     assert describe_exit_code(143, signal_number=15) == "killed by signal 15"
+
+
+# --- a full file system (ENOSPC) --------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 2 MiB tmpfs, unmounted afterwards whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], check=True)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill_up(mount_point: Path) -> None:
+    """Write zeros into the small tmpfs until it is full (head fails with ENOSPC, as it should)."""
+    subprocess.run(["bash", "-c", f'head -c 3M /dev/zero > "{mount_point}/fill"'], check=False)
+
+
+@pytest.mark.parametrize("exit_code", [0, 1])
+def test_a_disk_that_fills_up_during_the_job_is_reported_as_disk_full(small_tmpfs, tmp_path, exit_code):
+    # State and logs on the tmpfs, as under PIPELINE_BASE_DIR; the payload fills it, so the wrapper cannot write
+    # its final record the usual way (a temporary file, then a rename).
+    backend = LocalBackend(small_tmpfs / "state", kill_grace_seconds=1.0)
+    fill = small_tmpfs / "fill"
+    job_id = backend.submit(
+        spec(
+            tmp_path,
+            "filler",
+            # Waits for the wrapper's running record (written right after the start); a disk full before that is
+            # the case of the dead-wrapper test below.
+            [
+                "bash",
+                "-c",
+                f'until grep -qs running "{small_tmpfs}"/state/*.json; do sleep 0.02; done; '
+                f'head -c 3M /dev/zero > "{fill}"; exit {exit_code}',
+            ],
+            log_dir=small_tmpfs / "logs",
+        )
+    )
+    info = wait_terminal(backend, job_id)
+    assert info.state is JobState.FAILED
+    assert info.failure_kind is FailureKind.DISK_FULL
+    assert "no space left on device" in info.reason
+    assert str(backend.state_dir / f"{job_id}.json") in info.reason
+    assert info.exit_code == exit_code  # the job's own outcome is kept
+    fill.unlink()  # space again: the record stays what it is
+    assert backend.status(job_id) == info
+
+
+def test_a_job_failing_on_a_full_output_disk_is_disk_full(small_tmpfs, tmp_path, backend):
+    # The state directory has space; the job's log directory (its output file system) is full.
+    fill_up(small_tmpfs)
+    job_id = backend.submit(
+        spec(
+            tmp_path,
+            "writer",
+            ["bash", "-c", f'head -c 1M /dev/zero > "{small_tmpfs}/out.dat" || exit 2'],
+            log_dir=small_tmpfs / "logs",
+        )
+    )
+    info = wait_terminal(backend, job_id)
+    assert (info.state, info.exit_code) == (JobState.FAILED, 2)
+    assert info.failure_kind is FailureKind.DISK_FULL
+    assert f"no space left on device: the file system of {small_tmpfs / 'logs'} is full" in info.reason
+
+
+def test_a_wrapper_dead_on_a_full_disk_is_disk_full_not_lost(small_tmpfs, tmp_path):
+    backend = LocalBackend(small_tmpfs / "state", kill_grace_seconds=1.0)
+    job_id = backend.submit(spec(tmp_path, "orphan", ["sleep", "300"], log_dir=small_tmpfs / "logs"))
+    status_file = backend.state_dir / f"{job_id}.json"
+    wait_until(status_file.exists, what="the wrapper's first record")
+    record = json.loads(status_file.read_text())
+    fill_up(small_tmpfs)
+    os.kill(record["wrapper_pid"], signal.SIGKILL)
+    try:
+        info = wait_terminal(backend, job_id)
+        assert info.failure_kind is FailureKind.DISK_FULL
+        assert f"no space left on device: the file system of {backend.state_dir} is full" in info.reason
+    finally:
+        os.killpg(record["pgid"], signal.SIGKILL)
+
+
+# --- the kernel's OOM killer ------------------------------------------------------------------
+
+
+@pytest.fixture
+def memory_cgroup(tmp_path):
+    """A memory cgroup (v1 or v2) limited to 50 MiB below this process's own, removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("creating a memory cgroup needs root (CI runs as root)")
+    own = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        own[controllers] = path
+    v1 = Path("/sys/fs/cgroup/memory")
+    if "memory" in own and v1.is_dir():
+        group, limit_file = v1 / own["memory"].lstrip("/") / f"ccat-oom-{os.getpid()}", "memory.limit_in_bytes"
+    elif "" in own and (Path("/sys/fs/cgroup") / "cgroup.controllers").exists():
+        group, limit_file = Path("/sys/fs/cgroup") / own[""].lstrip("/") / f"ccat-oom-{os.getpid()}", "memory.max"
+    else:
+        pytest.skip(f"no memory cgroup controller found ({own})")
+    group.mkdir()
+    try:
+        (group / limit_file).write_text(str(50 * 1024 * 1024))
+        yield group
+    finally:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+
+def test_a_job_killed_by_the_kernels_oom_killer_is_oom(backend, tmp_path, memory_cgroup):
+    allocate = "x = bytearray(300 * 2**20); x[::4096] = b'1' * len(x[::4096]); print('survived')"
+    job_id = backend.submit(
+        spec(
+            tmp_path,
+            "hungry",
+            ["bash", "-c", f'echo $$ > "{memory_cgroup}/cgroup.procs"; exec python3 -c "{allocate}"'],
+        )
+    )
+    info = wait_terminal(backend, job_id)
+    assert (info.state, info.exit_code) == (JobState.FAILED, 137), info
+    assert info.failure_kind is FailureKind.OOM
+    assert info.out_of_memory
+    assert "OOM killer" in info.reason
+    assert "survived" not in backend.logs(job_id)

@@ -17,6 +17,7 @@ from ccat_dagster.execution.contract import (
 )
 from ccat_dagster.execution.images import RUNTIME_NAMES, ImageKind, ResolvedImage
 from ccat_dagster.execution.runtimes import (
+    BWRAP_SIGNAL_FORWARDER,
     DEFAULT_PATH,
     ApptainerRuntime,
     BubblewrapRuntime,
@@ -250,10 +251,25 @@ def fake_host(tmp_path: Path) -> Path:
     return root
 
 
+# bwrap runs under the fixed signal-forwarding script (the payload must see the pre-walltime SIGTERM).
+FORWARDER = ["bash", "-c", BWRAP_SIGNAL_FORWARDER, "ccat-bwrap-signals"]
+
+
+def test_bwrap_forwarder_takes_every_value_as_an_argument() -> None:
+    # A fixed script: the user's values (paths, env, args) follow it as positional arguments, never inside it.
+    software = ResolvedImage(path=Path("/srv/chai"), digest=None, kind=ImageKind.SOFTWARE_DIR)
+    invocation = ContainerInvocation(image=software, mounts=[], env={"EVIL": "$(touch x)"}, args=["run", "'; x"])
+    command = build_bwrap_command(invocation, shell="/bin/bash")
+    assert command[:4] == ["/bin/bash", "-c", BWRAP_SIGNAL_FORWARDER, "ccat-bwrap-signals"]
+    assert "$(touch x)" not in command[2] and "'; x" not in command[2]
+    assert command[-2:] == ["run", "'; x"]
+
+
 def test_bwrap_command_for_a_software_directory(fake_host: Path) -> None:
     software = ResolvedImage(path=Path("/srv/software/chai"), digest=None, kind=ImageKind.SOFTWARE_DIR)
     invocation = intermediate_invocation(image=software)
     assert build_bwrap_command(invocation, host_root=fake_host) == [
+        *FORWARDER,
         "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
         "--setenv", "PATH", DEFAULT_PATH,
         "--setenv", "WORKFLOW_CONFIG_DIR", "/workflow/config",
@@ -307,6 +323,7 @@ def test_bwrap_command_for_a_sandbox_binds_its_top_level_entries(tmp_path: Path)
     image = ResolvedImage(path=sandbox, digest=None, kind=ImageKind.SANDBOX)
     invocation = ContainerInvocation(image=image, mounts=[], env={}, args=["/opt/chai/run"])
     assert build_bwrap_command(invocation) == [
+        *FORWARDER,
         "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--clearenv",
         "--setenv", "PATH", DEFAULT_PATH,
         "--symlink", "usr/bin", "/bin",
@@ -325,7 +342,7 @@ def test_bwrap_keeps_a_path_the_caller_passes() -> None:
     software = ResolvedImage(path=Path("/srv/chai"), digest=None, kind=ImageKind.SOFTWARE_DIR)
     invocation = ContainerInvocation(image=software, mounts=[], env={"PATH": "/opt/software/bin"}, args=["run"])
     command = build_bwrap_command(invocation)
-    assert command[5:8] == ["--setenv", "PATH", "/opt/software/bin"]
+    assert command[9:12] == ["--setenv", "PATH", "/opt/software/bin"]
     assert command.count("--setenv") == 1
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ccat_dagster.execution.contract import Mount
 from ccat_dagster.execution.hpc.base import (
     JobInfo,
     JobResources,
@@ -28,6 +29,9 @@ from ccat_dagster.execution.hpc.base import (
     UnknownJobError,
 )
 from ccat_dagster.execution.hpc.slurm.backend import SlurmBackend
+from ccat_dagster.execution.images import ImageKind, ResolvedImage
+from ccat_dagster.execution.runtimes import BubblewrapRuntime, ContainerInvocation
+from ccat_dagster.opsdb.enums import FailureKind
 
 pytestmark = [
     pytest.mark.slurm,
@@ -144,9 +148,48 @@ def timeout_job(backend, work_dir) -> str:
     return backend.submit(spec)
 
 
+# Traps the pre-walltime TERM, writes a file and exits 143 (before the limit itself).
+SAVES_ON_TERM = 'trap "echo saved > $CCAT_SAVED; exit 143" TERM; while true; do sleep 0.2; done'
+
+
+@pytest.fixture(scope="module")
+def pre_walltime_jobs(backend, work_dir) -> dict[str, tuple[str, Path]]:
+    """Submitted early, checked last (like `timeout_job`): a 1-minute limit with the SIGTERM 30 s before it, once
+    for a plain payload and once for the same payload in the bubblewrap runtime (the signal must get into the
+    sandbox). name -> (job id, the file the payload writes)."""
+    jobs: dict[str, tuple[str, Path]] = {}
+    plain_saved = work_dir / "pre-walltime-plain.saved"
+    plain = make_spec(
+        work_dir,
+        "prewalltime-plain",
+        ["bash", "-c", SAVES_ON_TERM],
+        env={"CCAT_SAVED": str(plain_saved)},
+        resources=JobResources(cpu=1, memory_gb=1, time_hours=1 / 60),
+        pre_walltime_signal_seconds=30,
+    )
+    jobs["plain"] = (backend.submit(plain), plain_saved)
+    out = work_dir / "pre-walltime-bwrap-out"
+    out.mkdir()
+    invocation = ContainerInvocation(
+        image=ResolvedImage(path=Path("/usr/share/doc"), digest=None, kind=ImageKind.SOFTWARE_DIR),
+        mounts=[Mount(host=out, container="/workflow/output", read_only=False)],
+        env={"CCAT_SAVED": "/workflow/output/saved"},
+        args=["/usr/bin/bash", "-c", SAVES_ON_TERM],
+    )
+    sandboxed = make_spec(
+        work_dir,
+        "prewalltime-bwrap",
+        BubblewrapRuntime().command(invocation),
+        resources=JobResources(cpu=1, memory_gb=1, time_hours=1 / 60),
+        pre_walltime_signal_seconds=30,
+    )
+    jobs["bwrap"] = (backend.submit(sandboxed), out / "saved")
+    return jobs
+
+
 @pytest.mark.slow
-def test_timeout_job_starts(backend, timeout_job):
-    # Requesting the fixture here starts the clock for the last test.
+def test_timeout_job_starts(backend, timeout_job, pre_walltime_jobs):
+    # Requesting the fixtures here starts the clock for the last tests.
     info = backend.status(timeout_job)
     assert info.state in (JobState.PENDING, JobState.RUNNING)
 
@@ -388,5 +431,23 @@ def test_job_exceeding_its_time_limit_is_timeout(backend, timeout_job):
     assert info.state is JobState.FAILED
     assert info.reason == "TIMEOUT"
     assert info.wall_time_seconds is not None and info.wall_time_seconds >= 60
+    assert info.failure_kind is FailureKind.WALLTIME
     # `exec` made the payload the batch step's main process, so Slurm's TERMs reached its trap.
     assert "got TERM" in backend.logs(timeout_job)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", ["plain", "bwrap"])
+def test_a_job_ended_by_the_pre_walltime_signal_saved_its_work_and_is_walltime(
+    backend, pre_walltime_jobs, runtime, accounting_enabled
+):
+    if runtime == "bwrap" and shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed (apt-get install bubblewrap)")
+    job_id, saved = pre_walltime_jobs[runtime]
+    info = wait_terminal(backend, job_id, seconds=TIMEOUT_WAIT_SECONDS)
+    assert saved.read_text() == "saved\n", backend.logs(job_id)
+    assert info.state is JobState.FAILED, info
+    # Ended before the limit by the payload itself: Slurm says FAILED (143; sacct prints 15), not TIMEOUT.
+    assert info.exit_code == (15 if accounting_enabled else 143), info
+    assert info.failure_kind is FailureKind.WALLTIME, info
+    assert "pre-walltime signal" in info.reason

@@ -38,6 +38,7 @@ from ccat_dagster.execution.hpc.slurm.submit_script import (
     pre_walltime_signal_seconds,
     sbatch_command,
 )
+from ccat_dagster.opsdb.enums import FailureKind
 
 DATA = Path(__file__).parent / "data" / "slurm"
 JOBS: dict[str, str] = json.loads((DATA / "jobs.json").read_text())
@@ -136,7 +137,7 @@ def test_sacct_right_after_submission_lags_behind():
     assert all(not info.is_terminal for info in infos.values())
     # ... and in an earlier recording (2 s after sbatch) the job line was still PENDING with ReqMem
     # "16?" and AllocCPUS 0 while the batch step and squeue already said RUNNING.
-    lagging = "9|PENDING|0:0|00:00:02|00:00:00||16?|0|None\n9.batch|RUNNING|0:0|00:00:02|00:00:00|||1|\n"
+    lagging = "9|PENDING|0:0|00:00:02|00:00:00||16?|0|None|00:01:00\n9.batch|RUNNING|0:0|00:00:02|00:00:00|||1||\n"
     info = parse_sacct(lagging)["9"]
     assert info.state is JobState.PENDING
     assert info.exit_code is None
@@ -301,8 +302,8 @@ def test_unknown_state_is_an_error_naming_it():
 
 def test_oom_state_from_cgroup_clusters():
     line = (
-        "42|OUT_OF_MEMORY|0:125|00:01:00|00:00:30||1G|1|None\n"
-        "42.batch|OUT_OF_MEMORY|0:125|00:01:00|00:00:30|1100M||1|\n"
+        "42|OUT_OF_MEMORY|0:125|00:01:00|00:00:30||1G|1|None|00:10:00\n"
+        "42.batch|OUT_OF_MEMORY|0:125|00:01:00|00:00:30|1100M||1||\n"
     )
     info = parse_sacct(line)["42"]
     assert info.state is JobState.FAILED and info.reason == "OUT_OF_MEMORY"
@@ -368,7 +369,7 @@ def test_script_directives(tmp_path):
         f"--error={tmp_path}/logs/slurm-%j.err",
         "--signal=B:TERM@120",
         f"--chdir={tmp_path}/work",
-        "--export=NONE",
+        "--export=ALL",
     ]
     assert "export WORKFLOW_OUTPUT_DIR=/workflow/output\n" in script
     assert script.rstrip().endswith("exec echo hello")
@@ -471,3 +472,88 @@ def test_script_quoting_survives_bash(tmp_path):
     assert seen["env"] == {"EVIL": "'; rm -rf /", "EMPTY": "", "MULTI": "a\nb $(touch PWNED) `touch PWNED`"}
     assert not (workdir / "PWNED").exists()
     assert list(workdir.iterdir()) == []
+
+
+# --- failure kinds: from Slurm's own evidence ---------------------------------------------------
+
+EXPECTED_KINDS = {
+    "timeout": FailureKind.WALLTIME,
+    "cancelled_running": FailureKind.CANCELLED,
+    "cancelled_pending": FailureKind.CANCELLED,
+    "completed": None,
+    "failed_exit_3": FailureKind.EXIT_CODE,
+    "killed_signal_9": FailureKind.SIGNAL,
+    "out_of_memory": FailureKind.OOM,
+    # Ended by --signal=B:TERM@20 about 30 s into a 1-minute limit: saved and exited 143 / died of SIGTERM.
+    "pre_walltime_saved": FailureKind.WALLTIME,
+    "pre_walltime_killed": FailureKind.WALLTIME,
+}
+
+
+@pytest.mark.parametrize("source", ["sacct", "scontrol", "jobcomp"])
+def test_recorded_jobs_have_the_failure_kind_slurm_shows(source):
+    if source == "sacct":
+        infos = parse_sacct(recorded("sacct_finished.txt"))
+    elif source == "scontrol":
+        infos = parse_scontrol_show_job(recorded("scontrol_show_job.txt"))
+    else:
+        infos = parse_jobcomp(recorded("jobcomp.txt").splitlines(keepends=True))
+    expected = dict(EXPECTED_KINDS)
+    if source != "sacct":
+        # scontrol and the jobcomp file know no memory figures: a SIGKILL is all they show.
+        expected["out_of_memory"] = FailureKind.SIGNAL
+    assert set(expected) == set(JOBS), "every recorded scenario has an expected kind"
+    got = {scenario: by_scenario(infos, scenario).failure_kind for scenario in expected}
+    assert got == expected
+    for scenario in ("pre_walltime_saved", "pre_walltime_killed"):
+        assert "pre-walltime signal" in by_scenario(infos, scenario).reason
+
+
+def test_sacct_prints_exit_143_as_15():
+    # Recorded: the payload trapped TERM and ran `exit 143`; sacct says 15:0, scontrol 143:0.
+    assert by_scenario(parse_sacct(recorded("sacct_finished.txt")), "pre_walltime_saved").exit_code == 15
+    assert (
+        by_scenario(parse_scontrol_show_job(recorded("scontrol_show_job.txt")), "pre_walltime_saved").exit_code == 143
+    )
+
+
+def sacct_line(state: str, exit_code: str, elapsed: str = "00:05:00", limit: str = "01:00:00") -> str:
+    return f"50|{state}|{exit_code}|{elapsed}|00:00:01||1G|1|None|{limit}\n"
+
+
+@pytest.mark.parametrize(
+    ("state", "exit_code", "elapsed", "kind"),
+    [
+        ("NODE_FAIL", "0:0", "00:05:00", FailureKind.NODE_FAILURE),
+        ("BOOT_FAIL", "0:0", "00:00:00", FailureKind.NODE_FAILURE),
+        ("PREEMPTED", "0:15", "00:05:00", FailureKind.NODE_FAILURE),
+        ("DEADLINE", "0:0", "00:05:00", FailureKind.WALLTIME),
+        ("OUT_OF_MEMORY", "0:125", "00:05:00", FailureKind.OOM),
+        ("CANCELLED by 1000", "0:15", "00:59:00", FailureKind.CANCELLED),
+        # SIGTERM early in a one-hour limit: somebody else's signal, not the pre-walltime one.
+        ("FAILED", "0:15", "00:05:00", FailureKind.SIGNAL),
+        ("FAILED", "15:0", "00:05:00", FailureKind.EXIT_CODE),
+        ("FAILED", "0:15", "00:58:00", FailureKind.WALLTIME),
+        ("FAILED", "15:0", "00:58:00", FailureKind.WALLTIME),
+        ("FAILED", "0:6", "00:58:00", FailureKind.SIGNAL),
+        ("FAILED", "2:0", "00:58:00", FailureKind.EXIT_CODE),
+        ("SPECIAL_EXIT", "1:0", "00:01:00", FailureKind.EXIT_CODE),
+        ("COMPLETED", "0:0", "00:05:00", None),
+    ],
+)
+def test_failure_kind_per_state(state, exit_code, elapsed, kind):
+    info = parse_sacct(sacct_line(state, exit_code, elapsed))["50"]
+    assert info.failure_kind is kind
+
+
+def test_live_jobs_have_no_failure_kind():
+    infos = parse_squeue(recorded("squeue_active.txt")) | parse_sacct(recorded("sacct_active.txt"))
+    assert infos and all(info.failure_kind is None for info in infos.values() if not info.is_terminal)
+
+
+def test_scontrol_walltime_by_exit_143_without_the_sacct_quirk():
+    line = "JobId=77 JobName=x JobState=FAILED ExitCode=143:0 RunTime=00:00:40 TimeLimit=00:01:00 Reason=None\n"
+    info = parse_scontrol_show_job(line)["77"]
+    assert (info.exit_code, info.failure_kind) == (143, FailureKind.WALLTIME)
+    early = line.replace("TimeLimit=00:01:00", "TimeLimit=02:00:00")
+    assert parse_scontrol_show_job(early)["77"].failure_kind is FailureKind.SIGNAL

@@ -4,6 +4,13 @@ Both build an argument list, never a shell string. Apptainer is the production r
 the same ``/workflow`` mounts on machines without Apptainer (the demo, the tests): its root is either a
 sandbox directory's file system or, for a *software directory*, the host's ``/usr`` and ``/etc`` read-only
 with the software mounted read-only at ``/opt/software``.
+
+Signals: the payload must see the scheduler's pre-walltime SIGTERM (and a cancel's) to save its work.
+Apptainer's starter passes the signals it receives on to the container's process. bwrap does not: a TERM kills
+it, and ``--die-with-parent`` then SIGKILLs the sandbox. So the bubblewrap command starts bwrap under a small
+fixed bash script (``BWRAP_SIGNAL_FORWARDER``) that receives the signals in bwrap's place and sends them to the
+sandbox's main process (the child of bwrap's init inside the PID namespace), then waits for bwrap and exits
+with its status.
 """
 
 from __future__ import annotations
@@ -33,6 +40,36 @@ _HOST_BASE_TOP_LEVEL = ("bin", "lib", "lib32", "lib64", "libx32", "sbin")
 # Provided by bubblewrap itself (or by the contract) rather than taken from a sandbox image.
 _SANDBOX_SKIPPED = frozenset({"dev", "proc", "sys", "tmp", "workflow"})
 _CHECK_TIMEOUT_SECONDS = 30
+# Runs bwrap in its own process group (`set -m`), so a signal to the job's group reaches this script but not bwrap
+# itself, and forwards TERM / INT / HUP / USR1 / USR2 to the sandbox's main process: the grandchild of the outer
+# bwrap (outer bwrap -> bwrap's init, PID 1 inside -> the payload). A fixed text: every value is an argument.
+BWRAP_SIGNAL_FORWARDER = """\
+set -m
+"$@" &
+sandbox=$!
+set +m
+forward() {
+  interrupted=1
+  for init in $(cat "/proc/$sandbox/task/$sandbox/children" 2>/dev/null); do
+    for main in $(cat "/proc/$init/task/$init/children" 2>/dev/null); do
+      kill -s "$1" "$main" 2>/dev/null
+    done
+  done
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap 'forward HUP' HUP
+trap 'forward USR1' USR1
+trap 'forward USR2' USR2
+while :; do
+  interrupted=0
+  wait "$sandbox"
+  status=$?
+  [ "$interrupted" = 1 ] || break
+done
+exit "$status"
+"""
+BWRAP_FORWARDER_NAME = "ccat-bwrap-signals"
 
 
 class UnknownContainerRuntime(ContainerContractError):
@@ -111,10 +148,13 @@ def build_apptainer_command(inv: ContainerInvocation, *, apptainer: str = "appta
     return command
 
 
-def build_bwrap_command(inv: ContainerInvocation, *, bwrap: str = "bwrap", host_root: Path = Path("/")) -> list[str]:
+def build_bwrap_command(
+    inv: ContainerInvocation, *, bwrap: str = "bwrap", host_root: Path = Path("/"), shell: str = "bash"
+) -> list[str]:
     """The same contract with bubblewrap; ``host_root`` is read for a software directory's base system.
 
-    Order: namespaces and environment, the read-only root (sandbox or host base), ``/dev /proc /tmp
+    The command is ``shell -c BWRAP_SIGNAL_FORWARDER ccat-bwrap-signals bwrap ...`` (see the module docstring).
+    bwrap's order: namespaces and environment, the read-only root (sandbox or host base), ``/dev /proc /tmp
     /workflow``, the software directory, the contract mounts in order, then the root is made read-only so
     a write outside the read-write mounts and ``/tmp`` fails with "Read-only file system".
     """
@@ -127,7 +167,8 @@ def build_bwrap_command(inv: ContainerInvocation, *, bwrap: str = "bwrap", host_
         raise ContainerContractError(
             f"the bubblewrap runtime cannot run the SIF image {inv.image.path}; use a sandbox or software directory"
         )
-    command = [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
+    command = [shell, "-c", BWRAP_SIGNAL_FORWARDER, BWRAP_FORWARDER_NAME]
+    command += [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
     env = {"PATH": DEFAULT_PATH, **inv.env}
     for name in sorted(env):
         command += ["--setenv", name, env[name]]
@@ -212,9 +253,10 @@ class BubblewrapRuntime(ContainerRuntime):
     name: ClassVar[str] = "bubblewrap"
     bwrap: str = "bwrap"
     host_root: Path = field(default=Path("/"))
+    shell: str = "bash"
 
     def command(self, inv: ContainerInvocation) -> list[str]:
-        return build_bwrap_command(inv, bwrap=self.bwrap, host_root=self.host_root)
+        return build_bwrap_command(inv, bwrap=self.bwrap, host_root=self.host_root, shell=self.shell)
 
     def check(self) -> str | None:
         if shutil.which(self.bwrap) is None:

@@ -185,7 +185,7 @@ class JobInfo:
     @property
     def out_of_memory(self) -> bool:
         """True when the job was (most likely) killed for exceeding its memory."""
-        return self.reason == "OUT_OF_MEMORY"
+        return self.failure_kind is FailureKind.OOM or self.reason == "OUT_OF_MEMORY"
 
 
 def read_log_tail(paths: Sequence[Path], *, tail_lines: int) -> str:
@@ -251,7 +251,10 @@ class HpcBackend(ABC):
     def status_many(self, job_ids: Sequence[str]) -> dict[str, JobInfo]:
         """The state of every given job, keyed by job id, from as few scheduler queries as possible.
 
-        Raises UnknownJobError (naming the ids) when any of them is unknown to the backend.
+        Raises UnknownJobError (naming the ids) when any of them is unknown to the backend: the backend cannot
+        tell a job it forgot from one never submitted to it, so the caller, which knows it submitted the id,
+        records such a job as FailureKind.LOST. Raises SchedulerCommandError when the scheduler could not be
+        asked (after the backend's own short retries): that says nothing about the jobs.
         """
 
     def status(self, job_id: str) -> JobInfo:

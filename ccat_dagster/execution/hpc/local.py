@@ -47,6 +47,7 @@ from ccat_dagster.execution.hpc.local_wrapper import (
     QUEUE_DIR,
     active_marker_path,
     cancel_marker_path,
+    file_system_full,
     launch_record_path,
     process_alive,
     queue_marker_path,
@@ -59,8 +60,9 @@ from ccat_dagster.execution.hpc.local_wrapper import (
     wrapper_pid,
     write_json_atomically,
 )
+from ccat_dagster.opsdb.enums import FailureKind
 
-__all__ = ["LocalBackend"]
+__all__ = ["LocalBackend", "local_failure_kind"]
 
 _KIB_PER_GIB = 1024 * 1024
 
@@ -199,6 +201,7 @@ class LocalBackend(HpcBackend):
                 cpu_hours=_cpu_hours(status),
                 peak_memory_gb=_peak_memory(status),
                 reason="cancelled",
+                failure_kind=FailureKind.CANCELLED,
             )
         if files.finished:
             return _finished_info(files.job_id, status)
@@ -219,14 +222,33 @@ class LocalBackend(HpcBackend):
         status = read_json(status_path(self.state_dir, files.job_id)) or {}
         if status.get("state") == "finished":
             return _finished_info(files.job_id, status)
+        pid = wrapper_pid(files.launch, files.status)
+        full = self._full_file_system(files.job_id)
+        if full is not None:
+            return JobInfo(
+                job_id=files.job_id,
+                state=JobState.FAILED,
+                reason=(
+                    f"no space left on device: the file system of {full} is full, and the wrapper process (pid {pid}) "
+                    "ended without recording an exit status (it could not write it)"
+                ),
+                failure_kind=FailureKind.DISK_FULL,
+            )
         return JobInfo(
             job_id=files.job_id,
             state=JobState.FAILED,
-            reason=(
-                f"the wrapper process (pid {wrapper_pid(files.launch, files.status)}) ended without recording an "
-                "exit status (killed, or the machine restarted)"
-            ),
+            reason=f"the wrapper process (pid {pid}) ended without recording an exit status (killed, or the machine "
+            "restarted)",
+            failure_kind=FailureKind.LOST,
         )
+
+    def _full_file_system(self, job_id: str) -> str | None:
+        """The state directory or the job's log directory, whichever is on a full file system (else None)."""
+        spec = read_json(spec_path(self.state_dir, job_id)) or {}
+        for path in (self.state_dir, spec.get("log_dir")):
+            if path and file_system_full(path):
+                return str(path)
+        return None
 
     # --- cancel / logs --------------------------------------------------------------------------
 
@@ -302,15 +324,45 @@ def _check_job_ids(job_ids: Sequence[str]) -> None:
 
 def _finished_info(job_id: str, status: dict[str, Any]) -> JobInfo:
     exit_code = status.get("exit_code")
+    completed = exit_code == 0 and not status.get("disk_full")
     return JobInfo(
         job_id=job_id,
-        state=JobState.COMPLETED if exit_code == 0 else JobState.FAILED,
+        state=JobState.COMPLETED if completed else JobState.FAILED,
         exit_code=exit_code,
         wall_time_seconds=status.get("wall_time_seconds"),
         cpu_hours=_cpu_hours(status),
         peak_memory_gb=_peak_memory(status),
         reason=status.get("reason"),
+        failure_kind=None if completed else local_failure_kind(status),
     )
+
+
+def local_failure_kind(status: dict[str, Any]) -> FailureKind:
+    """Why a finished local job did not complete, from its wrapper's record (see local_wrapper).
+
+    The wrapper's own actions first: its time limit (walltime), a cancel (cancelled), then a non-zero end after
+    its pre-walltime SIGTERM (walltime: the payload was told its time was up). Then the evidence: a file it could
+    not write, or a full file system under a failed job (disk_full); the kernel's OOM killer during the job
+    together with a SIGKILL nobody here sent (oom); any other signal death, also as exit 128+N from a shell or
+    container runtime (signal); else exit_code. Records of older wrappers lack the evidence fields: their reason
+    ("TIMEOUT", "cancelled") stands in.
+    """
+    reason = status.get("reason") or ""
+    exit_code = status.get("exit_code")
+    signal_number = status.get("signal") or 0
+    if status.get("timed_out") or reason == "TIMEOUT":
+        return FailureKind.WALLTIME
+    if status.get("cancel_requested") or reason.startswith("cancelled"):
+        return FailureKind.CANCELLED
+    if status.get("warning_sent_at") is not None and exit_code != 0:
+        return FailureKind.WALLTIME
+    if status.get("disk_full"):
+        return FailureKind.DISK_FULL
+    if status.get("oom_killed"):
+        return FailureKind.OOM
+    if signal_number or (exit_code is not None and 128 < exit_code <= 128 + 64):
+        return FailureKind.SIGNAL
+    return FailureKind.EXIT_CODE
 
 
 def _cpu_hours(status: dict[str, Any]) -> float | None:

@@ -7,7 +7,13 @@ process group with exactly the job's environment (plus PATH), sends stdout/stder
 outlives the process that started it, which is what lets a restarted orchestrator re-attach.
 
 Status record (`<J>.json`): {"state": "running"|"finished", "wrapper_pid", "pid", "pgid", "started_at",
-"finished_at", "exit_code", "signal", "wall_time_seconds", "cpu_seconds", "max_rss_kib", "reason"}.
+"finished_at", "exit_code", "signal", "wall_time_seconds", "cpu_seconds", "max_rss_kib", "reason"}, and the
+evidence LocalBackend classifies a failure by: "timed_out", "cancel_requested", "warning_sent_at" (the
+pre-walltime SIGTERM), "oom_killed" (the kernel's OOM killer ran while the job did and the payload died of a
+SIGKILL nobody here sent) and "disk_full" (the path that could not be written: ENOSPC / EDQUOT).
+
+A full file system does not lose the job's end: when the final record cannot be written whole (no space for the
+temporary file), it is written over the job's existing "running" record, whose space is already allocated.
 
 This module is also the local backend's scheduler (``start_queued_jobs``), so a finishing wrapper hands its slot
 to the next queued job at once. One wrapper starts per job: it imports only the standard library modules it
@@ -17,6 +23,7 @@ wrapper at ~20 ms of CPU instead of ~85 ms, which on a busy host was most of a t
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -106,12 +113,56 @@ def write_json_atomically(path: Path, record: dict, *, durable: bool = True) -> 
 
 
 def read_json(path: Path) -> dict | None:
-    """The record at `path`, or None when it does not exist (yet)."""
+    """The record at `path`, or None when it does not exist (yet).
+
+    A record being written in place (see `write_json_in_place`) may be read half-written: read again.
+    """
+    for pause in (0.01, 0.05, 0.2, None):
+        try:
+            with path.open(encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            if pause is None:
+                raise
+            time.sleep(pause)
+    return None
+
+
+# ENOSPC: no space left on device; EDQUOT: the user's quota is used up. Both mean "the disk is full" to a job.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A file system with less free space than this is full for a job that failed on it (writes come in blocks).
+DISK_FULL_FREE_BYTES = 1024 * 1024
+
+
+def is_disk_full_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def file_system_full(path: str | Path) -> bool:
+    """True when the file system holding `path` has (almost) no space left for this user."""
     try:
-        with path.open(encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        return None
+        stats = os.statvfs(path)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < DISK_FULL_FREE_BYTES
+
+
+def write_json_in_place(path: Path, record: dict) -> None:
+    """Overwrite the existing file `path` with `record` without allocating space: for a full file system.
+
+    The text is padded with spaces to the old length (JSON allows trailing white space), so the file never
+    shrinks under a reader; it must fit into the space the file already has (a block holds a few KiB).
+    """
+    text = json.dumps(record, sort_keys=True).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        old_size = os.fstat(fd).st_size
+        os.pwrite(fd, text.ljust(old_size), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _Job:
@@ -128,12 +179,31 @@ class _Job:
         self.kill_at: float | None = None  # monotonic time of the SIGKILL after a SIGTERM
         self.started_at = time.time()
         self.started_monotonic = time.monotonic()
+        self.oom_kills_at_start = kernel_oom_kills()
 
     def record(self, **fields: object) -> None:
-        base = {"job_id": self.job_id, "wrapper_pid": os.getpid(), "started_at": self.started_at}
-        # Only the final record must survive a restart; a "running" one names processes a restart ends.
-        durable = fields.get("state") != "running"
-        write_json_atomically(status_path(self.state_dir, self.job_id), base | fields, durable=durable)
+        """Write the status record. A "running" record that finds the disk full is skipped (the wrapper keeps the
+        job's state itself); a final one is then written over the running record and says the disk is full."""
+        path = status_path(self.state_dir, self.job_id)
+        record = {"job_id": self.job_id, "wrapper_pid": os.getpid(), "started_at": self.started_at} | fields
+        running = fields.get("state") == "running"
+        try:
+            # Only the final record must survive a restart; a "running" one names processes a restart ends.
+            write_json_atomically(path, record, durable=not running)
+            return
+        except OSError as exc:
+            if not is_disk_full_error(exc):
+                raise
+            if running:
+                return
+            error = exc
+        record["disk_full"] = str(path)
+        record["reason"] = f"no space left on device: cannot write {path}; the job: {record.get('reason') or 'done'}"
+        try:
+            write_json_in_place(path, record)
+        except OSError as exc:
+            # No running record to write over either: LocalBackend finds the file system full when it looks.
+            raise error from exc
 
     def terminate(self) -> None:
         self.terminate_requested = True
@@ -218,6 +288,8 @@ class _Wrapper:
                 signal=0,
                 wall_time_seconds=0.0,
                 reason=f"could not start {spec['command'][0]!r}: {exc}",
+                # _spawn creates the log files: a full disk there is named by the error itself.
+                disk_full=(exc.filename or spec["log_dir"]) if is_disk_full_error(exc) else None,
             )
             _unlink(active_marker_path(state_dir, job_id))
             return 0
@@ -254,14 +326,28 @@ class _Wrapper:
         _pid, wait_status, usage = os.wait4(pid, 0)
         returncode = os.waitstatus_to_exitcode(wait_status)
         exit_code, signal_number = (returncode, 0) if returncode >= 0 else (128 - returncode, -returncode)
+        described = describe_exit_code(exit_code, signal_number=signal_number or None)
+        # The kernel's OOM killer SIGKILLs; a shell or container runtime reports that as exit 137.
+        oom_killed = (
+            (signal_number == signal.SIGKILL or exit_code == 128 + signal.SIGKILL)
+            and not job.timed_out
+            and not job.terminate_requested
+            and kernel_oom_kills() > job.oom_kills_at_start >= 0
+        )
+        disk_full = None
         if job.timed_out:
             reason: str | None = "TIMEOUT"
         elif job.terminate_requested:
             reason = "cancelled"
-        elif signal_number == signal.SIGTERM and job.warning_sent_at is not None:
-            reason = "killed by signal 15 (the pre-walltime warning; the payload did not handle it)"
+        elif exit_code != 0 and job.warning_sent_at is not None:
+            reason = f"ended after the pre-walltime signal (SIGTERM {warning_lead:.0f} s before the limit): {described}"
+        elif oom_killed:
+            reason = f"{described}; the kernel's OOM killer ran meanwhile: out of memory"
+        elif exit_code != 0 and file_system_full(spec["log_dir"]):
+            disk_full = spec["log_dir"]
+            reason = f"{described}; no space left on device: the file system of {disk_full} is full"
         else:
-            reason = describe_exit_code(exit_code, signal_number=signal_number or None)
+            reason = described
         job.record(
             state="finished",
             pid=pid,
@@ -273,10 +359,26 @@ class _Wrapper:
             cpu_seconds=usage.ru_utime + usage.ru_stime,
             max_rss_kib=usage.ru_maxrss,
             warning_sent_at=job.warning_sent_at,
+            timed_out=job.timed_out,
+            cancel_requested=job.terminate_requested,
+            oom_killed=oom_killed,
+            disk_full=disk_full,
             reason=reason,
         )
         _unlink(active_marker_path(state_dir, job_id))
         return 0
+
+
+def kernel_oom_kills() -> int:
+    """How many processes the kernel's OOM killer has killed since boot (/proc/vmstat oom_kill); -1 if unknown."""
+    try:
+        with open("/proc/vmstat", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
 
 
 def _signal_group(pgid: int, signum: int) -> None:

@@ -75,6 +75,14 @@ def main() -> int:
         )
     )
     jobs["cancelled_pending"] = delayed.submit(spec("cancelled_pending", ["true"]))
+    # Ended by the pre-walltime signal (--signal=B:TERM@20) before the limit: one saves its work and exits 143,
+    # the other takes SIGTERM's default action (dies of signal 15).
+    jobs["pre_walltime_saved"] = backend.submit(
+        spec("pre_walltime_saved", ["bash", "-c", 'trap "echo saved; exit 143" TERM; while true; do sleep 1; done'])
+    )
+    jobs["pre_walltime_killed"] = backend.submit(
+        spec("pre_walltime_killed", ["python3", "-c", "import time; time.sleep(300)"])
+    )
     ids = list(jobs.values())
     parsable = run(["sbatch", "--parsable", "--begin=now+600", "--wrap=true"]).stdout
     (HERE / "sbatch_parsable.txt").write_text(parsable)
@@ -85,15 +93,15 @@ def main() -> int:
     (HERE / "squeue_active.txt").write_text(run(squeue_command("squeue", ids)).stdout)
     (HERE / "sacct_active.txt").write_text(run(sacct_command("sacct", ids)).stdout)
     run(["scancel", jobs["cancelled_running"], jobs["cancelled_pending"]])
-    print("waiting for the time-limit job (up to 100 s)", file=sys.stderr)
-    deadline = time.monotonic() + 150
+    print("waiting for the time-limit and pre-walltime jobs (up to 150 s)", file=sys.stderr)
+    deadline = time.monotonic() + 240
     caught_completing = False
     while time.monotonic() < deadline:
         text = run(squeue_command("squeue", [jobs["timeout"]])).stdout
         if "COMPLETING" in text and not caught_completing:
             (HERE / "squeue_completing.txt").write_text(text)
             caught_completing = True
-        if not text.strip():
+        if not text.strip() and not run(squeue_command("squeue", ids)).stdout.strip():
             break
         time.sleep(0.5)
     time.sleep(2)

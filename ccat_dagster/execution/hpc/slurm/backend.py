@@ -14,7 +14,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -30,9 +30,18 @@ from ccat_dagster.execution.hpc.base import (
     UnknownJobError,
     read_log_tail,
 )
+from ccat_dagster.execution.hpc.slurm.commands import (
+    CommandRun,
+    SlurmCommandRunner,
+    TransientCommandError,
+    command_failed,
+    transient_sbatch_failure,
+)
 from ccat_dagster.execution.hpc.slurm.job_status import (
     accounting_disabled,
     is_valid_job_id,
+    job_ids_by_name_command,
+    parse_job_ids_by_name,
     parse_jobcomp,
     parse_sacct,
     parse_scontrol_show_job,
@@ -47,6 +56,7 @@ from ccat_dagster.execution.hpc.slurm.submit_script import (
     build_sbatch_script,
     parse_sbatch_parsable,
     sbatch_command,
+    sbatch_environment,
     slurm_log_paths,
 )
 
@@ -63,6 +73,9 @@ class SlurmBackend(HpcBackend):
     is disabled; None asks `scontrol show config` for it. `accounting_grace_seconds`: how long a
     finished job is reported as still COMPLETING while slurmdbd has not recorded its end (see
     `_await_accounting`).
+    `command_timeout_seconds`: how long one try of a command may take; `command_retry_seconds` /
+    `command_retry_attempts`: how long (and how often) a command that fails transiently is retried before
+    SchedulerCommandError (see `commands`); `run_command` / `sleep` replace subprocess.run / time.sleep in tests.
     The job's stdout/stderr go to `<log_dir>/slurm-<job id>.out|.err`, the script to `<log_dir>/job.sbatch`.
     """
 
@@ -82,6 +95,10 @@ class SlurmBackend(HpcBackend):
         command_timeout_seconds: float = 60.0,
         max_parallel_submissions: int = 8,
         accounting_grace_seconds: float = 30.0,
+        command_retry_seconds: float = 30.0,
+        command_retry_attempts: int = 8,
+        run_command: CommandRun = subprocess.run,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.partition = partition
         self.sbatch = sbatch
@@ -93,6 +110,13 @@ class SlurmBackend(HpcBackend):
         self.command_timeout_seconds = command_timeout_seconds
         self.max_parallel_submissions = max(1, max_parallel_submissions)
         self.accounting_grace_seconds = accounting_grace_seconds
+        self._commands = SlurmCommandRunner(
+            timeout_seconds=command_timeout_seconds,
+            retry_seconds=command_retry_seconds,
+            retry_attempts=command_retry_attempts,
+            run=run_command,
+            sleep=sleep,
+        )
         self._jobcomp_path = jobcomp_path
         self._jobcomp_looked_up = jobcomp_path is not None
         # None until sacct has answered once; True on clusters without slurmdbd (then skip sacct).
@@ -115,19 +139,46 @@ class SlurmBackend(HpcBackend):
         except OSError as exc:
             raise JobSubmissionError(f"cannot write the sbatch script for job {spec.job_name!r}: {exc}") from exc
         command = sbatch_command(sbatch=self.sbatch, script_path=script_path, extra_args=self.extra_sbatch_args)
-        try:
-            result = self._run(command)
-        except SchedulerCommandError as exc:
-            raise JobSubmissionError(f"could not submit job {spec.job_name!r}: {exc}") from exc
-        if result.returncode != 0:
-            raise JobSubmissionError(
-                f"sbatch refused job {spec.job_name!r} (exit {result.returncode}): {result.stderr.strip()} "
-                f"[script: {script_path}]"
-            )
-        job_id = parse_sbatch_parsable(result.stdout)
+        job_id = self._sbatch(command, job_name=spec.job_name, script_path=script_path)
         with self._lock:
             self._log_dirs[job_id] = log_dir
         return job_id
+
+    def _sbatch(self, command: list[str], *, job_name: str, script_path: Path) -> str:
+        """sbatch, retried while the controller cannot be reached, and never submitting a job twice.
+
+        After a try whose outcome is unknown (it timed out, or the connection failed, possibly after slurmctld
+        took the job), the job is looked up by its name before the next try; the caller's job names are unique
+        (one per attempt), so a job of that name is this submission and its id is returned. Only a lookup that
+        answered "none" lets sbatch run again; a failed lookup counts as one more transient failure.
+        """
+        outcome_unknown = False
+
+        def attempt() -> subprocess.CompletedProcess[str]:
+            nonlocal outcome_unknown
+            if outcome_unknown:
+                lookup = self._commands.once(job_ids_by_name_command(self.squeue, job_name))
+                if lookup.returncode != 0:
+                    raise TransientCommandError(command_failed(lookup))
+                found = parse_job_ids_by_name(lookup.stdout)
+                if found:
+                    return subprocess.CompletedProcess(command, 0, stdout=found[0], stderr="")
+            outcome_unknown = True
+            result = self._commands.once(command, env=sbatch_environment(os.environ))
+            if result.returncode != 0 and transient_sbatch_failure(result.stderr):
+                raise TransientCommandError(command_failed(result))
+            return result
+
+        try:
+            result = self._commands.retrying(attempt)
+        except SchedulerCommandError as exc:
+            raise JobSubmissionError(f"could not submit job {job_name!r}: {exc}") from exc
+        if result.returncode != 0:
+            raise JobSubmissionError(
+                f"sbatch refused job {job_name!r} (exit {result.returncode}): {result.stderr.strip()} "
+                f"[script: {script_path}]"
+            )
+        return parse_sbatch_parsable(result.stdout)
 
     def submit_many(self, specs: Sequence[JobSpec]) -> list[str]:
         """Submits concurrently (sbatch takes a few ms each); all or nothing, ids in `specs` order."""
@@ -221,30 +272,30 @@ class SlurmBackend(HpcBackend):
         )
 
     def _query_squeue(self, job_ids: list[str]) -> dict[str, JobInfo]:
-        result = self._run(squeue_command(self.squeue, job_ids))
+        result = self._run(
+            squeue_command(self.squeue, job_ids),
+            accept=lambda result: result.returncode == 0 or squeue_reports_no_such_job(result.stderr),
+        )
         if result.returncode != 0:
-            if squeue_reports_no_such_job(result.stderr):
-                return {}
-            raise _command_failed(result)
+            return {}  # every id unknown
         return parse_squeue(result.stdout)
 
     def _query_sacct(self, job_ids: list[str]) -> dict[str, JobInfo]:
         if self._accounting_disabled:
             return {}
-        result = self._run(sacct_command(self.sacct, job_ids))
-        if accounting_disabled(result.stderr) or accounting_disabled(result.stdout):
+        result = self._run(
+            sacct_command(self.sacct, job_ids),
+            accept=lambda result: result.returncode == 0 or _says_accounting_disabled(result),
+        )
+        if _says_accounting_disabled(result):
             self._accounting_disabled = True
             return {}
-        if result.returncode != 0:
-            raise _command_failed(result)
         self._accounting_disabled = False
         return parse_sacct(result.stdout)
 
     def _query_scontrol(self, job_ids: list[str]) -> dict[str, JobInfo]:
         # One call for all jobs slurmctld holds; per-id calls would be one query per job.
         result = self._run(scontrol_show_jobs_command(self.scontrol))
-        if result.returncode != 0:
-            raise _command_failed(result)
         return parse_scontrol_show_job(result.stdout)
 
     def _query_jobcomp(self, job_ids: list[str]) -> dict[str, JobInfo]:
@@ -269,11 +320,10 @@ class SlurmBackend(HpcBackend):
             return self._jobcomp_path
         result = self._run([self.scontrol, "show", "config"])
         settings: dict[str, str] = {}
-        if result.returncode == 0:
-            for line in result.stdout.splitlines():
-                key, sep, value = line.partition("=")
-                if sep:
-                    settings[key.strip()] = value.strip()
+        for line in result.stdout.splitlines():
+            key, sep, value = line.partition("=")
+            if sep:
+                settings[key.strip()] = value.strip()
         if settings.get("JobCompType") == "jobcomp/filetxt" and settings.get("JobCompLoc"):
             self._jobcomp_path = Path(settings["JobCompLoc"])
         self._jobcomp_looked_up = True
@@ -284,9 +334,7 @@ class SlurmBackend(HpcBackend):
     def cancel(self, job_id: str) -> None:
         """scancel; Slurm ignores finished and unknown jobs silently, and so does this."""
         _require_job_id(job_id)
-        result = self._run([self.scancel, job_id])
-        if result.returncode != 0:
-            raise _command_failed(result)
+        self._run([self.scancel, job_id])
 
     def logs(self, job_id: str, *, tail_lines: int = 50) -> str:
         _require_job_id(job_id)
@@ -299,7 +347,9 @@ class SlurmBackend(HpcBackend):
         if log_dir is not None:
             return slurm_log_paths(log_dir, job_id)
         # A job submitted by another process: slurmctld knows its paths while it holds the job ...
-        result = self._run([self.scontrol, "--oneliner", "show", "job", job_id])
+        # Finding the files is best effort (the caller wants a log tail for a message): a failed lookup is not
+        # retried, the next source is asked instead; only a timeout is tried again.
+        result = self._run([self.scontrol, "--oneliner", "show", "job", job_id], accept=_any_answer)
         if result.returncode == 0:
             for line in result.stdout.splitlines():
                 fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
@@ -308,7 +358,10 @@ class SlurmBackend(HpcBackend):
                     return Path(fields["StdOut"].replace("%%", "%")), Path(fields["StdErr"].replace("%%", "%"))
         # ... and accounting keeps the submit line, whose last argument is <log_dir>/job.sbatch.
         if not self._accounting_disabled:
-            result = self._run([self.sacct, "--noheader", "--parsable2", f"--jobs={job_id}", "--format=SubmitLine"])
+            result = self._run(
+                [self.sacct, "--noheader", "--parsable2", f"--jobs={job_id}", "--format=SubmitLine"],
+                accept=_any_answer,
+            )
             for line in result.stdout.splitlines():
                 script = line.strip().rsplit(" ", 1)[-1]
                 if script.endswith("/" + SBATCH_SCRIPT_NAME):
@@ -321,46 +374,27 @@ class SlurmBackend(HpcBackend):
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _run(self, command: list[str]) -> subprocess.CompletedProcess[str]:
-        try:
-            return subprocess.run(
-                command,
-                capture_output=True,
-                text=True,
-                timeout=self.command_timeout_seconds,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
-        except FileNotFoundError as exc:
-            raise SchedulerCommandError(
-                f"{command[0]!r} not found: install the Slurm client commands or pass its path to SlurmBackend",
-                command=command,
-                returncode=None,
-                stderr=str(exc),
-            ) from exc
-        except subprocess.TimeoutExpired as exc:
-            raise SchedulerCommandError(
-                f"{' '.join(command[:2])} ... did not answer within {self.command_timeout_seconds} s "
-                "(slurmctld overloaded or down?)",
-                command=command,
-                returncode=None,
-                stderr="",
-            ) from exc
+    def _run(
+        self,
+        command: list[str],
+        *,
+        accept: Callable[[subprocess.CompletedProcess[str]], bool] = lambda result: result.returncode == 0,
+    ) -> subprocess.CompletedProcess[str]:
+        """A query or scancel, retried until `accept` holds (see `commands`)."""
+        return self._commands(command, accept=accept)
+
+
+def _any_answer(_result: subprocess.CompletedProcess[str]) -> bool:
+    return True
+
+
+def _says_accounting_disabled(result: subprocess.CompletedProcess[str]) -> bool:
+    return accounting_disabled(result.stderr) or accounting_disabled(result.stdout)
 
 
 def _require_job_id(job_id: str) -> None:
     if not is_valid_job_id(job_id):
         raise UnknownJobError(f"{job_id!r} is not a Slurm job id (digits, or <job>_<task>)", job_ids=[job_id])
-
-
-def _command_failed(result: subprocess.CompletedProcess[str]) -> SchedulerCommandError:
-    command = [str(part) for part in result.args]
-    return SchedulerCommandError(
-        f"{command[0]} failed (exit {result.returncode}): {result.stderr.strip() or result.stdout.strip()}",
-        command=command,
-        returncode=result.returncode,
-        stderr=result.stderr,
-    )
 
 
 def _write_atomically(path: Path, text: str, *, mode: int) -> None:

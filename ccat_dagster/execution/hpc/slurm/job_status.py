@@ -5,7 +5,10 @@ output format sits next to the parser that reads it. Tested on output recorded f
 22.05 (tests/data/slurm/).
 
 Slurm reports exit codes as "<status>:<signal>"; a non-zero signal becomes 128 + signal, the shell
-convention (0:9 -> 137). Memory is converted to GiB.
+convention (0:9 -> 137). sacct (not scontrol or the jobcomp file) prints a status of 128 and above less 128:
+a payload's `exit 143` reads "15:0" there. Memory is converted to GiB.
+
+Every terminal JobInfo that did not complete carries a FailureKind (`slurm_failure_kind`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from ccat_dagster.execution.hpc.base import HpcError, JobInfo, JobState, describe_exit_code
+from ccat_dagster.opsdb.enums import FailureKind
 
 __all__ = [
     "SACCT_FIELDS",
@@ -23,9 +27,11 @@ __all__ = [
     "SlurmOutputError",
     "accounting_disabled",
     "is_valid_job_id",
+    "job_ids_by_name_command",
     "map_slurm_state",
     "parse_duration_seconds",
     "parse_exit_code",
+    "parse_job_ids_by_name",
     "parse_jobcomp",
     "parse_memory_gib",
     "parse_sacct",
@@ -33,6 +39,7 @@ __all__ = [
     "parse_squeue",
     "sacct_command",
     "scontrol_show_jobs_command",
+    "slurm_failure_kind",
     "squeue_command",
     "squeue_reports_no_such_job",
 ]
@@ -49,6 +56,8 @@ SACCT_FIELDS: tuple[str, ...] = (
     "ReqMem",
     "AllocCPUS",
     "Reason",
+    # The job's time limit: a SIGTERM death near it is the pre-walltime signal (see slurm_failure_kind).
+    "Timelimit",
 )
 
 _JOB_ID = re.compile(r"^\d+(?:_\d+)?$")
@@ -86,6 +95,20 @@ def sacct_command(sacct: str, job_ids: Sequence[str]) -> list[str]:
 def scontrol_show_jobs_command(scontrol: str) -> list[str]:
     """All jobs slurmctld still holds (finished ones for MinJobAge seconds), one line each."""
     return [scontrol, "--oneliner", "show", "job"]
+
+
+def job_ids_by_name_command(squeue: str, job_name: str) -> list[str]:
+    """squeue for this user's jobs called `job_name`, in any state slurmctld still holds (MinJobAge)."""
+    return [squeue, "--noheader", "--me", "--states=all", f"--name={job_name}", "--format=%i"]
+
+
+def parse_job_ids_by_name(text: str) -> list[str]:
+    """Output of `job_ids_by_name_command` -> job ids, oldest first."""
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    bad = [job_id for job_id in ids if not is_valid_job_id(job_id)]
+    if bad:
+        raise SlurmOutputError(f"squeue printed {bad!r} where job ids were expected")
+    return sorted(ids, key=lambda job_id: [int(part) for part in job_id.split("_")])
 
 
 def squeue_reports_no_such_job(stderr: str) -> bool:
@@ -222,6 +245,66 @@ def map_slurm_state(raw: str) -> tuple[JobState, str | None]:
         ) from None
 
 
+# Slurm's state names that say by themselves why a job did not complete.
+_KIND_BY_STATE: dict[str, FailureKind] = {
+    "OUT_OF_MEMORY": FailureKind.OOM,
+    "TIMEOUT": FailureKind.WALLTIME,
+    # The job's --deadline passed: ended by a time limit, one set as a date.
+    "DEADLINE": FailureKind.WALLTIME,
+    "NODE_FAIL": FailureKind.NODE_FAILURE,
+    "BOOT_FAIL": FailureKind.NODE_FAILURE,
+    "PREEMPTED": FailureKind.NODE_FAILURE,
+    "CANCELLED": FailureKind.CANCELLED,
+    "REVOKED": FailureKind.CANCELLED,
+}
+# slurmctld checks time limits (and sends --signal) on a timer: Slurm documents that the signal may come up to
+# 60 s before the requested lead time.
+SIGNAL_RESOLUTION_SECONDS = 60.0
+_SIGTERM = 15
+_LAST_SIGNAL = 64
+
+
+def slurm_failure_kind(
+    *,
+    raw_state: str,
+    exit_code: int | None,
+    signal: int,
+    wall_time_seconds: float | None,
+    time_limit_seconds: float | None,
+    over_memory: bool = False,
+    exit_code_less_128: bool = False,
+) -> FailureKind | None:
+    """Why a finished Slurm job did not complete, from what Slurm recorded; None for a completed or live job.
+
+    The state decides where it can (TIMEOUT, OUT_OF_MEMORY, NODE_FAIL, ...). A FAILED job ended by SIGTERM
+    (signal 15, or exit code 143 from a shell or container runtime that reports its child's death) in the second
+    half of its time limit was ended by the pre-walltime signal, which the backend never sends earlier than half the
+    limit (less Slurm's signal resolution): walltime. Other signal deaths are `signal` (SIGKILL above the requested
+    memory: `oom`, see `over_memory`); any other non-zero exit is `exit_code`.
+    """
+    name = raw_state.strip().split(" ", 1)[0].rstrip("+*").upper()
+    state, _reason = map_slurm_state(raw_state)
+    if state is JobState.COMPLETED or state not in (JobState.FAILED, JobState.CANCELLED):
+        return None
+    if name in _KIND_BY_STATE:
+        return _KIND_BY_STATE[name]
+    if over_memory:
+        return FailureKind.OOM
+    died_of = signal or (exit_code - 128 if exit_code is not None and 128 < exit_code <= 128 + _LAST_SIGNAL else 0)
+    maybe_term = died_of == _SIGTERM or (exit_code_less_128 and not signal and exit_code == _SIGTERM)
+    if maybe_term and _near_time_limit(wall_time_seconds, time_limit_seconds):
+        return FailureKind.WALLTIME
+    if died_of:
+        return FailureKind.SIGNAL
+    return FailureKind.EXIT_CODE
+
+
+def _near_time_limit(wall_time_seconds: float | None, time_limit_seconds: float | None) -> bool:
+    if wall_time_seconds is None or time_limit_seconds is None:
+        return False
+    return wall_time_seconds >= time_limit_seconds / 2 - SIGNAL_RESOLUTION_SECONDS
+
+
 def _job_info(
     *,
     job_id: str,
@@ -232,6 +315,8 @@ def _job_info(
     peak_memory_gib: float | None = None,
     requested_memory_gib: float | None = None,
     pending_reason: str | None = None,
+    time_limit_seconds: float | None = None,
+    exit_code_less_128: bool = False,
 ) -> JobInfo:
     state, reason = map_slurm_state(raw_state)
     exit_code = exit_status.exit_code if exit_status else None
@@ -240,17 +325,35 @@ def _job_info(
         # Slurm reports 0:0 for jobs it ended itself (TIMEOUT, CANCELLED before start, NODE_FAIL):
         # there is no payload exit code to speak of.
         exit_code = None
+    # Without cgroups, Slurm's memory enforcement (JobAcctGatherParams=OverMemoryKill) SIGKILLs the
+    # step and leaves the job FAILED 0:9 instead of OUT_OF_MEMORY: recognise it by the peak usage.
+    over_memory = (
+        state is JobState.FAILED
+        and reason is None
+        and signal == 9
+        and peak_memory_gib is not None
+        and requested_memory_gib is not None
+        and peak_memory_gib > requested_memory_gib
+    )
+    failure_kind = slurm_failure_kind(
+        raw_state=raw_state,
+        exit_code=exit_code,
+        signal=signal,
+        wall_time_seconds=wall_time_seconds,
+        time_limit_seconds=time_limit_seconds,
+        over_memory=over_memory,
+        exit_code_less_128=exit_code_less_128,
+    )
     if state is JobState.FAILED and reason is None:
-        reason = describe_exit_code(exit_code, signal_number=signal or None)
-        # Without cgroups, Slurm's memory enforcement (JobAcctGatherParams=OverMemoryKill) SIGKILLs the
-        # step and leaves the job FAILED 0:9 instead of OUT_OF_MEMORY: recognise it by the peak usage.
-        if (
-            signal == 9
-            and peak_memory_gib is not None
-            and requested_memory_gib is not None
-            and peak_memory_gib > requested_memory_gib
-        ):
+        if over_memory:
             reason = "OUT_OF_MEMORY"
+        elif failure_kind is FailureKind.WALLTIME:
+            reason = (
+                f"ended by the pre-walltime signal (SIGTERM) after {wall_time_seconds:.0f} s of its "
+                f"{time_limit_seconds:.0f} s time limit ({describe_exit_code(exit_code, signal_number=signal or None)})"
+            )
+        else:
+            reason = describe_exit_code(exit_code, signal_number=signal or None)
     elif state is JobState.CANCELLED and reason is None and signal:
         reason = describe_exit_code(exit_code, signal_number=signal)
     elif state is JobState.PENDING and pending_reason:
@@ -267,6 +370,7 @@ def _job_info(
         cpu_hours=cpu_seconds / 3600 if (cpu_seconds is not None and terminal) else None,
         peak_memory_gb=peak_memory_gib,
         reason=reason,
+        failure_kind=failure_kind if terminal else None,
     )
 
 
@@ -350,6 +454,8 @@ def parse_sacct(text: str, *, fields: Sequence[str] = SACCT_FIELDS) -> dict[str,
             peak_memory_gib=max(peaks_known) if peaks_known else None,
             requested_memory_gib=_requested_memory(row),
             pending_reason=_clean_reason(row.get("Reason", "")),
+            time_limit_seconds=parse_duration_seconds(row.get("Timelimit", "")),
+            exit_code_less_128=True,
         )
     return infos
 
@@ -400,6 +506,7 @@ def parse_scontrol_show_job(text: str) -> dict[str, JobInfo]:
             exit_status=parse_exit_code(values.get("ExitCode", "")),
             wall_time_seconds=parse_duration_seconds(values.get("RunTime", "")),
             pending_reason=_clean_reason(values.get("Reason", "")),
+            time_limit_seconds=parse_duration_seconds(values.get("TimeLimit", "")),
         )
     return infos
 
@@ -424,5 +531,12 @@ def parse_jobcomp(lines: Iterable[str], *, job_ids: Iterable[str] | None = None)
             raw_state=values.get("JobState", ""),
             exit_status=parse_exit_code(values.get("ExitCode", "")),
             wall_time_seconds=(end - start).total_seconds() if start and end else None,
+            time_limit_seconds=_jobcomp_time_limit(values.get("TimeLimit", "")),
         )
     return infos
+
+
+def _jobcomp_time_limit(text: str) -> float | None:
+    """The jobcomp file writes the time limit in whole minutes ("1"), or "UNLIMITED"."""
+    text = text.strip()
+    return float(text) * 60 if text.isdigit() else None

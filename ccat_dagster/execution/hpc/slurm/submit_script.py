@@ -12,9 +12,10 @@ scancel then reach the payload itself rather than a shell that would not forward
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ccat_dagster.execution.hpc.base import InvalidJobSpecError, JobResources, JobSpec, JobSubmissionError
@@ -27,6 +28,7 @@ __all__ = [
     "parse_sbatch_parsable",
     "pre_walltime_signal_seconds",
     "sbatch_command",
+    "sbatch_environment",
     "slurm_log_paths",
 ]
 
@@ -103,13 +105,15 @@ def build_sbatch_script(*, spec: JobSpec, partition: str | None = None) -> str:
         directives.append(f"--signal=B:TERM@{signal_seconds}")
     if spec.workdir is not None:
         directives.append(f"--chdir={_checked_path(spec.workdir, what='workdir')}")
-    # The submitting process's environment must not leak into the job: only what is exported below.
-    directives.append("--export=NONE")
+    # sbatch itself runs with `sbatch_environment` (PATH, SLURM_CONF), so ALL exports just that: the submitting
+    # process's environment does not leak into the job. (--export=NONE would load the user's login environment
+    # on the node first, which delays every job's start; see docs/benchmarks.md.)
+    directives.append("--export=ALL")
 
     lines = ["#!/bin/bash"]
     lines += [f"#SBATCH {directive}" for directive in directives]
-    lines.append("# Written by ccat-dagster. With --export=NONE the job sees Slurm's SLURM_* variables,")
-    lines.append("# the user's login environment on the node, and the variables exported here.")
+    lines.append("# Written by ccat-dagster. The job sees Slurm's SLURM_* variables, the PATH (and SLURM_CONF)")
+    lines.append("# of the submitting process, and the variables exported here.")
     # JobSpec already validated the names; values are quoted, so any byte but NUL is fine.
     lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(spec.env.items())]
     lines.append("exec " + " ".join(shlex.quote(argument) for argument in spec.command))
@@ -119,6 +123,21 @@ def build_sbatch_script(*, spec: JobSpec, partition: str | None = None) -> str:
 def sbatch_command(*, sbatch: str, script_path: Path, extra_args: Sequence[str] = ()) -> list[str]:
     """The sbatch call; `--parsable` makes it print just "<job id>[;<cluster>]"."""
     return [sbatch, "--parsable", *extra_args, str(script_path)]
+
+
+# What sbatch needs of the submitting process's environment; everything else (SBATCH_* input variables, the
+# SLURM_* of an allocation the orchestrator may run in, secrets) stays out of sbatch and so out of the job.
+SBATCH_ENVIRONMENT_NAMES = ("PATH", "SLURM_CONF")
+
+
+def sbatch_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment sbatch runs with: PATH (a default one if unset) and SLURM_CONF from `environ`.
+
+    The script says `--export=ALL`, so this is also what the job starts with, before the script's exports.
+    """
+    env = {name: environ[name] for name in SBATCH_ENVIRONMENT_NAMES if name in environ}
+    env.setdefault("PATH", os.defpath)
+    return env
 
 
 def parse_sbatch_parsable(stdout: str) -> str:
