@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 
-from ccat_dagster.execution.retention import DeletionAction
+from ccat_dagster.execution.retention import DeletionAction, DeletionOutcome
 from ccat_dagster.opsdb.lineage import (
     LineagePackage,
     LineageProduct,
@@ -291,5 +291,12 @@ def render_cleanup(report: CleanupReport) -> list[str]:
         DeletionAction.DELETED: "deleted",
         DeletionAction.FAILED: "refused" if report.dry_run else "deletion_failed",
     }
-    lines.extend(f"  {labels[o.action]} copy #{o.copy_id} {o.path}: {o.reason}" for o in report.outcomes)
+    lines.extend(
+        f"  {labels[o.action]} copy #{o.copy_id} {o.path}: {o.reason}; {_recreation(o)}" for o in report.outcomes
+    )
     return lines
+
+
+def _recreation(outcome: DeletionOutcome) -> str:
+    hours = "CPU time not recorded" if outcome.recreate_cpu_hours is None else f"{outcome.recreate_cpu_hours:g} CPU h"
+    return f"re-creating it would re-run {outcome.recreate_attempts} attempt(s), {hours}"
