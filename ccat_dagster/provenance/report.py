@@ -191,7 +191,9 @@ def render_packages(packages: Iterable[LineagePackage], *, title: str) -> list[s
     return [f"{title}: {len(rows)}", *(f"  {package_line(p)}" for p in rows)]
 
 
-def render_impact(impact: ProductImpact) -> list[str]:
+def render_impact(impact: ProductImpact, next_run: dict[str, str] | None = None) -> list[str]:
+    """``next_run``: pipeline name → what re-runs a sub-group of it if the subject is invalidated."""
+    next_run = next_run or {}
     redo = [g for g in impact.sub_groups if g.needs_redo]
     done = [g for g in impact.sub_groups if not g.needs_redo]
     lines = [
@@ -206,6 +208,7 @@ def render_impact(impact: ProductImpact) -> list[str]:
         lines.append(
             f"  {group.pipeline}/{group.step} [{group.sub_group_key}]: {len(group.current_product_ids)} "
             f"current product(s), attempt(s) {', '.join(f'#{r}' for r in group.run_ids)}"
+            + (f"; if invalidated: {next_run[group.pipeline]}" if group.pipeline in next_run else "")
         )
     if done:
         lines.append(f"sub-groups already redone (only superseded products derive from it) ({len(done)}):")
@@ -260,9 +263,10 @@ def render_invalidation(result: InvalidationResult, *, dry_run: bool) -> list[st
     ]
     reruns = [g for g in result.affected if g.reruns]
     retired = [g for g in result.affected if not g.reruns]
-    lines.append(f"sub-groups that re-run without it at the next sensor tick, after their cooldown ({len(reruns)}):")
+    lines.append(f"sub-groups to re-run without it ({len(reruns)}):")
     lines.extend(
-        f"  {g.pipeline}/{g.step} [{g.sub_group_key}]: {len(g.remaining_package_ids)} remaining member(s)"
+        f"  {g.pipeline}/{g.step} [{g.sub_group_key}]: {len(g.remaining_package_ids)} remaining member(s); "
+        f"{g.next_run or 'see `ccat-dagster pipelines gaps`'}"
         for g in reruns
     )
     lines.append(
