@@ -216,6 +216,7 @@ def test_a_sweep_walks_the_archive_in_pages(engine, tmp_path):
         if not standing.cursor.sweeps:
             break
     assert len(requested) == len(set(requested)) == 5  # every scan once, two packages per tick
+    assert not standing.cursor.sweeps  # and the sweep ended, also when its last page touched nothing
 
 
 def test_an_identical_upstream_re_run_leaves_the_fan_in_up_to_date(engine, tmp_path):

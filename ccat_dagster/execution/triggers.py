@@ -218,6 +218,7 @@ def evaluate_tick(
     requests: list[StepRequest] = []
     partitions: dict[str, list[str]] = {}
     skipped: dict[str, int] = defaultdict(int)
+    planned: dict[str, list[SubGroupPlan]] = {}
     cursor.recent = {k: v for k, v in cursor.recent.items() if v > now_epoch}
     for step in steps:
         groups = touched.get(step.name, {})
@@ -244,7 +245,10 @@ def evaluate_tick(
                 skipped[plan.readiness.value] += 1
         if wanted:
             requests.append(StepRequest(step.name, tuple(wanted)))
-        _note_swept(cursor, step.name, sweep_pages.get(step.name), plans)
+        planned[step.name] = plans
+    for step_name, page in sweep_pages.items():
+        # Also for a page that touched nothing: the last page of a sweep ends it.
+        _note_swept(cursor, step_name, page, planned.get(step_name, []))
     requests.extend(_rebuild_requests(planner, cursor, steps, now_epoch + overlap_seconds + 3600))
     if len(cursor.recent) > RECENT_MEMO_LIMIT:
         # Working off a large backlog would grow the cursor without bound. Keeping the newest entries is safe:
@@ -428,11 +432,9 @@ def _sweep_pages(
     return pages
 
 
-def _note_swept(cursor: TickCursor, step_name: str, page: list[int] | None, plans: Sequence[SubGroupPlan]) -> None:
+def _note_swept(cursor: TickCursor, step_name: str, page: list[int], plans: Sequence[SubGroupPlan]) -> None:
     """After a sweep page was planned: remember sub-groups that reach past the page (a fan-in is planned once
     per sweep, not once per page), and end the sweep after its last page."""
-    if page is None:
-        return
     sweep = cursor.sweeps[step_name]
     if sweep.pop("done", False):
         cursor.sweeps.pop(step_name)
