@@ -16,6 +16,7 @@ from ccat_dagster.execution.retention import (
     mark_deletable_intermediates,
 )
 from ccat_dagster.opsdb.engine import session_scope
+from ccat_dagster.provenance.report import recreation_text
 from ccat_dagster.opsdb.enums import PhysicalCopyStatus, RunStatus, StepRetention, TriggerType
 
 from .execution_factories import add_product, make_staging_world, make_step_attempt
@@ -81,6 +82,7 @@ def test_the_cost_of_re_creating_a_copy_counts_the_ancestors_whose_intermediates
     assert (outcome.copy_id, outcome.action) == (keep_id, DeletionAction.WOULD_DELETE)
     # Re-creating the cube re-runs grid_map and, first, calibrate (its input is gone too).
     assert (outcome.recreate_attempts, outcome.recreate_cpu_hours) == (2, 0.75)
+    assert recreation_text(outcome) == "re-creating it would re-run 2 attempt(s), 0.75 CPU h"
     with Session(engine) as session:
         assert session.get(type(cube_copy), keep_id).status is PhysicalCopyStatus.DELETION_POSSIBLE
 

@@ -296,11 +296,12 @@ def render_cleanup(report: CleanupReport) -> list[str]:
         DeletionAction.FAILED: "refused" if report.dry_run else "deletion_failed",
     }
     lines.extend(
-        f"  {labels[o.action]} copy #{o.copy_id} {o.path}: {o.reason}; {_recreation(o)}" for o in report.outcomes
+        f"  {labels[o.action]} copy #{o.copy_id} {o.path}: {o.reason}; {recreation_text(o)}" for o in report.outcomes
     )
     return lines
 
 
-def _recreation(outcome: DeletionOutcome) -> str:
+def recreation_text(outcome: DeletionOutcome) -> str:
+    """What re-creating a deleted (or would-be deleted) copy costs, for a person."""
     hours = "CPU time not recorded" if outcome.recreate_cpu_hours is None else f"{outcome.recreate_cpu_hours:g} CPU h"
     return f"re-creating it would re-run {outcome.recreate_attempts} attempt(s), {hours}"
