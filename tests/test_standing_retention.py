@@ -16,8 +16,8 @@ from ccat_dagster.execution.retention import (
     mark_deletable_intermediates,
 )
 from ccat_dagster.opsdb.engine import session_scope
-from ccat_dagster.provenance.report import recreation_text
 from ccat_dagster.opsdb.enums import PhysicalCopyStatus, RunStatus, StepRetention, TriggerType
+from ccat_dagster.provenance.report import recreation_text
 
 from .execution_factories import add_product, make_staging_world, make_step_attempt
 
