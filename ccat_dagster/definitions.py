@@ -14,6 +14,7 @@ import dagster as dg
 from sqlalchemy import select
 
 from ccat_dagster.assets.factory import build_pipeline_assets
+from ccat_dagster.assets.partitions import build_partitions_sensor
 from ccat_dagster.assets.retention import build_retention_definitions
 from ccat_dagster.assets.snapshot import PipelineSnapshot, load_pipeline_snapshots
 from ccat_dagster.errors import CcatError
@@ -87,6 +88,9 @@ def _definitions(
                 pipeline_sensors.append(build_pipeline_sensor(snapshot, settings=settings))
             elif snapshot.trigger_type == "cron":
                 pipeline_sensors.append(build_pipeline_cron_sensor(snapshot, settings=settings))
+            if snapshot.trigger_type in ("cron", "manual"):
+                # Run by hand too: their partitions follow new data without a run-requesting sensor.
+                pipeline_sensors.append(build_partitions_sensor(snapshot, settings=settings))
         except Exception as error:  # noqa: BLE001 - isolate one broken pipeline from the others
             log.error("pipeline %r skipped: %s", name, error)
             assets.append(

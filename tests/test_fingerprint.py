@@ -12,7 +12,7 @@ from ccat_dagster.execution.fingerprint import (
 )
 
 BASE = dict(
-    packages=[(1, "aa"), (2, "bb")],
+    packages=[("scan-1", "aa"), ("scan-2", "bb")],
     upstream_products=[],
     software_version="chai-calibration==1.0.0",
     image_digest="sha256:1",
@@ -21,15 +21,15 @@ BASE = dict(
 
 
 def test_fingerprint_ignores_order():
-    assert input_fingerprint(**BASE) == input_fingerprint(**{**BASE, "packages": [(2, "bb"), (1, "aa")]})
+    assert input_fingerprint(**BASE) == input_fingerprint(**{**BASE, "packages": [("scan-2", "bb"), ("scan-1", "aa")]})
 
 
 @pytest.mark.parametrize(
     "change",
     [
-        {"packages": [(1, "aa"), (2, "bb"), (3, "cc")]},  # new data joins the sub-group
-        {"packages": [(1, "aa"), (2, "bX")]},  # a package was re-archived with other content
-        {"upstream_products": [(9, "ff")]},
+        {"packages": [("scan-1", "aa"), ("scan-2", "bb"), ("scan-3", "cc")]},  # new data joins the sub-group
+        {"packages": [("scan-1", "aa"), ("scan-2", "bX")]},  # a package was re-archived with other content
+        {"upstream_products": [("calibrate", "all", "cal.fits", "ff")]},
         {"software_version": "chai-calibration==1.0.1"},
         {"image_digest": "sha256:2"},
         {"config_sha": config_sha256({"calibration_mode": "sky"})},
@@ -37,6 +37,28 @@ def test_fingerprint_ignores_order():
 )
 def test_any_input_change_changes_the_fingerprint(change):
     assert input_fingerprint(**BASE) != input_fingerprint(**{**BASE, **change})
+
+
+UPSTREAM = dict(BASE, packages=[], upstream_products=[("baseline", "scan=1", "spec.fits", "aa")])
+
+
+def test_identical_upstream_bytes_give_the_same_fingerprint_whatever_the_product_row():
+    # An upstream re-run registers new DataProduct rows; only the content and where the consumer reads it count.
+    again = dict(UPSTREAM, upstream_products=[("baseline", "scan=1", "spec.fits", "aa")])
+    assert input_fingerprint(**UPSTREAM) == input_fingerprint(**again)
+
+
+@pytest.mark.parametrize(
+    "products",
+    [
+        [("baseline", "scan=1", "spec.fits", "ab")],  # other bytes
+        [("baseline", "scan=1", "other.fits", "aa")],  # same bytes under another name
+        [("baseline", "scan=2", "spec.fits", "aa")],  # from another upstream sub-group
+        [("calibrate", "scan=1", "spec.fits", "aa")],  # from another upstream step
+    ],
+)
+def test_upstream_content_or_place_changes_the_fingerprint(products):
+    assert input_fingerprint(**UPSTREAM) != input_fingerprint(**dict(UPSTREAM, upstream_products=products))
 
 
 def test_config_hash_is_canonical():

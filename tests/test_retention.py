@@ -18,7 +18,7 @@ from ccat_dagster.execution.retention import (
 )
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine, session_scope
-from ccat_dagster.opsdb.enums import DataProductType, PhysicalCopyStatus, RunStatus
+from ccat_dagster.opsdb.enums import DataProductType, PhysicalCopyStatus, RunStatus, StepRetention
 
 from .execution_factories import add_product, make_staging_world, make_step_attempt
 
@@ -42,6 +42,8 @@ def test_mark_deletable_intermediates(engine, tmp_path):
     ws = tmp_path / "ws"
     with session_scope(engine) as session:
         world = make_staging_world(session, tmp_path, n_packages=0).world
+        # A step whose consumed intermediates may go (the fan-in reading them would keep them under auto).
+        world.step.retention = StepRetention.RECREATE
         upstream = make_step_attempt(session, world, key="scan-1", status=RunStatus.COMPLETED, at=OLD)
         copy_ids = {}
 

@@ -21,7 +21,7 @@ from ccat_dagster.assets.retention import (
 from ccat_dagster.cli import main
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import session_scope
-from ccat_dagster.opsdb.enums import DataProductType, PhysicalCopyStatus, RunStatus
+from ccat_dagster.opsdb.enums import DataProductType, PhysicalCopyStatus, RunStatus, StepRetention
 from ccat_dagster.provenance.cleanup import run_retention_cleanup
 from ccat_dagster.settings import Settings
 
@@ -47,6 +47,8 @@ def _world(db_url: str, engine, tmp_path: Path) -> Retention:
     paths: dict[str, Path] = {}
     with session_scope(engine) as session:
         world = make_staging_world(session, tmp_path, n_packages=0).world
+        # A step whose consumed intermediates may go (the fan-in reading them would keep them under auto).
+        world.step.retention = StepRetention.RECREATE
         upstream = make_step_attempt(
             session, world, key="scan-1", status=RunStatus.COMPLETED, at=NOW - dt.timedelta(days=20)
         )

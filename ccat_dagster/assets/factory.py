@@ -33,6 +33,8 @@ PIPELINE_TAG = "ccat/pipeline"
 STEP_TAG = "ccat/step"
 BACKEND_TAG = "ccat/backend"
 TRANSITION_TAG = "ccat/run_status"
+# Set by a trigger on runs that re-create intermediates a consumer needs after retention deleted them.
+REBUILD_TAG = "ccat/rebuild"
 
 
 class StepRunConfig(dg.Config):
@@ -133,14 +135,21 @@ def _step_asset(
         required_resource_keys={"opsdb", "hpc", "container_runtime", "stager", "execution"},
     )
     def _step(context: dg.AssetExecutionContext, config: StepRunConfig):  # type: ignore[no-untyped-def]
-        run_step(context, config, pipeline_name=pipeline.name, step_name=step.name)
+        run_step(context, config, pipeline_name=pipeline.name, step_name=step.name, trigger_type=pipeline.trigger_type)
         # A generator with no output (output_required=False): the sub-groups were materialized one by one.
         yield from ()
 
     return _step
 
 
-def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeline_name: str, step_name: str) -> None:
+def run_step(
+    context: dg.AssetExecutionContext,
+    config: StepRunConfig,
+    *,
+    pipeline_name: str,
+    step_name: str,
+    trigger_type: str = "continuous",
+) -> None:
     """The asset body: hand the requested sub-groups to the StepRunner and mirror the outcomes into Dagster.
 
     Each completed sub-group is logged as its materialization when it completes; failed ones fail the step at
@@ -156,7 +165,9 @@ def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeli
     # for its current inputs; a re-execution or run retry of any run redoes exactly its failed sub-groups.
     retry_failed = PARENT_RUN_ID_TAG in context.run.tags
     automatic = context.run.tags.get(TRIGGER_TAG) in ("sensor", "schedule") or retry_failed
-    force = config.force if config.force is not None else not automatic
+    # A re-creation of deleted intermediates redoes sub-groups that are up to date by their fingerprint.
+    rebuild = REBUILD_TAG in context.run.tags
+    force = config.force if config.force is not None else (not automatic or rebuild)
     res = context.resources
     execution = res.execution
     instance = context.instance
@@ -208,6 +219,11 @@ def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeli
         f"of {len(outcomes)} sub-group(s); {runner.waited_seconds:.2f} s waiting for jobs between polls, "
         f"{runner.status_query_seconds:.2f} s in status queries, {runner.submit_seconds:.2f} s submitting"
     )
+    waiting = [
+        o for o in outcomes if o.kind is OutcomeKind.SKIPPED and (o.detail or "").startswith("upstream_not_ready")
+    ]
+    if waiting and not done and not failed:
+        raise dg.Failure(description=_waiting_message(pipeline_name, step_name, trigger_type, waiting, len(outcomes)))
     if failed:
         lines = [
             f"{o.sub_group_key}: {o.kind.value}{f' ({o.failure_kind.value})' if o.failure_kind else ''} "
@@ -225,6 +241,24 @@ def run_step(context: dg.AssetExecutionContext, config: StepRunConfig, *, pipeli
                 "completed": done,
             },
         )
+
+
+def _waiting_message(
+    pipeline_name: str, step_name: str, trigger_type: str, waiting: list[SubGroupOutcome], total: int
+) -> str:
+    """A run whose sub-groups all wait for upstream work did nothing: say so, and what will happen next."""
+    next_step = {
+        "continuous": "the pipeline's sensor requests them once the upstream sub-groups have completed",
+        "cron": "the pipeline's cron sensor requests them once the upstream sub-groups have completed",
+    }.get(
+        trigger_type,
+        "this pipeline is MANUAL: materialize the upstream partitions named above first, then this one again",
+    )
+    lines = [f"  {o.sub_group_key}: {(o.detail or '').partition(chr(10))[0]}" for o in waiting[:20]]
+    return (
+        f"nothing ran: {len(waiting)} of {total} sub-group(s) of {pipeline_name}/{step_name} wait for upstream "
+        f"work; {next_step}\n" + "\n".join(lines)
+    )
 
 
 def _materialization(asset_key: dg.AssetKey, outcome: SubGroupOutcome) -> dg.AssetMaterialization | None:

@@ -17,6 +17,7 @@ import dagster as dg
 from ccat_dagster.execution.retention import DeletionAction
 from ccat_dagster.opsdb.engine import shared_engine
 from ccat_dagster.provenance.cleanup import run_retention_cleanup
+from ccat_dagster.provenance.report import recreation_text
 from ccat_dagster.settings import Settings
 
 RETENTION_JOB = "ccat_retention_cleanup"
@@ -53,7 +54,10 @@ def build_retention_definitions(
         for marked in report.marked:
             context.log.info(f"{verb} copy {marked.copy_id} deletion_possible: {marked.path} ({marked.reason})")
         for outcome in report.outcomes:
-            line = f"copy {outcome.copy_id}: {outcome.action.value} {outcome.path} ({outcome.reason})"
+            line = (
+                f"copy {outcome.copy_id}: {outcome.action.value} {outcome.path} ({outcome.reason}; "
+                f"{recreation_text(outcome)})"
+            )
             (context.log.warning if outcome.action is DeletionAction.FAILED else context.log.info)(line)
         context.log.info(report.summary())
         failed = [o for o in report.outcomes if o.action is DeletionAction.FAILED]

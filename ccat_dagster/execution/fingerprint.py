@@ -11,7 +11,10 @@ from typing import Any
 
 from ccat_dagster.errors import CcatError
 
-FINGERPRINT_VERSION = "ccat-fp-1"
+# Version 2 hashes content (package checksums, upstream products' sha256 with the path a container reads them
+# at), never database ids: an upstream re-run that reproduces identical bytes leaves its consumers up to date.
+# Migration 0006 rewrote the version-1 fingerprints of existing attempts from their recorded inputs.
+FINGERPRINT_VERSION = "ccat-fp-2"
 
 
 def canonical_json(value: Any) -> str:
@@ -24,22 +27,24 @@ def config_sha256(parameters: dict[str, Any]) -> str:
 
 def input_fingerprint(
     *,
-    packages: Iterable[tuple[int, str]],
-    upstream_products: Iterable[tuple[int, str]],
+    packages: Iterable[tuple[str, str]],
+    upstream_products: Iterable[tuple[str, str, str, str]],
     software_version: str,
     image_digest: str | None,
     config_sha: str,
 ) -> str:
     """The hash that decides whether a step's sub-group needs (re)processing.
 
-    ``packages`` are (RawDataPackage id, checksum) pairs, ``upstream_products`` (DataProduct id, sha256) pairs.
-    Order does not matter; any change to the inputs, the resolved software version, its image digest or the
-    step config gives a different fingerprint.
+    ``packages`` are (RawDataPackage name, checksum) pairs; ``upstream_products`` are (upstream step name,
+    upstream sub_group_key, relative path, sha256) of the products the step reads: where a container finds a
+    file and what is in it, not which database row describes it. Order does not matter; any change to the
+    inputs' content, the resolved software version, its image digest or the step config gives a different
+    fingerprint, and a re-run upstream that writes the same bytes gives the same one (early cutoff).
     """
     payload = {
         "v": FINGERPRINT_VERSION,
-        "packages": sorted([int(i), c] for i, c in packages),
-        "products": sorted([int(i), c] for i, c in upstream_products),
+        "packages": sorted([str(name), checksum] for name, checksum in packages),
+        "products": sorted([str(step), str(key), str(path), sha] for step, key, path, sha in upstream_products),
         "software": software_version,
         "image_digest": image_digest or "",
         "config": config_sha,

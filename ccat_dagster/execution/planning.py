@@ -10,23 +10,37 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import hashlib
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ccat_dagster.errors import CcatError
-from ccat_dagster.execution.fingerprint import config_sha256, input_fingerprint, resolve_version
+from ccat_dagster.execution.fingerprint import canonical_json, config_sha256, input_fingerprint, resolve_version
 from ccat_dagster.grouping import sql
 from ccat_dagster.grouping.engine import SubGroup, resolve, resolve_touched
 from ccat_dagster.opsdb import models as m
-from ccat_dagster.opsdb.enums import TERMINAL_RUN_STATUSES, RunStatus
+from ccat_dagster.opsdb.enums import TERMINAL_RUN_STATUSES, PhysicalCopyStatus, RunStatus
 
 
 class PlanningError(CcatError):
     """A pipeline or step cannot be planned (unknown name, no software version, …)."""
+
+
+class GapReason(enum.StrEnum):
+    """Why a sub-group needs (or, waiting, will need) a run: what ``ccat-dagster pipelines gaps`` prints."""
+
+    NEW = "new"  # no attempt of this sub-group completed yet
+    INPUTS_CHANGED = "inputs_changed"  # raw data joined or left the sub-group (new data, an invalidation)
+    UPSTREAM_CHANGED = "upstream_changed"  # an upstream sub-group re-ran with different output bytes
+    CONFIG_CHANGED = "config_changed"
+    SOFTWARE_CHANGED = "software_changed"  # another version under the version policy, or another image
+    RETRY = "retry"  # the last attempt with these inputs failed; retries are left
+    MISSING_INTERMEDIATE = "missing_intermediate"  # a consumer needs a product whose copy retention deleted
+    FORCED = "forced"
 
 
 class Readiness(enum.StrEnum):
@@ -67,10 +81,15 @@ class SubGroupPlan:
     due_at: dt.datetime | None = None
     detail: str = ""
     total_bytes: int = 0
+    # Attempts of this step and sub-group so far: part of the run key, so that a retry after a failure or the
+    # re-creation of a deleted intermediate (same fingerprint as before) is a new run, not a duplicate.
+    attempts_so_far: int = 0
+    reason: GapReason | None = None
 
 
-# (all upstream sub-groups up to date, their current products, their keys, why not ready)
-_UpstreamInputs = tuple[bool, list[UpstreamProductRef], tuple[str, ...], str]
+# (all upstream sub-groups up to date, their current products, their keys, why not ready, the keys among them
+# whose current products have no present copy at the processing location)
+_UpstreamInputs = tuple[bool, list[UpstreamProductRef], tuple[str, ...], str, tuple[str, ...]]
 
 # Ids per statement, bound as ONE array parameter (grouping.sql.id_list_param), not one parameter each.
 _IDS_PER_STATEMENT = 50_000
@@ -98,6 +117,10 @@ class Planner:
         grouping = pipeline.data_grouping
         self._rules = list(grouping.filter_rules or [])
         self._module_id = grouping.instrument_module_id
+        # Per step name: upstream sub-groups to re-run because a consumer with a gap needs their deleted
+        # intermediates (plans with readiness GAP, reason MISSING_INTERMEDIATE), and the consumers waiting.
+        self.rebuilds: dict[str, dict[str, SubGroupPlan]] = defaultdict(dict)
+        self.waiting_for_rebuild: dict[str, dict[str, SubGroupPlan]] = defaultdict(dict)
 
     # ------------------------------------------------------------------ public
 
@@ -121,6 +144,27 @@ class Planner:
                 upstream=list(step.depends_on),
             )
         return self._steps[step_name]
+
+    def step_signature(self, step_name: str) -> str:
+        """A hash of everything in a step's definition that decides its sub-groups and fingerprints: config,
+        resolved software version and image digest, group_by, upstream steps and the pipeline's grouping.
+
+        A trigger that sees it change evaluates every sub-group of the step once (``triggers._sweep_pages``).
+        """
+        info = self.step_info(step_name)
+        return hashlib.sha256(
+            canonical_json(
+                {
+                    "config": info.config_sha,
+                    "software": f"{info.step.software.name}=={info.version.version}",
+                    "image_digest": info.version.image_digest or "",
+                    "group_by": list(info.step.group_by or []),
+                    "upstream": sorted(u.name for u in info.upstream),
+                    "rules": self._rules,
+                    "instrument_module_id": self._module_id,
+                }
+            ).encode()
+        ).hexdigest()
 
     def sub_groups(
         self,
@@ -160,8 +204,12 @@ class Planner:
         *,
         respect_cooldown: bool = True,
         force: bool = False,
+        rebuild: bool = False,
     ) -> list[SubGroupPlan]:
         """Decide each sub-group of ``step_name``. ``force`` plans up-to-date sub-groups as gaps too.
+
+        ``rebuild`` plans up-to-date sub-groups whose products a consumer needs again (their copies were deleted)
+        as gaps with reason MISSING_INTERMEDIATE; unlike ``force`` it respects exhausted retries.
 
         A fixed number of statements for any number of sub-groups (attempts, input checksums, upstream
         sub-groups and products are each read for all of them at once): a sensor tick touching a thousand
@@ -171,7 +219,7 @@ class Planner:
         info = self.step_info(step_name)
         attempts = self._attempts(info.step.id, [g.key for g in groups])
         upstream = {u.name: self._upstream_inputs(u, groups) for u in info.upstream}
-        checksums = {} if info.upstream else self._checksums([i for g in groups for i in g.package_ids])
+        contents = {} if info.upstream else self._package_contents([i for g in groups for i in g.package_ids])
         plans = []
         for group in groups:
             plan = self._plan_one(
@@ -179,9 +227,10 @@ class Planner:
                 group,
                 attempts.get(group.key, []),
                 [upstream[u.name][group.key] for u in info.upstream],
-                checksums,
+                contents,
                 respect_cooldown,
                 force,
+                rebuild,
             )
             self._memo[(info.step.id, group.key)] = plan
             plans.append(plan)
@@ -278,17 +327,18 @@ class Planner:
                 by_key[row.sub_group_key].append(row)
         return by_key
 
-    def _checksums(self, package_ids: Sequence[int]) -> dict[int, str]:
-        checksums: dict[int, str] = {}
+    def _package_contents(self, package_ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+        """Package id → (name, checksum): what a fingerprint hashes of a raw package (its content, not its id)."""
+        contents: dict[int, tuple[str, str]] = {}
         for start in range(0, len(package_ids), _IDS_PER_STATEMENT):
             chunk = package_ids[start : start + _IDS_PER_STATEMENT]
             rows = self.session.execute(
-                select(m.RawDataPackage.id, m.RawDataPackage.checksum).where(
+                select(m.RawDataPackage.id, m.RawDataPackage.name, m.RawDataPackage.checksum).where(
                     sql.id_in_list(m.RawDataPackage.id, sql.id_list_param(chunk))
                 )
             )
-            checksums.update(rows.tuples().all())
-        return checksums
+            contents.update({pid: (name, checksum) for pid, name, checksum in rows})
+        return contents
 
     def _plan_one(
         self,
@@ -296,9 +346,10 @@ class Planner:
         group: SubGroup,
         attempts: list[m.ExecutedReductionStep],
         upstream_inputs: list[_UpstreamInputs],
-        checksums: dict[int, str],
+        contents: dict[int, tuple[str, str]],
         respect_cooldown: bool,
         force: bool,
+        rebuild: bool = False,
     ) -> SubGroupPlan:
         step = info.step
         base = dict(
@@ -309,18 +360,22 @@ class Planner:
             software_version_id=info.version.id,
             config_id=step.reduction_step_config_id,
             total_bytes=group.total_bytes,
+            attempts_so_far=len(attempts),
         )
         upstream_products: list[UpstreamProductRef] = []
         upstream_keys: dict[str, tuple[str, ...]] = {}
-        for upstream, (ready, products, keys, detail) in zip(info.upstream, upstream_inputs, strict=True):
+        missing: dict[str, tuple[str, ...]] = {}
+        for upstream, (ready, products, keys, detail, gone) in zip(info.upstream, upstream_inputs, strict=True):
             if not ready:
                 return SubGroupPlan(**base, readiness=Readiness.UPSTREAM_NOT_READY, detail=detail)
             upstream_products.extend(products)
             upstream_keys[upstream.name] = keys
-        packages = [(i, checksums[i]) for i in group.package_ids if i in checksums] if not info.upstream else []
+            if gone:
+                missing[upstream.name] = gone
+        packages = [contents[i] for i in group.package_ids if i in contents] if not info.upstream else []
         fingerprint = input_fingerprint(
             packages=packages,
-            upstream_products=[(p.product_id, p.sha256) for p in upstream_products],
+            upstream_products=[(p.step_name, p.sub_group_key, p.relative_path, p.sha256) for p in upstream_products],
             software_version=f"{step.software.name}=={info.version.version}",
             image_digest=info.version.image_digest,
             config_sha=info.config_sha,
@@ -339,7 +394,7 @@ class Planner:
                 detail=f"attempt {in_flight[-1].id} is {in_flight[-1].status.value}",
             )
         done = [a for a in attempts if a.status is RunStatus.COMPLETED and a.input_fingerprint == fingerprint]
-        if done and not force:
+        if done and not force and not rebuild:
             return SubGroupPlan(**plan, readiness=Readiness.UP_TO_DATE, detail=f"attempt {done[-1].id} is current")
         same_inputs_failed = [
             a
@@ -352,7 +407,11 @@ class Planner:
                 readiness=Readiness.EXHAUSTED,
                 detail=f"{len(same_inputs_failed)} attempts with these inputs failed (max_retries {step.max_retries}); "
                 "materialize the partition by hand to try again",
+                reason=GapReason.RETRY,
             )
+        reason = _gap_reason(info, attempts, fingerprint, same_inputs_failed, force=force, rebuild=bool(done))
+        if missing:
+            return self._wait_for_rebuild(info, SubGroupPlan(**plan, readiness=Readiness.UPSTREAM_NOT_READY), missing)
         if respect_cooldown and attempts and step.cooldown_seconds > 0:
             due = attempts[-1].created_at + dt.timedelta(seconds=step.cooldown_seconds)
             if due > self.now:
@@ -361,8 +420,33 @@ class Planner:
                     readiness=Readiness.COOLDOWN,
                     due_at=due,
                     detail=f"cooldown until {due.isoformat()}",
+                    reason=reason,
                 )
-        return SubGroupPlan(**plan, readiness=Readiness.GAP)
+        return SubGroupPlan(**plan, readiness=Readiness.GAP, reason=reason, detail=_REASON_TEXT[reason])
+
+    def _wait_for_rebuild(
+        self, info: _StepInfo, waiting: SubGroupPlan, missing: dict[str, tuple[str, ...]]
+    ) -> SubGroupPlan:
+        """``waiting`` needs upstream products whose copies are gone: re-plan their producers as rebuilds.
+
+        The producers are planned with ``rebuild`` (recursively: a producer whose own inputs are gone waits in
+        turn), and the consumer is UPSTREAM_NOT_READY until they completed again.
+        """
+        parts = []
+        for upstream_name, keys in missing.items():
+            groups = self.sub_groups(upstream_name, keys=keys)
+            for plan in self.plan(upstream_name, groups.values(), respect_cooldown=False, rebuild=True):
+                if plan.readiness is Readiness.GAP:
+                    self.rebuilds[upstream_name][plan.sub_group_key] = plan
+            parts.append(f"{len(keys)} sub-group(s) of {upstream_name!r} (e.g. {keys[0]!r})")
+        plan = replace(
+            waiting,
+            reason=GapReason.MISSING_INTERMEDIATE,
+            detail="waiting for upstream intermediates to be re-created (their copies were deleted by retention): "
+            + ", ".join(parts),
+        )
+        self.waiting_for_rebuild[info.step.name][plan.sub_group_key] = plan
+        return plan
 
     def _upstream_inputs(self, upstream: m.ReductionStep, groups: Sequence[SubGroup]) -> dict[str, _UpstreamInputs]:
         """Per sub-group key of ``groups``: the upstream sub-groups inside it, whether all are up to date, and
@@ -392,6 +476,7 @@ class Planner:
                     f"{len(blocked)} upstream sub-group(s) of {upstream.name!r} are not complete, e.g. {key!r}: "
                     f"{plan.readiness.value} {plan.detail}".rstrip()
                 ),
+                (),
             )
         groups = undecided
         member_ids = {i for g in groups for i in g.package_ids}
@@ -408,6 +493,7 @@ class Planner:
             if self._memo[(upstream.id, key)].readiness is Readiness.UP_TO_DATE
         }
         products = self._current_products(upstream, sorted(ready_keys))
+        gone = self._without_present_copy(products)
         for group in groups:
             keys = inside[group.key]
             not_ready = [(key, self._memo[(upstream.id, key)]) for key in keys if key not in ready_keys]
@@ -421,10 +507,34 @@ class Planner:
                         f"{len(not_ready)} of {len(keys)} upstream sub-group(s) of {upstream.name!r} are not "
                         f"complete, e.g. {key!r}: {plan.readiness.value} {plan.detail}".rstrip()
                     ),
+                    (),
                 )
                 continue
-            result[group.key] = (True, [p for key in keys for p in products.get(key, [])], tuple(keys), "")
+            result[group.key] = (
+                True,
+                [p for key in keys for p in products.get(key, [])],
+                tuple(keys),
+                "",
+                tuple(key for key in keys if key in gone),
+            )
         return result
+
+    def _without_present_copy(self, products: dict[str, list[UpstreamProductRef]]) -> set[str]:
+        """The sub-group keys among ``products`` with a product that has no present copy at the pipeline's
+        processing location (retention deleted it, or marked it for deletion)."""
+        ids = [p.product_id for refs in products.values() for p in refs]
+        present: set[int] = set()
+        for start in range(0, len(ids), _IDS_PER_STATEMENT):
+            chunk = ids[start : start + _IDS_PER_STATEMENT]
+            present.update(
+                self.session.scalars(
+                    select(m.PhysicalCopy.data_product_id)
+                    .where(m.PhysicalCopy.data_location_id == self.pipeline.processing_location_id)
+                    .where(m.PhysicalCopy.status == PhysicalCopyStatus.PRESENT)
+                    .where(sql.id_in_list(m.PhysicalCopy.data_product_id, sql.id_list_param(chunk)))
+                )
+            )
+        return {key for key, refs in products.items() if any(p.product_id not in present for p in refs)}
 
     def _blocking(self, upstream: m.ReductionStep) -> dict[int, tuple[str, SubGroupPlan]]:
         """Package id → (key, plan) of the sub-groups of ``upstream`` planned so far that are not up to date."""
@@ -475,3 +585,42 @@ def load_pipeline(session: Session, name: str) -> m.Pipeline:
         known = ", ".join(session.scalars(select(m.Pipeline.name).order_by(m.Pipeline.name))) or "none"
         raise PlanningError(f"pipeline {name!r} is not in ops-db (known: {known}); apply its YAML first")
     return pipeline
+
+
+_REASON_TEXT = {
+    GapReason.NEW: "no attempt of this sub-group has completed yet",
+    GapReason.INPUTS_CHANGED: "its raw data changed since the last completed attempt (new data or an invalidation)",
+    GapReason.UPSTREAM_CHANGED: "an upstream sub-group re-ran with different output since the last completed attempt",
+    GapReason.CONFIG_CHANGED: "the step config changed since the last completed attempt",
+    GapReason.SOFTWARE_CHANGED: "the resolved software version or image changed since the last completed attempt",
+    GapReason.RETRY: "the last attempt with these inputs failed; retries are left",
+    GapReason.MISSING_INTERMEDIATE: "a consumer needs its products again and their copies were deleted",
+    GapReason.FORCED: "run by hand",
+}
+
+
+def _gap_reason(
+    info: _StepInfo,
+    attempts: Sequence[m.ExecutedReductionStep],
+    fingerprint: str,
+    failed_same_inputs: Sequence[m.ExecutedReductionStep],
+    *,
+    force: bool,
+    rebuild: bool,
+) -> GapReason:
+    """Why a sub-group that is not up to date needs a run, from its attempts (no further reads)."""
+    if rebuild:
+        return GapReason.FORCED if force else GapReason.MISSING_INTERMEDIATE
+    if force:
+        return GapReason.FORCED
+    if failed_same_inputs and attempts and attempts[-1].input_fingerprint == fingerprint:
+        return GapReason.RETRY
+    completed = [a for a in attempts if a.status is RunStatus.COMPLETED]
+    if not completed:
+        return GapReason.RETRY if failed_same_inputs else GapReason.NEW
+    last = completed[-1]
+    if last.reduction_software_version_id != info.version.id:
+        return GapReason.SOFTWARE_CHANGED
+    if last.reduction_step_config_id != info.step.reduction_step_config_id:
+        return GapReason.CONFIG_CHANGED
+    return GapReason.UPSTREAM_CHANGED if info.upstream else GapReason.INPUTS_CHANGED

@@ -9,12 +9,18 @@ Two steps, run by a schedule or from the CLI:
    intermediate copies and records ``deleted`` / ``deletion_failed``. Final products (science, qa_metric,
    plot, statistics, log) are never deleted here, whatever their copy status.
 
+Each step's ``retention`` setting (``effective_retention``) decides whether its consumed intermediates may go
+at all: ``keep`` steps lose only superseded ones. Where a deleted intermediate is needed again (a new scan
+joins a fan-in, a consumer's config changed), the planner re-runs the sub-group that produced it first
+(``planning.Planner.rebuilds``); ``recreation_costs`` says what that costs, from the attempts in ops-db.
+
 Nothing in this project moves a copy from ``deletion_possible`` back to ``present``; an operator who wants to
 keep a file sets the copy's status back by hand before the cleanup runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 import os
@@ -28,12 +34,21 @@ from sqlalchemy.orm import Session
 
 from ccat_dagster.execution.staging import resolve_copy_path
 from ccat_dagster.opsdb.engine import session_scope
-from ccat_dagster.opsdb.enums import TERMINAL_RUN_STATUSES, DataProductType, PhysicalCopyStatus, RunStatus
+from ccat_dagster.opsdb.enums import (
+    TERMINAL_RUN_STATUSES,
+    DataProductType,
+    PhysicalCopyStatus,
+    RunStatus,
+    StepRetention,
+    TriggerType,
+)
 from ccat_dagster.opsdb.models import (
     DataLocation,
     DataProduct,
     ExecutedReductionStep,
     PhysicalCopy,
+    ReductionStep,
+    run_ancestor_run,
     run_input_product,
 )
 
@@ -52,6 +67,32 @@ class DeletionOutcome:
     path: Path
     action: DeletionAction
     reason: str
+    # What re-creating the file would cost if a consumer needs it again: the producing attempt plus the
+    # ancestor attempts whose intermediates are gone too, and their CPU hours as ops-db recorded them.
+    recreate_attempts: int = 0
+    recreate_cpu_hours: float | None = None
+
+
+def effective_retention(step: ReductionStep) -> StepRetention:
+    """``keep`` or ``recreate`` for a step: its own setting, or for ``auto`` ``keep`` when a fan-in step (a
+    consumer with another group_by, so each of its sub-groups reads several of this step's) of a CONTINUOUS or
+    CRON pipeline reads it (new data makes that fan-in read them all again), else ``recreate``."""
+    if step.retention is not StepRetention.AUTO:
+        return step.retention
+    pipeline = step.pipeline
+    standing = pipeline.trigger_type in (TriggerType.CONTINUOUS, TriggerType.CRON)
+    fan_in = any(
+        step in consumer.depends_on and list(consumer.group_by or []) != list(step.group_by or [])
+        for consumer in pipeline.steps
+    )
+    return StepRetention.KEEP if standing and fan_in else StepRetention.RECREATE
+
+
+def kept_step_ids(session: Session) -> set[int]:
+    """Steps whose consumed intermediates retention keeps (``effective_retention`` is ``keep``)."""
+    return {
+        step.id for step in session.scalars(select(ReductionStep)) if effective_retention(step) is StepRetention.KEEP
+    }
 
 
 def mark_deletable_intermediates(session: Session, *, now: dt.datetime, retention_days: float) -> list[int]:
@@ -66,7 +107,8 @@ def mark_deletable_intermediates(session: Session, *, now: dt.datetime, retentio
 
     (b) counts a FAILED or CANCELLED consumer as done only when a COMPLETED attempt of the same step and
     sub-group also consumed the product (the usual failure-then-retry); a consumer whose only attempts failed
-    keeps the product, because its retry will need it. Unconsumed intermediates are never marked by (b).
+    keeps the product, because its retry will need it. Unconsumed intermediates are never marked by (b), nor
+    are the products of steps whose retention is ``keep`` (``effective_retention``).
 
     ``now`` must be timezone-aware; ``retention_days`` ≥ 0. Caller's transaction; nothing is committed.
     """
@@ -101,6 +143,7 @@ def mark_deletable_intermediates(session: Session, *, now: dt.datetime, retentio
         .where(DataProduct.product_type == DataProductType.INTERMEDIATE)
         .where(PhysicalCopy.status == PhysicalCopyStatus.PRESENT)
         .where(DataProduct.superseded_by_id.is_(None))
+        .where(DataProduct.reduction_step_id.not_in(sorted(kept_step_ids(session)) or [-1]))
     ).all()
     by_copy: dict[int, list[tuple[int, str, RunStatus, dt.datetime | None]]] = defaultdict(list)
     for copy_id, step_id, key, status, finished_at in consumers:
@@ -163,7 +206,82 @@ def delete_deletable_copies(engine: Engine, *, dry_run: bool, allowed_roots: Seq
         if not dry_run:
             outcome = _record(engine, outcome)
         outcomes.append(outcome)
+    if outcomes:
+        with session_scope(engine) as session:
+            costs = recreation_costs(session, [o.copy_id for o in outcomes])
+        outcomes = [dataclasses.replace(o, **costs[o.copy_id]) if o.copy_id in costs else o for o in outcomes]
     return outcomes
+
+
+def recreation_costs(session: Session, copy_ids: Sequence[int]) -> dict[int, dict[str, float | int | None]]:
+    """Per copy of an intermediate product: the attempts that re-creating it would re-run and their CPU hours.
+
+    Those are the attempt that produced it and each ancestor attempt (``run_ancestor_run``) with an intermediate
+    product that has no present copy left (it would be re-created first). ``recreate_cpu_hours`` is None when
+    ops-db recorded no CPU time for any of them (a backend that does not measure it). A fixed number of
+    statements, read in the caller's transaction (a dry run sees the copies it just marked as gone).
+    """
+    producer: dict[int, int] = {}
+    for start in range(0, len(copy_ids), 1000):
+        chunk = list(copy_ids[start : start + 1000])
+        producer.update(
+            session.execute(
+                select(PhysicalCopy.id, DataProduct.executed_reduction_step_id)
+                .join(DataProduct, PhysicalCopy.data_product_id == DataProduct.id)
+                .where(PhysicalCopy.id.in_(chunk))
+            )
+            .tuples()
+            .all()
+        )
+    attempts = sorted(set(producer.values()))
+    ancestors: dict[int, set[int]] = defaultdict(set)
+    for start in range(0, len(attempts), 1000):
+        chunk = attempts[start : start + 1000]
+        for attempt_id, ancestor_id in session.execute(
+            select(run_ancestor_run.c.executed_reduction_step_id, run_ancestor_run.c.ancestor_run_id).where(
+                run_ancestor_run.c.executed_reduction_step_id.in_(chunk)
+            )
+        ):
+            ancestors[attempt_id].add(ancestor_id)
+    involved = sorted(set(attempts) | {a for ids in ancestors.values() for a in ids})
+    cpu: dict[int, float | None] = {}
+    gone: set[int] = set()
+    for start in range(0, len(involved), 1000):
+        chunk = involved[start : start + 1000]
+        cpu.update(
+            session.execute(
+                select(ExecutedReductionStep.id, ExecutedReductionStep.cpu_hours).where(
+                    ExecutedReductionStep.id.in_(chunk)
+                )
+            )
+            .tuples()
+            .all()
+        )
+        present = (
+            select(PhysicalCopy.id)
+            .where(PhysicalCopy.data_product_id == DataProduct.id)
+            .where(PhysicalCopy.status == PhysicalCopyStatus.PRESENT)
+            .exists()
+        )
+        gone.update(
+            session.scalars(
+                select(DataProduct.executed_reduction_step_id)
+                .where(DataProduct.executed_reduction_step_id.in_(chunk))
+                .where(DataProduct.product_type == DataProductType.INTERMEDIATE)
+                .where(~present)
+                .distinct()
+            )
+        )
+    costs: dict[int, dict[str, float | int | None]] = {}
+    for copy_id, attempt_id in producer.items():
+        chain = [attempt_id, *sorted(a for a in ancestors.get(attempt_id, ()) if a in gone)]
+        hours = [cpu.get(a) for a in chain]
+        known = [h for h in hours if h is not None]
+        costs[copy_id] = {
+            "recreate_attempts": len(chain),
+            "recreate_cpu_hours": round(sum(known), 4) if known else None,
+        }
+    return costs
 
 
 def _refusal(path: Path, roots: Sequence[Path]) -> str | None:

@@ -10,7 +10,15 @@ changed since the last one, never with the archive:
   the tick read past it, so the overlap must exceed the longest writing transaction plus clock skew). The ids
   already seen there are remembered in the cursor and excluded in SQL, so the cursor holds at most the changes
   of one overlap window, however large a backlog is being worked off;
-- finished attempts: read by their ``status_changed_at`` watermark, to start dependent steps;
+- finished attempts: read by their ``status_changed_at`` watermark: a COMPLETED one starts dependent steps, a
+  FAILED one puts its own sub-group up for planning again (a retry while retries are left: a run that died must
+  not leave a gap that nothing ever plans again);
+- changes of a step's definition (config, resolved software version or image, group_by, the grouping): each
+  step's signature is kept in the cursor, and a changed one starts a *sweep* of that step, which walks the raw
+  packages by id, ``batch_limit`` per tick, and plans the sub-groups they fall in. So a change is evaluated
+  once, in pages, and a tick without changes costs nothing more than before;
+- sub-groups waiting for deleted intermediates to be re-created (``Planner.rebuilds``) are remembered with one
+  member and planned again whenever attempts finished;
 - sub-groups held back by a cooldown are remembered in the cursor with their due time and one member package,
   through which they are found again.
 
@@ -33,7 +41,7 @@ from typing import Any
 from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
-from ccat_dagster.execution.planning import Planner, Readiness, SubGroupPlan
+from ccat_dagster.execution.planning import GapReason, Planner, Readiness, SubGroupPlan
 from ccat_dagster.grouping import sql
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.enums import PackageState, RunStatus
@@ -55,6 +63,12 @@ class TickCursor:
     # One member package per deferred sub-group: finds it again without reading the whole grouping.
     deferred_members: dict[str, dict[str, int]] = field(default_factory=dict)
     recent: dict[str, float] = field(default_factory=dict)
+    # Step name → signature of its definition (step_signature) as last seen by a tick.
+    signatures: dict[str, str] = field(default_factory=dict)
+    # Step name → {"signature", "after": last package id walked, "seen": keys already planned in this sweep}.
+    sweeps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Step name → {sub_group_key: one member package}: consumers waiting for re-created intermediates.
+    rebuild_waiting: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def loads(cls, text: str | None) -> TickCursor:
@@ -71,6 +85,9 @@ class TickCursor:
             deferred=raw.get("deferred", {}),
             deferred_members=raw.get("deferred_members", {}),
             recent=raw.get("recent", {}),
+            signatures=raw.get("signatures", {}),
+            sweeps=raw.get("sweeps", {}),
+            rebuild_waiting=raw.get("rebuild_waiting", {}),
         )
 
     def dumps(self) -> str:
@@ -85,6 +102,9 @@ class TickCursor:
                 "deferred": self.deferred,
                 "deferred_members": self.deferred_members,
                 "recent": self.recent,
+                "signatures": self.signatures,
+                "sweeps": self.sweeps,
+                "rebuild_waiting": self.rebuild_waiting,
             },
             sort_keys=True,
         )
@@ -96,6 +116,8 @@ class StepRequest:
 
     step_name: str
     plans: tuple[SubGroupPlan, ...]
+    # Re-creating deleted intermediates that a consumer needs: the runs must redo up-to-date sub-groups.
+    rebuild: bool = False
 
     @property
     def sub_group_keys(self) -> list[str]:
@@ -111,6 +133,8 @@ class TickResult:
     finished_attempts: int = 0
     more_pending: bool = False
     skipped: dict[str, int] = field(default_factory=dict)
+    # Steps whose definition changed and that this tick swept (some or all of their sub-groups).
+    swept_steps: tuple[str, ...] = ()
 
 
 def evaluate_tick(
@@ -130,9 +154,10 @@ def evaluate_tick(
     """
     overlap = dt.timedelta(seconds=overlap_seconds)
     changed, more = _changed_packages(session, cursor, batch_limit, overlap, now) if read_packages else ([], False)
-    finished = _finished_attempts(session, pipeline, cursor, batch_limit, overlap)
+    finished, failed = _finished_attempts(session, pipeline, cursor, batch_limit, overlap)
     planner = Planner(session, pipeline, now=now)
     steps = _topological(pipeline.steps)
+    sweep_pages = _sweep_pages(session, planner, steps, cursor, batch_limit) if read_packages else {}
 
     touched: dict[str, dict[str, Any]] = defaultdict(dict)
     # Dependent steps: the keys of the sub-groups holding changed packages; read in full only when planned and
@@ -145,15 +170,38 @@ def evaluate_tick(
                 touched_keys[step.name] = planner.changed_members(step.name, member_ids)
             else:
                 touched[step.name].update(planner.sub_groups(step.name, changed_package_ids=member_ids))
-    if finished:
-        covered = _covered_packages(session, finished)
+    for step in steps:
+        page = sweep_pages.get(step.name)
+        if not page:
+            continue
+        seen = set(cursor.sweeps[step.name].get("seen", []))
+        if step.depends_on:
+            found = planner.changed_members(step.name, page)
+            touched_keys.setdefault(step.name, {}).update({k: v for k, v in found.items() if k not in seen})
+        else:
+            groups = planner.sub_groups(step.name, changed_package_ids=page)
+            touched[step.name].update({k: g for k, g in groups.items() if k not in seen})
+    completed = [aid for aid in finished if aid not in failed]
+    if completed:
+        covered = _covered_packages(session, completed)
         done_steps = {
             a.step.name
-            for a in session.scalars(select(m.ExecutedReductionStep).where(m.ExecutedReductionStep.id.in_(finished)))
+            for a in session.scalars(select(m.ExecutedReductionStep).where(m.ExecutedReductionStep.id.in_(completed)))
         }
         for step in steps:
             if any(u.name in done_steps for u in step.depends_on):
                 touched[step.name].update(planner.sub_groups(step.name, changed_package_ids=covered))
+    if failed:
+        # A failed attempt's own sub-group: planned again (a retry, or EXHAUSTED once max_retries are used).
+        for step_name, attempt_ids in _attempts_by_step(session, failed).items():
+            if any(s.name == step_name for s in steps):
+                covered = _covered_packages(session, attempt_ids)
+                touched[step_name].update(planner.sub_groups(step_name, changed_package_ids=covered))
+    if finished:
+        for step_name, members in list(cursor.rebuild_waiting.items()):
+            if any(s.name == step_name for s in steps) and members:
+                touched[step_name].update(_deferred_sub_groups(planner, step_name, list(members), members))
+            cursor.rebuild_waiting.pop(step_name, None)
     now_epoch = now.timestamp()
     for step_name, due_keys in list(cursor.deferred.items()):
         ready = [k for k, due in due_keys.items() if due <= now_epoch]
@@ -170,6 +218,7 @@ def evaluate_tick(
     requests: list[StepRequest] = []
     partitions: dict[str, list[str]] = {}
     skipped: dict[str, int] = defaultdict(int)
+    planned: dict[str, list[SubGroupPlan]] = {}
     cursor.recent = {k: v for k, v in cursor.recent.items() if v > now_epoch}
     for step in steps:
         groups = touched.get(step.name, {})
@@ -183,11 +232,9 @@ def evaluate_tick(
             plans += planner.plan_changed(step.name, by_keys)
         for plan in plans:
             if plan.readiness is Readiness.GAP:
-                memo = f"{step.name}|{plan.sub_group_key}|{plan.fingerprint}"
-                if memo in cursor.recent:
+                if not _remember(cursor, plan, now_epoch + overlap_seconds + 3600):
                     skipped["already_requested"] += 1
                     continue
-                cursor.recent[memo] = now_epoch + overlap_seconds + 3600
                 wanted.append(plan)
             elif plan.readiness is Readiness.COOLDOWN and plan.due_at is not None:
                 cursor.deferred.setdefault(step.name, {})[plan.sub_group_key] = plan.due_at.timestamp()
@@ -198,6 +245,11 @@ def evaluate_tick(
                 skipped[plan.readiness.value] += 1
         if wanted:
             requests.append(StepRequest(step.name, tuple(wanted)))
+        planned[step.name] = plans
+    for step_name, page in sweep_pages.items():
+        # Also for a page that touched nothing: the last page of a sweep ends it.
+        _note_swept(cursor, step_name, page, planned.get(step_name, []))
+    requests.extend(_rebuild_requests(planner, cursor, steps, now_epoch + overlap_seconds + 3600))
     if len(cursor.recent) > RECENT_MEMO_LIMIT:
         # Working off a large backlog would grow the cursor without bound. Keeping the newest entries is safe:
         # a forgotten one only costs Dagster a run-key lookup, which still refuses the duplicate run.
@@ -209,26 +261,65 @@ def evaluate_tick(
         cursor=cursor,
         changed_packages=len(changed),
         finished_attempts=len(finished),
-        more_pending=more,
+        more_pending=more or any(name in cursor.sweeps for name in sweep_pages),
         skipped=dict(skipped),
+        swept_steps=tuple(sweep_pages),
     )
 
 
-def evaluate_all(session: Session, pipeline: m.Pipeline, *, now: dt.datetime) -> TickResult:
-    """A full evaluation of every step and sub-group (CRON schedules, manual `ccat-dagster pipelines gaps`)."""
+def plan_all(session: Session, pipeline: m.Pipeline, *, now: dt.datetime) -> dict[str, list[SubGroupPlan]]:
+    """Every current sub-group of every step, planned (in the order of the steps' dependencies).
+
+    An up-to-date sub-group whose products a planned consumer needs again after retention deleted them is
+    returned as its re-creation (a GAP with reason MISSING_INTERMEDIATE) instead.
+    """
     planner = Planner(session, pipeline, now=now)
-    requests, partitions, skipped = [], {}, defaultdict(int)
+    plans: dict[str, list[SubGroupPlan]] = {}
     for step in _topological(pipeline.steps):
-        groups = planner.sub_groups(step.name)
-        partitions[step.name] = sorted(groups)
-        plans = planner.plan(step.name, groups.values())
-        wanted = [p for p in plans if p.readiness is Readiness.GAP]
+        plans[step.name] = planner.plan(step.name, planner.sub_groups(step.name).values())
+    for step_name, rebuilt in planner.rebuilds.items():
+        plans[step_name] = [rebuilt.get(p.sub_group_key, p) for p in plans.get(step_name, [])]
+    return plans
+
+
+def evaluate_all(session: Session, pipeline: m.Pipeline, *, now: dt.datetime) -> TickResult:
+    """A full evaluation of every step and sub-group (CRON schedules, ``ccat-dagster pipelines gaps``)."""
+    requests, partitions, skipped = [], {}, defaultdict(int)
+    for step_name, plans in plan_all(session, pipeline, now=now).items():
+        partitions[step_name] = sorted(p.sub_group_key for p in plans)
+        gaps = [p for p in plans if p.readiness is Readiness.GAP]
+        for rebuild in (False, True):
+            wanted = [p for p in gaps if (p.reason is GapReason.MISSING_INTERMEDIATE) is rebuild]
+            if wanted:
+                requests.append(StepRequest(step_name, tuple(wanted), rebuild=rebuild))
         for plan in plans:
             if plan.readiness is not Readiness.GAP:
                 skipped[plan.readiness.value] += 1
-        if wanted:
-            requests.append(StepRequest(step.name, tuple(wanted)))
     return TickResult(requests=requests, partitions=partitions, cursor=TickCursor(), skipped=dict(skipped))
+
+
+def new_partition_keys(
+    session: Session,
+    pipeline: m.Pipeline,
+    cursor: TickCursor,
+    *,
+    now: dt.datetime,
+    batch_limit: int = 5000,
+    overlap_seconds: int = 300,
+) -> tuple[dict[str, list[str]], bool]:
+    """Keys of the sub-groups, per step, that packages changed since ``cursor`` fall in; (keys, more pending).
+
+    What keeps a MANUAL or CRON pipeline's partitions current as data arrives, without planning anything: the
+    same change watermark as ``evaluate_tick``, and only the changed packages are read (never a fan-in's
+    members). Advances ``cursor``.
+    """
+    overlap = dt.timedelta(seconds=overlap_seconds)
+    changed, more = _changed_packages(session, cursor, batch_limit, overlap, now)
+    if not changed:
+        return {}, more
+    planner = Planner(session, pipeline, now=now)
+    keys = {step.name: sorted(planner.changed_members(step.name, changed)) for step in pipeline.steps}
+    return {name: found for name, found in keys.items() if found}, more
 
 
 # ---------------------------------------------------------------------------------------------- watermarks
@@ -274,20 +365,22 @@ def _changed_packages(
 
 def _finished_attempts(
     session: Session, pipeline: m.Pipeline, cursor: TickCursor, limit: int, overlap: dt.timedelta
-) -> list[int]:
+) -> tuple[list[int], set[int]]:
+    """Attempts that became COMPLETED or FAILED since the cursor: (all of them, the failed ones)."""
     attempt = m.ExecutedReductionStep
     step_ids = [s.id for s in pipeline.steps]
     if not step_ids:
-        return []
+        return [], set()
     rows = session.execute(
-        select(attempt.id, attempt.status_changed_at)
+        select(attempt.id, attempt.status_changed_at, attempt.status)
         .where(attempt.reduction_step_id.in_(step_ids))
-        .where(attempt.status == RunStatus.COMPLETED)
+        .where(attempt.status.in_([RunStatus.COMPLETED, RunStatus.FAILED]))
         .where(attempt.status_changed_at > cursor.attempt_ts - overlap)
         .order_by(attempt.status_changed_at, attempt.id)
         .limit(limit)
     ).all()
-    fresh = [(aid, ts) for aid, ts in rows if aid not in cursor.attempt_window]
+    fresh = [(aid, ts) for aid, ts, _ in rows if aid not in cursor.attempt_window]
+    failed = {aid for aid, _, status in rows if status is RunStatus.FAILED and aid not in cursor.attempt_window}
     if rows:
         cursor.attempt_ts = max(cursor.attempt_ts, rows[-1][1])
     horizon = (cursor.attempt_ts - overlap).timestamp()
@@ -295,7 +388,87 @@ def _finished_attempts(
     for aid, ts in fresh:
         window[aid] = ts.timestamp()
     cursor.attempt_window = window
-    return [aid for aid, _ in fresh]
+    return [aid for aid, _ in fresh], failed
+
+
+def _attempts_by_step(session: Session, attempt_ids: Iterable[int]) -> dict[str, list[int]]:
+    rows = session.execute(
+        select(m.ReductionStep.name, m.ExecutedReductionStep.id)
+        .join(m.ExecutedReductionStep.step)
+        .where(m.ExecutedReductionStep.id.in_(list(attempt_ids)))
+    ).all()
+    by_step: dict[str, list[int]] = defaultdict(list)
+    for name, aid in rows:
+        by_step[name].append(aid)
+    return by_step
+
+
+# ---------------------------------------------------------------------------------------------- changes
+
+
+def _sweep_pages(
+    session: Session, planner: Planner, steps: Sequence[m.ReductionStep], cursor: TickCursor, limit: int
+) -> dict[str, list[int]]:
+    """Start a sweep for each step whose definition changed since the last tick; the next page of each sweep.
+
+    A cursor without signatures (the first tick, or one written before they existed) records them and starts
+    nothing: the first tick reads every package anyway.
+    """
+    signatures = {step.name: planner.step_signature(step.name) for step in steps}
+    if cursor.signatures:
+        for name, signature in signatures.items():
+            if cursor.signatures.get(name) != signature:
+                cursor.sweeps[name] = {"signature": signature, "after": 0, "seen": []}
+    cursor.signatures = signatures
+    for name in [n for n in cursor.sweeps if n not in signatures]:
+        cursor.sweeps.pop(name)
+    pages: dict[str, list[int]] = {}
+    for name, sweep in cursor.sweeps.items():
+        pkg = m.RawDataPackage
+        ids = list(session.scalars(select(pkg.id).where(pkg.id > int(sweep["after"])).order_by(pkg.id).limit(limit)))
+        pages[name] = ids
+        sweep["after"] = ids[-1] if ids else sweep["after"]
+        sweep["done"] = len(ids) < limit
+    return pages
+
+
+def _note_swept(cursor: TickCursor, step_name: str, page: list[int], plans: Sequence[SubGroupPlan]) -> None:
+    """After a sweep page was planned: remember sub-groups that reach past the page (a fan-in is planned once
+    per sweep, not once per page), and end the sweep after its last page."""
+    sweep = cursor.sweeps[step_name]
+    if sweep.pop("done", False):
+        cursor.sweeps.pop(step_name)
+        return
+    end = page[-1] if page else 0
+    seen = set(sweep.get("seen", []))
+    seen.update(p.sub_group_key for p in plans if p.package_ids and max(p.package_ids) > end)
+    sweep["seen"] = sorted(seen)
+
+
+def _remember(cursor: TickCursor, plan: SubGroupPlan, until: float) -> bool:
+    """Record a requested gap in the cursor; False if this tick or a recent one already requested it."""
+    memo = f"{plan.step_name}|{plan.sub_group_key}|{plan.fingerprint}|{plan.attempts_so_far}"
+    if memo in cursor.recent:
+        return False
+    cursor.recent[memo] = until
+    return True
+
+
+def _rebuild_requests(
+    planner: Planner, cursor: TickCursor, steps: Sequence[m.ReductionStep], until: float
+) -> list[StepRequest]:
+    """Runs re-creating deleted intermediates that planned consumers need; the consumers are remembered."""
+    for step_name, waiting in planner.waiting_for_rebuild.items():
+        members = cursor.rebuild_waiting.setdefault(step_name, {})
+        for key, plan in waiting.items():
+            if plan.package_ids:
+                members[key] = plan.package_ids[0]
+    requests = []
+    for step in steps:
+        plans = [p for p in planner.rebuilds.get(step.name, {}).values() if _remember(cursor, p, until)]
+        if plans:
+            requests.append(StepRequest(step.name, tuple(plans), rebuild=True))
+    return requests
 
 
 # ---------------------------------------------------------------------------------------------- lineage walks

@@ -122,3 +122,17 @@ class DataProductType(enum.StrEnum):
     STATISTICS = "statistics"
     LOG = "log"
     INTERMEDIATE = "intermediate"
+
+
+class StepRetention(enum.StrEnum):
+    """What the retention cleanup may do with a step's intermediate products (docs/provenance.md).
+
+    ``keep``: never delete them (unless superseded). ``recreate``: delete them after the retention period; a
+    consumer that needs one again first re-runs the sub-group that produced it. ``auto`` (default): ``keep``
+    for a step that a fan-in step (a consumer whose sub-groups span several of its sub-groups) reads in a
+    CONTINUOUS or CRON pipeline, ``recreate`` otherwise.
+    """
+
+    AUTO = "auto"
+    KEEP = "keep"
+    RECREATE = "recreate"

@@ -44,6 +44,7 @@ from ccat_dagster.opsdb.enums import (
     RunStatus,
     SourceKind,
     StagingJobStatus,
+    StepRetention,
     StorageType,
     TriggerType,
     VersionPolicy,
@@ -357,6 +358,9 @@ class ReductionStep(Base):
     reduction_step_config_id: Mapped[int] = mapped_column(ForeignKey("reduction_step_config.id"))
     resources: Mapped[dict[str, Any]] = mapped_column(default=dict)
     max_retries: Mapped[int] = mapped_column(default=0)
+    retention: Mapped[StepRetention] = mapped_column(
+        str_enum(StepRetention), default=StepRetention.AUTO, server_default=StepRetention.AUTO.value
+    )
     pipeline: Mapped[Pipeline] = relationship(back_populates="steps")
     software: Mapped[ReductionSoftware] = relationship()
     config: Mapped[ReductionStepConfig] = relationship()

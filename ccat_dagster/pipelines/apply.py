@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, selectinload
 from ccat_dagster.errors import CcatError
 from ccat_dagster.grouping.presets import PresetError, ensure_builtin_presets, get_preset
 from ccat_dagster.grouping.rules import FilterRuleError, parse_rules, rules_to_json
-from ccat_dagster.opsdb.enums import LocationType
+from ccat_dagster.opsdb.enums import LocationType, StepRetention
 from ccat_dagster.opsdb.models import (
     DataGrouping,
     DataLocation,
@@ -340,6 +340,7 @@ def _write(session: Session, spec: PipelineSpec, plan: _Plan) -> ApplyResult:
         _set(row, "config", config, step_label, step_changes, show=_show_config)
         _set(row, "resources", step.resources.to_dict(), step_label, step_changes)
         _set(row, "max_retries", step.max_retries, step_label, step_changes)
+        _set(row, "retention", StepRetention(step.retention), step_label, step_changes)
         step_rows[step.name] = row
 
     for step in spec.steps:
@@ -561,6 +562,7 @@ def export_pipeline(session: Session, name: str) -> dict[str, Any]:
                 "cooldown_seconds": step.cooldown_seconds,
                 "resources": dict(step.resources),
                 "max_retries": step.max_retries,
+                **({"retention": step.retention.value} if step.retention is not StepRetention.AUTO else {}),
             }
         )
     return {

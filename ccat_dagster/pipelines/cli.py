@@ -1,4 +1,5 @@
-"""``ccat-dagster pipelines …``: check pipeline YAML files, store them in ops-db, list, show, enable, disable.
+"""``ccat-dagster pipelines …``: check pipeline YAML files, store them in ops-db, list, show, enable, disable,
+and ``gaps``: what would run now and why.
 
 Exit codes: 0 everything worked; 1 a file or name was rejected (every problem is printed on stderr);
 2 ops-db could not be used at all (unreachable, not migrated) or bad settings.
@@ -85,6 +86,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     enable = sub.add_parser("enable", help="let sensors and schedules evaluate a pipeline again")
     enable.add_argument("name", metavar="NAME")
     enable.set_defaults(handler=_toggle, enabled=True)
+
+    gaps = sub.add_parser(
+        "gaps",
+        help="what would run now and why (new data, changes, retries, deleted intermediates); runs nothing",
+        description="Evaluate every step and sub-group of a pipeline as a full trigger evaluation would and print "
+        "the sub-groups that are not up to date, each with its state and why. Reads ops-db only.",
+    )
+    gaps.add_argument("name", metavar="NAME")
+    gaps.add_argument("--step", metavar="STEP", help="only this step (its upstream steps are still evaluated)")
+    gaps.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    gaps.set_defaults(handler=_gaps)
 
 
 # ---------------------------------------------------------------------------------------------- handlers
@@ -182,6 +194,7 @@ def _apply(args: argparse.Namespace, settings: Settings) -> int:
                     rejected += 1
                     continue
                 _print_result(result, path)
+                _sync_dagster_partitions(engine, result.pipeline_name)
     except _OpsDbUnusable:
         return EXIT_OPSDB
     return EXIT_REJECTED if rejected else EXIT_OK
@@ -261,3 +274,121 @@ def _toggle(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(f"pipeline {args.name} {state}")
     return EXIT_OK
+
+
+def _sync_dagster_partitions(engine: Engine, pipeline_name: str) -> None:
+    """After an apply: the pipeline's current sub-groups as partitions of the Dagster instance (DAGSTER_HOME),
+    so that a MANUAL or CRON pipeline can be materialized by hand at once. Without DAGSTER_HOME, or if the
+    instance cannot be used, the apply stands and the partitions sensor adds them later."""
+    import os
+
+    if not os.environ.get("DAGSTER_HOME"):
+        print("  partitions: DAGSTER_HOME is not set; the pipeline's sensor adds them once the code location runs")
+        return
+    # The Dagster layer, imported only here: the rest of this package knows nothing of Dagster.
+    import dagster as dg
+
+    from ccat_dagster.assets.partitions import sync_partitions
+
+    try:
+        with dg.DagsterInstance.get() as instance, session_scope(engine) as session:
+            added = sync_partitions(instance, session, pipeline_name)
+    except Exception as error:  # noqa: BLE001 - the apply is committed; a partition sync failure must not hide it
+        print(f"  partitions: not synced with the Dagster instance ({error}); the sensor adds them later")
+        return
+    total = sum(len(keys) for keys in added.values())
+    print(f"  partitions: {total} added" + "".join(f"; {name}: {len(keys)}" for name, keys in added.items()))
+
+
+# ---------------------------------------------------------------------------------------------- gaps
+
+# What happens to a pipeline's gaps without anyone doing anything, per trigger type.
+_NEXT_BY_TRIGGER = {
+    "continuous": "the pipeline's sensor requests the gaps at its next tick (once their cooldown has passed)",
+    "cron": "the pipeline's cron sensor requests the gaps at its next cron tick; dependent steps as soon as "
+    "their upstream sub-groups complete",
+    "manual": "nothing runs by itself (MANUAL pipeline): materialize the gaps in the UI or with "
+    "`dagster asset materialize --select PIPELINE/STEP --partition KEY`",
+}
+_SHOWN_PER_STEP = 50
+
+
+def _gaps(args: argparse.Namespace, settings: Settings) -> int:
+    from ccat_dagster.errors import CcatError
+    from ccat_dagster.execution.planning import Readiness, load_pipeline
+    from ccat_dagster.execution.triggers import plan_all
+    from ccat_dagster.opsdb.models import utcnow
+
+    now = utcnow()
+    try:
+        with _engine(settings) as engine, session_scope(engine) as session:
+            try:
+                pipeline = load_pipeline(session, args.name)
+                if args.step is not None and args.step not in {s.name for s in pipeline.steps}:
+                    names = ", ".join(s.name for s in pipeline.steps)
+                    raise PipelineNotFoundError(f"pipeline {args.name!r} has no step {args.step!r}; its steps: {names}")
+                plans = plan_all(session, pipeline, now=now)
+            except (CcatError, PipelineNotFoundError) as error:
+                print(f"ccat-dagster: error: {error}", file=sys.stderr)
+                return EXIT_REJECTED
+            trigger = pipeline.trigger_type.value
+            next_step = _NEXT_BY_TRIGGER[trigger] if pipeline.enabled else "nothing runs: the pipeline is disabled"
+    except _OpsDbUnusable:
+        return EXIT_OPSDB
+    if args.step is not None:
+        plans = {args.step: plans.get(args.step, [])}
+    rows = {
+        step: [p for p in step_plans if p.readiness is not Readiness.UP_TO_DATE] for step, step_plans in plans.items()
+    }
+    if args.json:
+        document = {
+            "pipeline": args.name,
+            "trigger": trigger,
+            "enabled": pipeline.enabled,
+            "evaluated_at": now.isoformat(),
+            "what_happens_next": next_step,
+            "steps": [
+                {
+                    "step": step,
+                    "sub_groups": len(plans[step]),
+                    "counts": _counts(plans[step]),
+                    "not_up_to_date": [_plan_json(p) for p in rows[step]],
+                }
+                for step in plans
+            ],
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_OK
+    print(f"pipeline {args.name} ({trigger}{'' if pipeline.enabled else ', disabled'}) at {now:%Y-%m-%d %H:%M:%S} UTC")
+    for step, step_plans in plans.items():
+        counts = ", ".join(f"{n} {state}" for state, n in _counts(step_plans).items()) or "no sub-groups"
+        print(f"step {step}: {len(step_plans)} sub-group(s): {counts}")
+        for plan in rows[step][:_SHOWN_PER_STEP]:
+            print(f"  {_plan_line(plan)}")
+        if len(rows[step]) > _SHOWN_PER_STEP:
+            print(f"  … {len(rows[step]) - _SHOWN_PER_STEP} more (--json lists all)")
+    print(f"next: {next_step}")
+    return EXIT_OK
+
+
+def _counts(plans: list) -> dict[str, int]:  # type: ignore[type-arg]
+    counts: dict[str, int] = {}
+    for plan in plans:
+        counts[plan.readiness.value] = counts.get(plan.readiness.value, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _plan_json(plan) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    return {
+        "sub_group_key": plan.sub_group_key,
+        "state": plan.readiness.value,
+        "reason": plan.reason.value if plan.reason else None,
+        "detail": plan.detail,
+        "due_at": plan.due_at.isoformat() if plan.due_at else None,
+        "fingerprint": plan.fingerprint,
+    }
+
+
+def _plan_line(plan) -> str:  # type: ignore[no-untyped-def]
+    reason = f" [{plan.reason.value}]" if plan.reason else ""
+    return f"{plan.readiness.value:<18} {plan.sub_group_key}{reason}: {plan.detail}".rstrip(": ")

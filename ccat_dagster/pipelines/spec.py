@@ -151,6 +151,8 @@ class StepSpec:
     cooldown_seconds: int = 0
     resources: ResourceSpec = ResourceSpec()
     max_retries: int = 0
+    # What retention may do with the step's intermediates: auto, keep or recreate (opsdb.enums.StepRetention).
+    retention: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -525,6 +527,7 @@ def _build_step(index: int, data: Mapping[str, Any], problems: _Problems, *, bas
             gpus=int(resources["gpus"]),
         ),
         max_retries=int(data.get("max_retries", 0)),
+        retention=str(data.get("retention", "auto")),
     )
 
 
@@ -856,6 +859,8 @@ def _step_to_dict(step: StepSpec) -> dict[str, Any]:
         "cooldown_seconds": step.cooldown_seconds,
         "resources": step.resources.to_dict(),
         "max_retries": step.max_retries,
+        # Only when set, so that the stored definition hash of pipelines without it stays what it was.
+        **({"retention": step.retention} if step.retention != "auto" else {}),
     }
 
 

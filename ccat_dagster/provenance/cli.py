@@ -87,8 +87,9 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         "invalidate",
         help="mark a raw data package bad: mark derived products, re-run the affected sub-groups without it",
         description="Set the package's invalidated_reason (it leaves every sub-group), mark the current "
-        "products derived from it, retire the sub-groups left without members, and let the next sensor tick "
-        "re-run the other affected sub-groups. One ops-db transaction.",
+        "products derived from it, retire the sub-groups left without members; the other affected sub-groups "
+        "re-run as their pipeline's trigger decides (CONTINUOUS: next sensor tick; CRON: next cron tick; "
+        "MANUAL: by hand). One ops-db transaction.",
     )
     invalidate.add_argument("package", metavar="PACKAGE", help="RawDataPackage id or name")
     invalidate.add_argument("--reason", required=True, help="why the package is bad (stored in ops-db)")
@@ -168,6 +169,7 @@ def _lineage(args: argparse.Namespace, settings: Settings) -> int:
 def _impact(args: argparse.Namespace, settings: Settings) -> int:
     from ccat_dagster.opsdb.engine import make_engine, session_scope
     from ccat_dagster.opsdb.lineage import descendants_of_package, descendants_of_product, find_package
+    from ccat_dagster.provenance.invalidate import pipeline_next_run_notes
     from ccat_dagster.provenance.report import impact_as_json, render_impact
 
     if (args.package is None) == (args.product is None):
@@ -179,12 +181,13 @@ def _impact(args: argparse.Namespace, settings: Settings) -> int:
                 impact = descendants_of_product(session, product_id=args.product)
             else:
                 impact = descendants_of_package(session, package_id=find_package(session, args.package).id)
+            notes = pipeline_next_run_notes(session, {g.pipeline for g in impact.sub_groups})
     finally:
         engine.dispose()
     if args.json:
         print(json.dumps(impact_as_json(impact), indent=2))
     else:
-        print("\n".join(render_impact(impact)))
+        print("\n".join(render_impact(impact, notes)))
     return 0
 
 

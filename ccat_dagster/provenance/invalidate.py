@@ -15,7 +15,9 @@
    will never run again: its products cannot be superseded (there is nothing to supersede them with), so they
    stay marked, and the present copies of its intermediate products become ``deletion_possible`` (the
    retention cleanup removes them; final products are never deleted).
-4. Nothing else is written: no other package is touched. The continuous sensor reads the bad package as
+4. Nothing else is written: no other package is touched. (For a CONTINUOUS pipeline; a CRON pipeline re-runs
+   them at its next cron tick, a MANUAL one only when someone materializes them: ``what_happens_next``.)
+   The continuous sensor reads the bad package as
    changed (its ``updated_at``) and finds every sub-group that consumed it, at any step, through the lineage
    closure that registration records (``run_ancestor_package``; ``execution.triggers.
    _packages_covered_by_consumers``). Those sub-groups now have a new membership, so a new input fingerprint,
@@ -61,6 +63,8 @@ class AffectedSubGroup:
     sub_group_key: str
     marked_product_ids: tuple[int, ...]
     remaining_package_ids: tuple[int, ...]
+    # What brings the re-run about, by the pipeline's trigger type (``what_happens_next``).
+    next_run: str = ""
 
     @property
     def reruns(self) -> bool:
@@ -112,6 +116,7 @@ def invalidate_package(
 
     affected: list[AffectedSubGroup] = []
     retired_products: list[int] = []
+    notes = pipeline_next_run_notes(session, {g.pipeline for g in impact.sub_groups})
     for group in impact.sub_groups:
         if not group.needs_redo:
             continue
@@ -124,6 +129,7 @@ def invalidate_package(
                 sub_group_key=group.sub_group_key,
                 marked_product_ids=group.current_product_ids,
                 remaining_package_ids=remaining,
+                next_run=notes.get(group.pipeline, ""),
             )
         )
         if not remaining:
@@ -188,6 +194,29 @@ def _retire_intermediate_copies(session: Session, product_ids: Sequence[int], pa
             )
             copies.append(copy.id)
     return sorted(copies)
+
+
+def what_happens_next(trigger_type: str, *, enabled: bool) -> str:
+    """When a sub-group of a pipeline with this trigger type is re-run after its inputs changed."""
+    if not enabled:
+        return "not re-run while the pipeline is disabled (`ccat-dagster pipelines enable` it)"
+    return {
+        "continuous": "re-run at the pipeline sensor's next tick, after its cooldown",
+        "cron": "re-run at the pipeline's next cron tick (CRON trigger)",
+    }.get(
+        trigger_type,
+        "NOT re-run automatically (MANUAL pipeline): materialize it by hand (`ccat-dagster pipelines gaps` lists it)",
+    )
+
+
+def pipeline_next_run_notes(session: Session, names: set[str]) -> dict[str, str]:
+    """Pipeline name → ``what_happens_next`` for its trigger type and enabled flag."""
+    if not names:
+        return {}
+    rows = session.execute(
+        select(m.Pipeline.name, m.Pipeline.trigger_type, m.Pipeline.enabled).where(m.Pipeline.name.in_(sorted(names)))
+    ).all()
+    return {name: what_happens_next(trigger.value, enabled=enabled) for name, trigger, enabled in rows}
 
 
 def describe_affected(groups: Sequence[AffectedSubGroup | ImpactedSubGroup]) -> list[str]:

@@ -7,7 +7,7 @@ import json
 from collections import defaultdict
 from collections.abc import Iterable
 
-from ccat_dagster.execution.retention import DeletionAction
+from ccat_dagster.execution.retention import DeletionAction, DeletionOutcome
 from ccat_dagster.opsdb.lineage import (
     LineagePackage,
     LineageProduct,
@@ -191,7 +191,9 @@ def render_packages(packages: Iterable[LineagePackage], *, title: str) -> list[s
     return [f"{title}: {len(rows)}", *(f"  {package_line(p)}" for p in rows)]
 
 
-def render_impact(impact: ProductImpact) -> list[str]:
+def render_impact(impact: ProductImpact, next_run: dict[str, str] | None = None) -> list[str]:
+    """``next_run``: pipeline name → what re-runs a sub-group of it if the subject is invalidated."""
+    next_run = next_run or {}
     redo = [g for g in impact.sub_groups if g.needs_redo]
     done = [g for g in impact.sub_groups if not g.needs_redo]
     lines = [
@@ -206,6 +208,7 @@ def render_impact(impact: ProductImpact) -> list[str]:
         lines.append(
             f"  {group.pipeline}/{group.step} [{group.sub_group_key}]: {len(group.current_product_ids)} "
             f"current product(s), attempt(s) {', '.join(f'#{r}' for r in group.run_ids)}"
+            + (f"; if invalidated: {next_run[group.pipeline]}" if group.pipeline in next_run else "")
         )
     if done:
         lines.append(f"sub-groups already redone (only superseded products derive from it) ({len(done)}):")
@@ -260,9 +263,10 @@ def render_invalidation(result: InvalidationResult, *, dry_run: bool) -> list[st
     ]
     reruns = [g for g in result.affected if g.reruns]
     retired = [g for g in result.affected if not g.reruns]
-    lines.append(f"sub-groups that re-run without it at the next sensor tick, after their cooldown ({len(reruns)}):")
+    lines.append(f"sub-groups to re-run without it ({len(reruns)}):")
     lines.extend(
-        f"  {g.pipeline}/{g.step} [{g.sub_group_key}]: {len(g.remaining_package_ids)} remaining member(s)"
+        f"  {g.pipeline}/{g.step} [{g.sub_group_key}]: {len(g.remaining_package_ids)} remaining member(s); "
+        f"{g.next_run or 'see `ccat-dagster pipelines gaps`'}"
         for g in reruns
     )
     lines.append(
@@ -291,5 +295,13 @@ def render_cleanup(report: CleanupReport) -> list[str]:
         DeletionAction.DELETED: "deleted",
         DeletionAction.FAILED: "refused" if report.dry_run else "deletion_failed",
     }
-    lines.extend(f"  {labels[o.action]} copy #{o.copy_id} {o.path}: {o.reason}" for o in report.outcomes)
+    lines.extend(
+        f"  {labels[o.action]} copy #{o.copy_id} {o.path}: {o.reason}; {recreation_text(o)}" for o in report.outcomes
+    )
     return lines
+
+
+def recreation_text(outcome: DeletionOutcome) -> str:
+    """What re-creating a deleted (or would-be deleted) copy costs, for a person."""
+    hours = "CPU time not recorded" if outcome.recreate_cpu_hours is None else f"{outcome.recreate_cpu_hours:g} CPU h"
+    return f"re-creating it would re-run {outcome.recreate_attempts} attempt(s), {hours}"

@@ -15,6 +15,7 @@ from dagster._utils.schedules import get_latest_completed_cron_tick, get_next_cr
 from ccat_dagster.assets.factory import (
     BACKEND_TAG,
     PIPELINE_TAG,
+    REBUILD_TAG,
     STEP_TAG,
     TRIGGER_TAG,
     partitions_name,
@@ -206,9 +207,15 @@ def _run_requests(
         BACKEND_TAG: settings.hpc_backend,
         "dagster/priority": str(pipeline.priority),
     }
+    if request.rebuild:
+        # The runs redo up-to-date sub-groups whose deleted intermediates a consumer needs (run_step forces them).
+        base_tags[REBUILD_TAG] = "missing_intermediate"
     runs = []
     for chunk in chunks:
-        run_key = f"{request.step_name}:{_batch_digest([(p.sub_group_key, p.fingerprint) for p in chunk])}"
+        # The attempt count is part of the key: a retry after a failed attempt, or a re-creation of deleted
+        # intermediates, has the same fingerprint as the run before it but is new work, not a duplicate.
+        digest = _batch_digest([(p.sub_group_key, f"{p.fingerprint}#{p.attempts_so_far}") for p in chunk])
+        run_key = f"{request.step_name}{'+rebuild' if request.rebuild else ''}:{digest}"
         if len(chunk) == 1:
             runs.append(
                 dg.RunRequest(
@@ -240,10 +247,17 @@ def _batch_digest(items: Sequence[tuple[str, str | None]]) -> str:
 
 
 def _summary(result: TickResult) -> str:
-    runs = ", ".join(f"{r.step_name}: {len(r.plans)}" for r in result.requests) or "none"
+    runs = (
+        ", ".join(
+            f"{r.step_name}: {len(r.plans)}" + (" (re-creating deleted intermediates)" if r.rebuild else "")
+            for r in result.requests
+        )
+        or "none"
+    )
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(result.skipped.items())) or "none"
     return (
         f"{result.changed_packages} changed package(s), {result.finished_attempts} finished attempt(s); "
         f"sub-groups requested: {runs}; not requested: {skipped}"
+        + (f"; definition changed, sweeping: {', '.join(result.swept_steps)}" if result.swept_steps else "")
         + ("; more changes pending for the next tick" if result.more_pending else "")
     )
