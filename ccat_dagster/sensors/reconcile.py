@@ -50,8 +50,9 @@ ADOPTED_FROM_TAG = "ccat/adopted_from"
 """On an adoption run: the dead run(s) whose attempts it adopts."""
 # The tag in which the default run launcher records the code server a run was launched on (host, port).
 GRPC_INFO_TAG = ".dagster/grpc_info"
-# A STARTED run younger than this is not examined: its worker may not have recorded its process yet.
-WORKER_CHECK_GRACE_SECONDS = 30
+# A run's worker is judged only this long after it recorded its first process id: the evidence is complete
+# once the worker has recorded itself (later step processes start from it), so a short margin suffices.
+WORKER_CHECK_GRACE_SECONDS = 5
 # In-flight attempts' runs examined per tick (the oldest first in ops-db order); the rest wait for later ticks.
 RUNS_PER_TICK = 500
 
@@ -124,6 +125,9 @@ def _reconcile(context: dg.SensorEvaluationContext, *, settings: Settings, backe
         elif run.status == dg.DagsterRunStatus.CANCELED:
             cancelled.append(run_id)
         elif run.status == dg.DagsterRunStatus.STARTED and _worker_dead(instance, run):
+            latest = instance.get_run_by_id(run_id)
+            if latest is None or latest.status != dg.DagsterRunStatus.STARTED:
+                continue  # it finished by itself meanwhile; judged again next tick
             message = (
                 f"the run worker of run {run_id} is gone (its processes no longer exist on "
                 f"{socket.gethostname()}); marked failed by ccat_orphaned_attempts, its HPC jobs are adopted"

@@ -22,15 +22,26 @@ from .harness import REPO, FaultWorld, Outcome, scenario_pipeline_spec
 
 # Scenario -> (title in docs/reliability.md, pipeline spec builder, packages it uses).
 SCENARIOS: dict[str, tuple[str, object, int]] = {
-    "daemon_sigkill": ("dagster-daemon SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
     "worker_sigkill_local": ("run worker SIGKILLed mid-job (local backend)", scenario_pipeline_spec, 2),
-    "code_server_sigkill": ("code server SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
     "dead_runs_fill_pool": (
         "more dead runs than the pool's slots, then new data",
         lambda name, packages: scenario_pipeline_spec(name, packages, work={"sleep_seconds": 6}),
-        6,
+        4,
     ),
     "two_launches": ("two launches of the same partition at once", scenario_pipeline_spec, 1),
+    "payload_killed_local": ("the payload SIGKILLed (local backend)", scenario_pipeline_spec, 2),
+    "bad_raw_tars": ("a corrupted and a missing raw tar beside a good package in one round", scenario_pipeline_spec, 3),
+    "daemon_sigkill": ("dagster-daemon SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
+    "code_server_sigkill": ("code server SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
+    "pg_stop_sensor_tick": ("PostgreSQL stopped for 20 s during a sensor tick", scenario_pipeline_spec, 1),
+    "pg_stop_collection": ("PostgreSQL stopped for 20 s during collection", scenario_pipeline_spec, 2),
+    "worker_sigkill_slurm": ("run worker SIGKILLed mid-job (Slurm)", scenario_pipeline_spec, 2),
+    "scancel_outside": ("a job scancelled from outside", scenario_pipeline_spec, 1),
+    "slurmctld_outage": (
+        "slurmctld restarted, then stopped for longer than one poll, during a batch",
+        lambda name, packages: scenario_pipeline_spec(name, packages, work={"sleep_seconds": 15}),
+        2,
+    ),
 }
 
 _outcomes: list[Outcome] = []
@@ -50,7 +61,10 @@ def _require_tools() -> None:
 @pytest.fixture(scope="session")
 def fault_world(tmp_path_factory) -> Iterator[FaultWorld]:
     _require_tools()
-    root = tmp_path_factory.mktemp("faults")
+    # CCAT_FAULTS_DIR keeps the world (logs of the code server and daemon, ops-db files) for a post-mortem.
+    keep = os.environ.get("CCAT_FAULTS_DIR")
+    root = Path(keep) / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") if keep else tmp_path_factory.mktemp("faults")
+    root.mkdir(parents=True, exist_ok=True)
     world = FaultWorld.create(
         root,
         {name: builder for name, (_, builder, _) in SCENARIOS.items()},  # type: ignore[misc]
@@ -63,23 +77,20 @@ def fault_world(tmp_path_factory) -> Iterator[FaultWorld]:
         world.stop()
 
 
-@pytest.fixture
-def scenario(fault_world, request):  # type: ignore[no-untyped-def]
-    """``with scenario("name") as (pipeline, outcome):`` runs one scenario and records its figures."""
-
-    @contextlib.contextmanager
-    def run(name: str) -> Iterator[tuple[str, Outcome]]:
-        outcome = Outcome(name)
-        try:
-            yield fault_world.scenarios[name], outcome
-            outcome.survived = True
-        except BaseException as error:
-            outcome.note = str(error).partition("\n")[0][:160]
-            raise
-        finally:
-            _outcomes.append(outcome)
-
-    return run
+@contextlib.contextmanager
+def record(world: FaultWorld, name: str) -> Iterator[tuple[str, Outcome]]:
+    """``with record(world, name) as (pipeline, outcome):`` runs one scenario and records its figures."""
+    outcome = Outcome(name)
+    try:
+        yield world.scenarios[name], outcome
+        outcome.survived = True
+    except BaseException as error:
+        outcome.note = str(error).partition("\n")[0][:160]
+        with (world.root / "failures.txt").open("a") as out:
+            out.write(f"===== {name}\n{error}\n")
+        raise
+    finally:
+        _outcomes.append(outcome)
 
 
 class Clock:
@@ -99,6 +110,14 @@ class Clock:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
+
+
+def pytest_collection_modifyitems(session, config, items):  # type: ignore[no-untyped-def]
+    """The check of all of ops-db runs after every scenario of the suite, whatever the module order."""
+    last = [item for item in items if item.name == "test_ops_db_invariants_hold_after_every_scenario"]
+    for item in last:
+        items.remove(item)
+        items.append(item)
 
 
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
@@ -168,7 +187,8 @@ before a dead run's pool slots are freed and the launch-retry delay (2 s each he
 interval (`CCAT_WORKFLOW_MANAGER_SENSOR_INTERVAL_SECONDS=2`). See docs/operations.md, "Restarts", for what
 happens on each kind of restart in production and which timeouts apply.
 
-Machine of the last run:
+Machine of the last run (the PostgreSQL line describes the machine's main server; the suite's own cluster is
+the same version with `fsync`, `synchronous_commit` and `full_page_writes` off):
 
 {machine}
 

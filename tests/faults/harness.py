@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -258,7 +259,11 @@ class FaultWorld:
     code_server: Supervised | None = None
     daemon: Supervised | None = None
     _engine: Engine | None = None
-    _instance: dg.DagsterInstance | None = None
+    _local: threading.local = field(default_factory=threading.local)
+    _service_lock: threading.Lock = field(default_factory=threading.Lock)
+    active_statuses: tuple[dg.DagsterRunStatus, ...] = tuple(ACTIVE_RUN_STATUSES)
+    # Set when the session ends: scenarios still waiting in their threads give up at once.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     # ------------------------------------------------------------------ set-up
 
@@ -336,14 +341,14 @@ class FaultWorld:
                 "--location-name",
                 LOCATION,
             ],
-            self.env,
+            dict(self.env),
             self.root / "code-server.log",
             REPO,
         )
         self.daemon = Supervised(
             "dagster-daemon",
             [str(bindir / "dagster-daemon"), "run", "-w", str(self.workspace)],
-            self.env,
+            dict(self.env),
             self.root / "daemon.log",
             REPO,
         )
@@ -382,12 +387,11 @@ class FaultWorld:
         raise RuntimeError(f"the code server did not serve within {timeout} s:\n{self.code_server.tail()}")
 
     def stop(self) -> None:
+        self.stopping.set()
         for service in (self.daemon, self.code_server):
             if service is not None:
                 service.kill(signal.SIGTERM)
         self.kill_stray_payloads()
-        if self._instance is not None:
-            self._instance.dispose()
         if self._engine is not None:
             self._engine.dispose()
         self.pg.remove()
@@ -414,10 +418,50 @@ class FaultWorld:
         return self._engine
 
     def instance(self) -> dg.DagsterInstance:
-        if self._instance is None:
+        """This thread's Dagster instance (the scenarios of a module run in threads of their own)."""
+        instance = getattr(self._local, "instance", None)
+        if instance is None:
             os.environ["DAGSTER_PG_URL"] = self.dagster_pg_url
-            self._instance = dg.DagsterInstance.from_config(str(self.home))
-        return self._instance
+            instance = self._local.instance = dg.DagsterInstance.from_config(str(self.home))
+        return instance
+
+    @property
+    def archive_dir(self) -> Path:
+        return Path(self.env["CCAT_DAGSTER_DATA_DIR"]) / "archive"
+
+    @property
+    def pipeline_base_dir(self) -> Path:
+        return Path(self.env["CCAT_DAGSTER_DATA_DIR"]) / "pipelines"
+
+    def local_job_status(self, job_id: str) -> dict[str, Any]:
+        """The local backend's status record of a job (payload pid and process group while it runs)."""
+        path = self.pipeline_base_dir / ".local-jobs" / f"{job_id}.json"
+        return self.wait_for(f"the status record of local job {job_id}", lambda: _read_json(path))
+
+    def keys_of_packages(self, pipeline: str, packages: dict[str, str]) -> dict[str, str]:
+        """{label: sub-group key of the work step holding that package}."""
+        with Session(self.engine) as session:
+            ids = dict(session.execute(select(m.RawDataPackage.name, m.RawDataPackage.id)).tuples().all())
+            spec = load_pipeline(session, pipeline)
+            groups = Planner(session, spec, now=m.utcnow()).sub_groups("work")
+        owner = {pid: key for key, group in groups.items() for pid in group.package_ids}
+        return {label: owner[ids[name]] for label, name in packages.items()}
+
+    def attempts_by_key(self, pipeline: str, step: str) -> dict[str, list[m.ExecutedReductionStep]]:
+        by_key: dict[str, list[m.ExecutedReductionStep]] = {}
+        for attempt in self.attempts(pipeline, step):
+            by_key.setdefault(attempt.sub_group_key, []).append(attempt)
+        return by_key
+
+    def set_pool_limit(self, pool: str, slots: int) -> None:
+        subprocess.run(
+            [str(Path(sys.executable).with_name("dagster")), "instance", "concurrency", "set", pool, str(slots)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
 
     def packages_of(self, pipeline: str) -> list[str]:
         with Session(self.engine) as session:
@@ -474,21 +518,48 @@ class FaultWorld:
 
     # ------------------------------------------------------------------ waiting and checking
 
-    def wait_for(self, what: str, predicate: Callable[[], Any], timeout: float = 120, interval: float = 0.5) -> Any:
+    def wait_for(
+        self, what: str, predicate: Callable[[], Any], timeout: float = 180, interval: float = 0.5, pipeline: str = ""
+    ) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.stopping.is_set():
+                raise AssertionError(f"the session ended while waiting for {what}")
             value = predicate()
             if value:
                 return value
-            for service in (self.code_server, self.daemon):
-                if service is not None and service.ensure_running():
-                    if service is self.code_server:
-                        self.wait_for_code_server()
+            self.supervise()
             time.sleep(interval)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{self.diagnostics()}")
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{self.diagnostics(pipeline)}")
 
-    def diagnostics(self) -> str:
-        parts = []
+    def timeline(self, pipeline: str) -> str:
+        """The pipeline's runs, oldest first: status, step, adoption tags, and times relative to the first."""
+        records = self.instance().get_run_records(filters=dg.RunsFilter(tags={"ccat/pipeline": pipeline}))
+        records = sorted(records, key=lambda r: r.create_timestamp.timestamp())
+        if not records:
+            return f"(no run of {pipeline})"
+        t0 = records[0].create_timestamp.timestamp()
+
+        def at(value: float | None) -> str:
+            return "-" if value is None else f"{value - t0:6.1f}"
+
+        return "\n".join(
+            f"{r.dagster_run.run_id[:8]} {r.dagster_run.status.value:<9} {r.dagster_run.tags.get('ccat/step', '?'):<8} "
+            f"created {at(r.create_timestamp.timestamp())} started {at(r.start_time)} ended {at(r.end_time)} "
+            f"adoption {r.dagster_run.tags.get('ccat/adoption', '-')} "
+            f"from {r.dagster_run.tags.get('ccat/adopted_from', '-')[:8]}"
+            for r in records
+        )
+
+    def supervise(self) -> None:
+        """Restart a service that died, as systemd's Restart=always would (one thread at a time)."""
+        with self._service_lock:
+            for service in (self.code_server, self.daemon):
+                if service is not None and service.ensure_running() and service is self.code_server:
+                    self.wait_for_code_server()
+
+    def diagnostics(self, pipeline: str = "") -> str:
+        parts = [self.timeline(pipeline)] if pipeline else []
         for service in (self.daemon, self.code_server):
             if service is not None:
                 parts.append(f"--- {service.name} (restarts {service.restarts}) ---\n{service.tail(3000)}")
@@ -510,16 +581,45 @@ class FaultWorld:
                     return False
         return True
 
-    def wait_complete(self, pipeline: str, timeout: float = 150) -> None:
-        self.wait_for(f"pipeline {pipeline} to complete", lambda: self.complete(pipeline), timeout=timeout)
+    def wait_complete(self, pipeline: str, timeout: float = 300) -> None:
+        self.wait_for(
+            f"pipeline {pipeline} to complete", lambda: self.complete(pipeline), timeout=timeout, pipeline=pipeline
+        )
 
     def violations(self) -> list[Violation]:
         with Session(self.engine) as session:
             return check_invariants(session, reruns_allowed=False)
 
+    def rows_of(self, pipeline: str) -> set[tuple[str, int]]:
+        """The ops-db rows of one pipeline: its attempts, their products, those products' and its packages' copies."""
+        with Session(self.engine) as session:
+            step_ids = select(m.ReductionStep.id).join(m.Pipeline).where(m.Pipeline.name == pipeline)
+            attempts = session.scalars(
+                select(m.ExecutedReductionStep.id).where(m.ExecutedReductionStep.reduction_step_id.in_(step_ids))
+            ).all()
+            products = session.scalars(
+                select(m.DataProduct.id).where(m.DataProduct.reduction_step_id.in_(step_ids))
+            ).all()
+            packages = select(m.RawDataPackage.id).where(m.RawDataPackage.name.in_(self.packages_of(pipeline)))
+            copies = session.scalars(
+                select(m.PhysicalCopy.id).where(
+                    m.PhysicalCopy.data_product_id.in_(products) | m.PhysicalCopy.raw_data_package_id.in_(packages)
+                )
+            ).all()
+        return (
+            {("executed_reduction_step", i) for i in attempts}
+            | {("data_product", i) for i in products}
+            | {("physical_copy", i) for i in copies}
+        )
+
+    def violations_of(self, pipeline: str) -> list[Violation]:
+        """The invariant violations that involve the pipeline's rows (scenarios run side by side)."""
+        rows = self.rows_of(pipeline)
+        return [v for v in self.violations() if rows.intersection(v.rows)]
+
     def measure(self, outcome: Outcome, pipeline: str) -> None:
-        """Products lost and duplicated for the pipeline's data, and the invariants of all ops-db."""
-        violations = self.violations()
+        """Products lost and duplicated for the pipeline's data, and the invariants on its rows."""
+        violations = self.violations_of(pipeline)
         outcome.duplicated = sum(
             1
             for v in violations
@@ -546,6 +646,33 @@ class FaultWorld:
         assert violations == [], "ops-db invariants broken:\n" + "\n".join(map(str, violations))
         assert lost == 0, f"{lost} sub-group(s) of {pipeline} without their products"
 
+    def running_attempts(self, pipeline: str, step: str = "work") -> set[int]:
+        return {a.id for a in self.attempts(pipeline, step) if a.status is RunStatus.RUNNING}
+
+    def kill_run_worker_mid_job(self, pipeline: str) -> tuple[str, set[int]]:
+        """SIGKILL the run worker of the pipeline's work run once its jobs run; its run id and those attempts."""
+        running = self.wait_for("work attempts running", lambda: self.running_attempts(pipeline), pipeline=pipeline)
+        (owner,) = {a.dagster_run_id for a in self.attempts(pipeline, "work") if a.id in running}
+        pid = self.wait_for("the run worker's pid", lambda: self.worker_pid(owner))
+        os.kill(pid, signal.SIGKILL)
+        return owner, running
+
+    def assert_adopted(self, pipeline: str, dead_run_id: str, attempt_ids: set[int]) -> None:
+        """Dagster never noticed the death by itself (no worker health check): the reconcile sensor failed the
+        run, and exactly one run adopted its jobs and collected them."""
+        assert self.instance().get_run_by_id(dead_run_id).status == dg.DagsterRunStatus.FAILURE
+        adopters = [r for r in self.runs(pipeline) if r.tags.get("ccat/adopted_from") == dead_run_id]
+        assert len(adopters) == 1 and adopters[0].status == dg.DagsterRunStatus.SUCCESS, self.timeline(pipeline)
+        self.assert_collected_once(pipeline, attempt_ids)
+
+    def assert_collected_once(self, pipeline: str, attempt_ids: set[int]) -> None:
+        """The attempts in flight at the fault ended COMPLETED themselves: their jobs were adopted, not redone."""
+        by_id = {a.id: a for a in self.attempts(pipeline)}
+        assert {i: by_id[i].status for i in attempt_ids} == {i: RunStatus.COMPLETED for i in attempt_ids}, [
+            (a.id, a.sub_group_key, a.status.value, a.error) for a in by_id.values()
+        ]
+        assert set(self.completed_per_key(pipeline, "work").values()) == {1}
+
     def completed_per_key(self, pipeline: str, step: str) -> dict[str, int]:
         with Session(self.engine) as session:
             rows = session.execute(
@@ -565,17 +692,19 @@ def instance_config() -> dict[str, Any]:
     config["run_monitoring"].update(
         {"poll_interval_seconds": 2, "free_slots_after_run_end_seconds": 2, "start_timeout_seconds": 120}
     )
-    config["run_coordinator"].setdefault("config", {})["user_code_failure_retry_delay"] = 2
+    # The scenarios of a module run side by side: room for all their runs (each pipeline keeps its own limits).
+    for limit in config["concurrency"]["runs"]["tag_concurrency_limits"]:
+        if limit.get("key") == "ccat/backend":
+            limit["limit"] = 12
+    config["run_coordinator"].setdefault("config", {}).update(
+        {"user_code_failure_retry_delay": 2, "dequeue_interval_seconds": 1}
+    )
     return config
 
 
-def payload_pids(world_root: Path, pipeline: str) -> list[int]:
-    """Process ids of the payloads of ``pipeline`` running now (found by their attempt directory)."""
-    import psutil
-
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = process.info.get("cmdline") or []
-        if any("fault_step.py" in part for part in cmdline) and json.dumps(cmdline).find(pipeline) >= 0:
-            found.append(process.pid)
-    return found
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and value.get("pgid") else None
