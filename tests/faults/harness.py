@@ -581,10 +581,32 @@ class FaultWorld:
                     return False
         return True
 
-    def wait_complete(self, pipeline: str, timeout: float = 300) -> None:
-        self.wait_for(
-            f"pipeline {pipeline} to complete", lambda: self.complete(pipeline), timeout=timeout, pipeline=pipeline
-        )
+    def wait_complete(self, pipeline: str, timeout: float = 300, stuck_after: float = 90) -> None:
+        """Until the pipeline is complete; fails early once it has been idle (no run active, no attempt in
+        flight) for ``stuck_after`` seconds without being complete: nothing would ever finish it."""
+        idle_since: list[float] = []
+
+        def done() -> bool:
+            if self.complete(pipeline):
+                return True
+            busy = self.runs(pipeline, ACTIVE_RUN_STATUSES) or any(
+                not a.status.is_terminal for a in self.attempts(pipeline)
+            )
+            if busy:
+                idle_since.clear()
+            elif not idle_since:
+                idle_since.append(time.monotonic())
+            elif time.monotonic() - idle_since[0] > stuck_after:
+                attempts = [
+                    (a.id, a.sub_group_key[-8:], a.status.value, (a.error or "")[:200]) for a in self.attempts(pipeline)
+                ]
+                raise AssertionError(
+                    f"pipeline {pipeline} is stuck: idle for {stuck_after:.0f} s and not complete; attempts: "
+                    f"{attempts}\n{self.timeline(pipeline)}"
+                )
+            return False
+
+        self.wait_for(f"pipeline {pipeline} to complete", done, timeout=timeout, pipeline=pipeline)
 
     def violations(self) -> list[Violation]:
         with Session(self.engine) as session:
@@ -645,6 +667,18 @@ class FaultWorld:
         outcome.products_lost = lost
         assert violations == [], "ops-db invariants broken:\n" + "\n".join(map(str, violations))
         assert lost == 0, f"{lost} sub-group(s) of {pipeline} without their products"
+
+    def fault_while_jobs_run(self, pipeline: str, outcome: Outcome, inject: Callable[[], None]) -> None:
+        """New data; once its jobs run, ``inject()`` the fault; then the pipeline completes, the attempts that ran
+        at the fault are collected once, nothing is lost or duplicated and the invariants hold on its rows."""
+        self.arrive(pipeline)
+        running = self.wait_for("work attempts running", lambda: self.running_attempts(pipeline), pipeline=pipeline)
+        fault = time.monotonic()
+        inject()
+        self.wait_complete(pipeline)
+        outcome.recovery_seconds = time.monotonic() - fault
+        self.assert_collected_once(pipeline, running)
+        self.measure(outcome, pipeline)
 
     def running_attempts(self, pipeline: str, step: str = "work") -> set[int]:
         return {a.id for a in self.attempts(pipeline, step) if a.status is RunStatus.RUNNING}

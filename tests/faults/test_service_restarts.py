@@ -18,34 +18,24 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.bwrap]
 
 
 def test_dagster_daemon_sigkill_with_runs_in_flight(fault_world):
-    world = fault_world
-    with record(world, "daemon_sigkill") as (pipeline, outcome):
-        world.arrive(pipeline)
-        running = world.wait_for("work attempts running", lambda: world.running_attempts(pipeline))
-        fault = time.monotonic()
-        world.daemon.kill(signal.SIGKILL)
+    def kill_and_restart() -> None:
+        fault_world.daemon.kill(signal.SIGKILL)
         time.sleep(3)
-        world.daemon.restart()
-        world.wait_complete(pipeline)
-        outcome.recovery_seconds = time.monotonic() - fault
-        world.assert_collected_once(pipeline, running)
-        world.measure(outcome, pipeline)
+        fault_world.daemon.restart()
+
+    with record(fault_world, "daemon_sigkill") as (pipeline, outcome):
+        fault_world.fault_while_jobs_run(pipeline, outcome, kill_and_restart)
 
 
 def test_code_server_sigkill_with_runs_in_flight(fault_world):
-    world = fault_world
-    with record(world, "code_server_sigkill") as (pipeline, outcome):
-        world.arrive(pipeline)
-        running = world.wait_for("work attempts running", lambda: world.running_attempts(pipeline))
-        fault = time.monotonic()
-        world.code_server.kill(signal.SIGKILL)  # the whole process group: its run workers die with it
+    def kill_and_restart() -> None:
+        fault_world.code_server.kill(signal.SIGKILL)  # the whole process group: its run workers die with it
         time.sleep(2)
-        world.code_server.restart()
-        world.wait_for_code_server()
-        world.wait_complete(pipeline)
-        outcome.recovery_seconds = time.monotonic() - fault
-        world.assert_collected_once(pipeline, running)
-        world.measure(outcome, pipeline)
+        fault_world.code_server.restart()
+        fault_world.wait_for_code_server()
+
+    with record(fault_world, "code_server_sigkill") as (pipeline, outcome):
+        fault_world.fault_while_jobs_run(pipeline, outcome, kill_and_restart)
 
 
 def test_ops_db_invariants_hold_after_every_scenario(fault_world):
@@ -74,15 +64,9 @@ def test_postgresql_stopped_for_20_s_during_a_sensor_tick(fault_world):
 
 
 def test_postgresql_stopped_for_20_s_during_collection(fault_world):
-    world = fault_world
-    with record(world, "pg_stop_collection") as (pipeline, outcome):
-        world.arrive(pipeline)
-        running = world.wait_for("work attempts running", lambda: world.running_attempts(pipeline))
-        # The payload sleeps 4 s: its jobs end, and are to be collected, while the database is down.
-        time.sleep(2)
-        fault = time.monotonic()
-        _pg_outage(world, 20)
-        world.wait_complete(pipeline)
-        outcome.recovery_seconds = time.monotonic() - fault
-        world.assert_collected_once(pipeline, running)
-        world.measure(outcome, pipeline)
+    def outage() -> None:
+        time.sleep(2)  # the payload sleeps 4 s: its jobs end, and are to be collected, while the database is down
+        _pg_outage(fault_world, 20)
+
+    with record(fault_world, "pg_stop_collection") as (pipeline, outcome):
+        fault_world.fault_while_jobs_run(pipeline, outcome, outage)

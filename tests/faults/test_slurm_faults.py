@@ -101,11 +101,7 @@ def test_a_job_scancelled_from_outside_is_retried(slurm_world):
 
 
 def test_slurmctld_restarted_and_stopped_longer_than_a_poll_during_a_batch(slurm_world):
-    world = slurm_world
-    with record(world, "slurmctld_outage") as (pipeline, outcome):
-        world.arrive(pipeline)
-        running = world.wait_for("work jobs running", lambda: world.running_attempts(pipeline), pipeline=pipeline)
-        fault = time.monotonic()
+    def outage() -> None:
         try:
             _stop_slurmctld()
             _start_slurmctld()  # a restart
@@ -114,7 +110,6 @@ def test_slurmctld_restarted_and_stopped_longer_than_a_poll_during_a_batch(slurm
             time.sleep(8)  # the runner polls every second: several polls find no controller
         finally:
             _start_slurmctld()
-        world.wait_complete(pipeline)
-        outcome.recovery_seconds = time.monotonic() - fault
-        world.assert_collected_once(pipeline, running)
-        world.measure(outcome, pipeline)
+
+    with record(slurm_world, "slurmctld_outage") as (pipeline, outcome):
+        slurm_world.fault_while_jobs_run(pipeline, outcome, outage)
