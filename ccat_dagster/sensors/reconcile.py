@@ -1,21 +1,60 @@
-"""Mirror Dagster run failures and terminations into ops-db, and reconcile attempts whose run died.
+"""Mirror Dagster run failures and terminations into ops-db, detect dead run workers, and adopt their jobs.
 
 The step asset ends its own attempts on every path it controls; these sensors cover what it cannot: a run
-worker killed by the OS, a run terminated before the asset body started, a code server restart.
+worker killed by the OS, a run terminated before the asset body started, a code server or daemon restart.
+
+- A terminated run (CANCELED, asked by a person or by Dagster's run termination): its jobs are cancelled and its
+  in-flight attempts end CANCELLED.
+- A run that died (FAILED, vanished, or STARTED with its worker process gone): jobs are NOT cancelled. Attempts
+  that never reached the backend end FAILED; those with a job id stay in flight, and ``ccat_orphaned_attempts``
+  requests one run per step (run key per set of attempts, so once) that adopts them by job id and collects them
+  (``execution.reconcile``, ``StepRunner._adopt``).
+- The default run launcher has no worker health check, so Dagster's run monitoring never notices a run worker
+  that was killed while STARTED: ``ccat_orphaned_attempts`` does, by the worker process ids Dagster records in
+  the run's engine events ("Started process for run (pid: …)"), and marks the run failed, which also lets run
+  monitoring free its pool slots (``free_slots_after_run_end_seconds`` in dagster.yaml).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import time
 
 import dagster as dg
 
-from ccat_dagster.execution.reconcile import end_attempts_of_runs, orphaned_attempt_runs
+from ccat_dagster.assets.factory import BACKEND_TAG, PIPELINE_TAG, STEP_TAG, TRIGGER_TAG, step_asset_key
+from ccat_dagster.execution.reconcile import (
+    AdoptionRequest,
+    cancel_attempts_of_runs,
+    give_up,
+    orphaned_attempt_runs,
+    plan_adoptions,
+    release_attempts_of_dead_runs,
+    workers_gone,
+)
 from ccat_dagster.opsdb.engine import session_scope, shared_engine
 from ccat_dagster.settings import Settings
 
-# Dagster processes only 5 finished runs per run-status tick by default; a busy night finishes far more.
+# Dagster processes only DAGSTER_RUN_STATUS_SENSOR_PROCESS_LIMIT (default 5) finished runs per run-status tick,
+# and with monitor_all_code_locations=False it reads only DAGSTER_RUN_STATUS_SENSOR_FETCH_LIMIT (default 25) runs
+# per tick to find them: the fetch limit must be at least the process limit, or the process limit is never
+# reached. Read by the code server at every tick; a deployment may set both.
 os.environ.setdefault("DAGSTER_RUN_STATUS_SENSOR_PROCESS_LIMIT", "200")
+os.environ.setdefault("DAGSTER_RUN_STATUS_SENSOR_FETCH_LIMIT", os.environ["DAGSTER_RUN_STATUS_SENSOR_PROCESS_LIMIT"])
+
+ADOPTION_TAG = "ccat/adoption"
+"""On an adoption run: how many adoptions in a row led to it (1 for the first)."""
+ADOPTED_FROM_TAG = "ccat/adopted_from"
+"""On an adoption run: the dead run(s) whose attempts it adopts."""
+# The tag in which the default run launcher records the code server a run was launched on (host, port).
+GRPC_INFO_TAG = ".dagster/grpc_info"
+# A run's worker is judged only this long after it recorded its first process id: the evidence is complete
+# once the worker has recorded itself (later step processes start from it), so a short margin suffices.
+WORKER_CHECK_GRACE_SECONDS = 5
+# In-flight attempts' runs examined per tick (the oldest first in ops-db order); the rest wait for later ticks.
+RUNS_PER_TICK = 500
 
 
 def build_reconcile_sensors(*, settings: Settings, backend_factory) -> list[dg.SensorDefinition]:  # type: ignore[no-untyped-def]
@@ -25,16 +64,19 @@ def build_reconcile_sensors(*, settings: Settings, backend_factory) -> list[dg.S
         monitor_all_code_locations=False,
         default_status=dg.DefaultSensorStatus.RUNNING,
         minimum_interval_seconds=15,
-        description="Marks ops-db attempts of a failed Dagster run FAILED and cancels their HPC jobs.",
+        description=(
+            "A failed Dagster run: ends its ops-db attempts that have no HPC job yet; attempts whose job was "
+            "submitted keep running, for ccat_orphaned_attempts to adopt. Never cancels a job."
+        ),
     )
     def run_failures(context: dg.RunStatusSensorContext) -> None:
-        _end(
-            context.dagster_run.run_id,
-            cancelled=False,
-            settings=settings,
-            backend_factory=backend_factory,
-            log=context.log,
-        )
+        engine = shared_engine(settings.ops_db_url)
+        ended, adoptable = release_attempts_of_dead_runs(engine, run_ids=[context.dagster_run.run_id])
+        if ended or adoptable:
+            context.log.info(
+                f"run {context.dagster_run.run_id}: ended {len(ended)} attempt(s) that had no job; "
+                f"{len(adoptable)} job(s) left running for adoption"
+            )
 
     @dg.run_status_sensor(
         name="ccat_run_cancellations_to_opsdb",
@@ -45,44 +87,127 @@ def build_reconcile_sensors(*, settings: Settings, backend_factory) -> list[dg.S
         description="Marks ops-db attempts of a terminated Dagster run CANCELLED and cancels their HPC jobs.",
     )
     def run_cancellations(context: dg.RunStatusSensorContext) -> None:
-        _end(
-            context.dagster_run.run_id,
-            cancelled=True,
-            settings=settings,
-            backend_factory=backend_factory,
-            log=context.log,
-        )
+        engine = shared_engine(settings.ops_db_url)
+        ended = cancel_attempts_of_runs(engine, run_ids=[context.dagster_run.run_id], backend=backend_factory())
+        if ended:
+            context.log.info(f"run {context.dagster_run.run_id}: cancelled {len(ended)} attempt(s) and their jobs")
 
     @dg.sensor(
         name="ccat_orphaned_attempts",
-        minimum_interval_seconds=120,
+        minimum_interval_seconds=settings.sensor_interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Finds in-flight ops-db attempts whose Dagster run is gone or finished, and ends them.",
+        # Adoption runs target the step assets of any pipeline of this code location.
+        asset_selection=dg.AssetSelection.all(),
+        description=(
+            "Finds in-flight ops-db attempts whose Dagster run is gone, finished or has a dead worker; marks such "
+            "runs failed, ends attempts that never reached the backend, and requests one run per step that "
+            "adopts the jobs still running or finished, by job id."
+        ),
     )
-    def orphaned(context: dg.SensorEvaluationContext) -> dg.SkipReason:
-        engine = shared_engine(settings.ops_db_url)
-        with session_scope(engine) as session:
-            run_ids = orphaned_attempt_runs(session, limit=500)
-        dead = []
-        for run_id in run_ids:
-            run = context.instance.get_run_by_id(run_id)
-            if run is None or run.is_finished:
-                dead.append((run_id, run is not None and run.status == dg.DagsterRunStatus.CANCELED))
-        for run_id, cancelled in dead:
-            _end(
-                run_id,
-                cancelled=cancelled,
-                settings=settings,
-                backend_factory=backend_factory,
-                log=context.log,
-            )
-        return dg.SkipReason(f"checked {len(run_ids)} run(s) with in-flight attempts; ended attempts of {len(dead)}")
+    def orphaned(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        return _reconcile(context, settings=settings, backend_factory=backend_factory)
 
     return [run_failures, run_cancellations, orphaned]
 
 
-def _end(run_id: str, *, cancelled: bool, settings: Settings, backend_factory, log) -> None:  # type: ignore[no-untyped-def]
+def _reconcile(context: dg.SensorEvaluationContext, *, settings: Settings, backend_factory) -> dg.SensorResult:  # type: ignore[no-untyped-def]
     engine = shared_engine(settings.ops_db_url)
-    ended = end_attempts_of_runs(engine, run_ids=[run_id], cancelled=cancelled, backend=backend_factory())
-    if ended:
-        log.info(f"run {run_id}: ended {len(ended)} ops-db attempt(s) as {'cancelled' if cancelled else 'failed'}")
+    instance = context.instance
+    with session_scope(engine) as session:
+        run_ids = orphaned_attempt_runs(session, limit=RUNS_PER_TICK)
+    runs = {run.run_id: run for run in instance.get_runs(filters=dg.RunsFilter(run_ids=run_ids))} if run_ids else {}
+    cancelled: list[str] = []
+    dead: list[str] = []
+    for run_id in run_ids:
+        run = runs.get(run_id)
+        if run is None or (run.is_finished and run.status != dg.DagsterRunStatus.CANCELED):
+            dead.append(run_id)
+        elif run.status == dg.DagsterRunStatus.CANCELED:
+            cancelled.append(run_id)
+        elif run.status == dg.DagsterRunStatus.STARTED and _worker_dead(instance, run):
+            latest = instance.get_run_by_id(run_id)
+            if latest is None or latest.status != dg.DagsterRunStatus.STARTED:
+                continue  # it finished by itself meanwhile; judged again next tick
+            message = (
+                f"the run worker of run {run_id} is gone (its processes no longer exist on "
+                f"{socket.gethostname()}); marked failed by ccat_orphaned_attempts, its HPC jobs are adopted"
+            )
+            instance.report_run_failed(run, message=message)
+            context.log.warning(message)
+            dead.append(run_id)
+    if cancelled:
+        cancel_attempts_of_runs(engine, run_ids=cancelled, backend=backend_factory())
+    ended, adoptable = release_attempts_of_dead_runs(engine, run_ids=dead) if dead else ([], [])
+    requests, abandoned = plan_adoptions(
+        adoptable, generation_of=lambda rid: int(runs[rid].tags.get(ADOPTION_TAG, "0")) if rid in runs else 0
+    )
+    if abandoned:
+        given_up = give_up(engine, attempt_ids=[a.attempt_id for a in abandoned], backend=backend_factory())
+        context.log.warning(f"gave up adopting {len(given_up)} attempt(s) after repeated deaths: {given_up}")
+    known = set(context.repository_def.assets_defs_by_key) if context.repository_def is not None else set()
+    run_requests = []
+    for request in requests:
+        key = step_asset_key(request.pipeline_name, request.step_name)
+        if key not in known:
+            context.log.info(f"{request.pipeline_name}/{request.step_name} is not loaded here; not adopted now")
+            continue
+        run_requests.append(_run_request(request, key, settings=settings))
+    summary = (
+        f"{len(run_ids)} run(s) own in-flight attempts: {len(dead)} dead, {len(cancelled)} terminated; "
+        f"{len(ended)} attempt(s) without a job ended, {len(adoptable)} job(s) to adopt in {len(run_requests)} run(s)"
+    )
+    context.log.info(summary)
+    return dg.SensorResult(run_requests=run_requests, skip_reason=None if run_requests else summary)
+
+
+def _run_request(request: AdoptionRequest, key: dg.AssetKey, *, settings: Settings) -> dg.RunRequest:
+    return dg.RunRequest(
+        run_key=request.run_key,
+        asset_selection=[key],
+        run_config=dg.RunConfig(
+            ops={key.to_python_identifier(): {"config": {"sub_group_keys": list(request.sub_group_keys)}}}
+        ),
+        tags={
+            # "sensor": an automatic run, so up-to-date sub-groups are skipped, not redone.
+            TRIGGER_TAG: "sensor",
+            PIPELINE_TAG: request.pipeline_name,
+            STEP_TAG: request.step_name,
+            BACKEND_TAG: settings.hpc_backend,
+            ADOPTION_TAG: str(request.generation),
+            ADOPTED_FROM_TAG: ",".join(request.dead_run_ids)[:255],
+        },
+    )
+
+
+def _worker_dead(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    """A STARTED run whose recorded worker processes all ended, on this host (where its code server runs).
+
+    Only runs launched by a code server on this host are judged (the default run launcher starts run workers
+    as children of the code server, which is also where this sensor is evaluated); any other run, or one that
+    recorded no process, is left to Dagster's run monitoring.
+    """
+    if not _launched_here(run):
+        return False
+    records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, limit=100).records
+    pids: list[tuple[int, float]] = []
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        if event is None:
+            continue
+        pid = event.engine_event_data.metadata.get("pid")
+        if pid is not None and str(pid.value).isdigit():
+            pids.append((int(str(pid.value)), record.event_log_entry.timestamp))
+    if not pids or time.time() - min(at for _, at in pids) < WORKER_CHECK_GRACE_SECONDS:
+        return False
+    return workers_gone(pids)
+
+
+def _launched_here(run: dg.DagsterRun) -> bool:
+    raw = run.tags.get(GRPC_INFO_TAG)
+    if not raw:
+        return False
+    try:
+        host = str(json.loads(raw).get("host", ""))
+    except (ValueError, AttributeError):
+        return False
+    return host in {"localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname(), socket.getfqdn()}

@@ -1,0 +1,199 @@
+"""Fixtures of the fault suite: one world (private PostgreSQL, code server, daemon) shared by every scenario.
+
+Each scenario records its figures (survived, products lost, duplicated, recovery time); at the end of the
+session they are written to docs/reliability.md (rows of scenarios that did not run keep their last figures).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.util
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .harness import REPO, FaultWorld, Outcome, scenario_pipeline_spec
+
+# Scenario -> (title in docs/reliability.md, pipeline spec builder, packages it uses).
+SCENARIOS: dict[str, tuple[str, object, int]] = {
+    "worker_sigkill_local": ("run worker SIGKILLed mid-job (local backend)", scenario_pipeline_spec, 2),
+    "dead_runs_fill_pool": (
+        "more dead runs than the pool's slots, then new data",
+        lambda name, packages: scenario_pipeline_spec(name, packages, work={"sleep_seconds": 6}),
+        4,
+    ),
+    "two_launches": ("two launches of the same partition at once", scenario_pipeline_spec, 1),
+    "payload_killed_local": ("the payload SIGKILLed (local backend)", scenario_pipeline_spec, 2),
+    "bad_raw_tars": ("a corrupted and a missing raw tar beside a good package in one round", scenario_pipeline_spec, 3),
+    "daemon_sigkill": ("dagster-daemon SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
+    "code_server_sigkill": ("code server SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
+    "pg_stop_sensor_tick": ("PostgreSQL stopped for 20 s during a sensor tick", scenario_pipeline_spec, 1),
+    "pg_stop_collection": ("PostgreSQL stopped for 20 s during collection", scenario_pipeline_spec, 2),
+    "worker_sigkill_slurm": ("run worker SIGKILLed mid-job (Slurm)", scenario_pipeline_spec, 2),
+    "scancel_outside": ("a job scancelled from outside", scenario_pipeline_spec, 1),
+    "slurmctld_outage": (
+        "slurmctld restarted, then stopped for longer than one poll, during a batch",
+        lambda name, packages: scenario_pipeline_spec(name, packages, work={"sleep_seconds": 15}),
+        2,
+    ),
+}
+
+_outcomes: list[Outcome] = []
+
+
+def _require_tools() -> None:
+    missing = [tool for tool in ("bwrap", "runuser") if shutil.which(tool) is None]
+    if not Path("/usr/lib/postgresql").exists():
+        missing.append("postgresql (initdb, pg_ctl)")
+    if missing:
+        message = f"the fault suite needs {', '.join(missing)}: run scripts/setup.sh"
+        if os.environ.get("CI") or os.environ.get("CCAT_REQUIRE_ALL_BACKENDS"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def fault_world(tmp_path_factory) -> Iterator[FaultWorld]:
+    _require_tools()
+    # CCAT_FAULTS_DIR keeps the world (logs of the code server and daemon, ops-db files) for a post-mortem.
+    keep = os.environ.get("CCAT_FAULTS_DIR")
+    root = Path(keep) / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") if keep else tmp_path_factory.mktemp("faults")
+    root.mkdir(parents=True, exist_ok=True)
+    world = FaultWorld.create(
+        root,
+        {name: builder for name, (_, builder, _) in SCENARIOS.items()},  # type: ignore[misc]
+        {name: count for name, (_, _, count) in SCENARIOS.items()},
+    )
+    try:
+        world.start_services()
+        yield world
+    finally:
+        world.stop()
+
+
+@contextlib.contextmanager
+def record(world: FaultWorld, name: str) -> Iterator[tuple[str, Outcome]]:
+    """``with record(world, name) as (pipeline, outcome):`` runs one scenario and records its figures."""
+    outcome = Outcome(name)
+    try:
+        yield world.scenarios[name], outcome
+        outcome.survived = True
+    except BaseException as error:
+        outcome.note = str(error).partition("\n")[0][:160]
+        with (world.root / "failures.txt").open("a") as out:
+            out.write(f"===== {name}\n{error}\n")
+        raise
+    finally:
+        _outcomes.append(outcome)
+
+
+class Clock:
+    """Recovery time: from the fault to the pipeline's completion."""
+
+    def __init__(self) -> None:
+        self.fault_at: float | None = None
+
+    def fault(self) -> None:
+        self.fault_at = time.monotonic()
+
+    def since_fault(self) -> float:
+        assert self.fault_at is not None
+        return time.monotonic() - self.fault_at
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def pytest_collection_modifyitems(session, config, items):  # type: ignore[no-untyped-def]
+    """The check of all of ops-db runs after every scenario of the suite, whatever the module order."""
+    last = [item for item in items if item.name == "test_ops_db_invariants_hold_after_every_scenario"]
+    for item in last:
+        items.remove(item)
+        items.append(item)
+
+
+def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
+    if _outcomes:
+        write_reliability(_outcomes)
+
+
+_ROW = re.compile(r"^\| `(?P<key>[a-z0-9_]+)` \|")
+
+
+def write_reliability(outcomes: list[Outcome]) -> None:
+    path = REPO / "docs" / "reliability.md"
+    previous: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            match = _ROW.match(line)
+            if match:
+                previous[match["key"]] = line
+    today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    rows = dict(previous)
+    for outcome in outcomes:
+        title = SCENARIOS.get(outcome.scenario, (outcome.scenario,))[0]
+        recovery = "—" if outcome.recovery_seconds is None else f"{outcome.recovery_seconds:.0f} s"
+        rows[outcome.scenario] = (
+            f"| `{outcome.scenario}` | {title} | {'yes' if outcome.survived else '**no**'} | {outcome.products_lost} "
+            f"| {outcome.duplicated} | {recovery} | {today} | {outcome.note.replace('|', '/')} |"
+        )
+    order = [*SCENARIOS, *sorted(k for k in rows if k not in SCENARIOS)]
+    table = "\n".join(rows[k] for k in order if k in rows)
+    path.write_text(
+        _HEADER.format(machine=_machine())
+        + "| scenario | fault | survived | products lost | duplicated | recovery | date | note |\n"
+        + "|---|---|---|---|---|---|---|---|\n"
+        + table
+        + "\n"
+        + _FOOTER
+    )
+
+
+def _machine() -> str:
+    try:
+        spec = importlib.util.spec_from_file_location("bench_common", REPO / "benchmarks" / "bench_common.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.machine().rstrip()
+    except Exception as error:  # noqa: BLE001 - the figures matter more than the machine line
+        return f"- machine description unavailable ({error})"
+
+
+_HEADER = """# Reliability: the fault suite's figures
+
+Written by the fault suite (`tests/faults/`, part of `./scripts/test`) at the end of every run; do not edit by
+hand. Each scenario injects one fault into real components (the dagster-daemon and run workers on a PostgreSQL
+Dagster instance, a code server started with `dagster code-server start`, the local backend with bubblewrap,
+and a PostgreSQL cluster the suite starts itself so that it may stop it), then checks that the pipeline
+completes after recovery, that no product was lost or duplicated and that the ops-db invariants hold
+(`ccat_dagster/opsdb/invariants.py`).
+
+- *products lost*: sub-groups left without their products after recovery, plus products whose file or copy
+  row is missing;
+- *duplicated*: products registered twice, or a sub-group completed twice with the same inputs;
+- *recovery*: from the fault to the pipeline's completion (includes the remaining work of the pipeline).
+
+The intervals are those of the production `dagster.yaml` except run monitoring's poll interval, the delay
+before a dead run's pool slots are freed and the launch-retry delay (2 s each here), and the sensors'
+interval (`CCAT_WORKFLOW_MANAGER_SENSOR_INTERVAL_SECONDS=2`). See docs/operations.md, "Restarts", for what
+happens on each kind of restart in production and which timeouts apply.
+
+Machine of the last run (the PostgreSQL line describes the machine's main server; the suite's own cluster is
+the same version with `fsync`, `synchronous_commit` and `full_page_writes` off):
+
+{machine}
+
+"""
+
+_FOOTER = """
+A row whose *survived* is **no** names the first line of the failure; the scenario's test shows the rest.
+"""

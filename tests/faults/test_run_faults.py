@@ -1,0 +1,188 @@
+"""Faults that leave the shared services up: each scenario has its own pipeline and packages.
+
+They run one after the other on the shared world (side by side on a loaded 2-core machine, Dagster's run
+launches became the bottleneck and every scenario timed out). Each asserts afterwards that its pipeline
+completed (or, where its data is bad, that exactly the bad sub-groups failed with a clear error), that nothing
+was lost or duplicated, and that the ops-db invariants hold on its rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from ccat_dagster.opsdb.enums import RunStatus
+
+from .conftest import Clock, record
+from .harness import FaultWorld, Outcome
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.bwrap]
+
+
+# ------------------------------------------------------------------ the scenarios
+
+
+def worker_sigkill_local(world: FaultWorld, pipeline: str, outcome: Outcome, clock: Clock) -> None:
+    world.arrive(pipeline)
+    clock.fault()
+    owner, running = world.kill_run_worker_mid_job(pipeline)
+    world.wait_complete(pipeline)
+    outcome.recovery_seconds = clock.since_fault()
+    world.assert_adopted(pipeline, owner, running)
+    world.measure(outcome, pipeline)
+
+
+def dead_runs_fill_pool(world: FaultWorld, pipeline: str, outcome: Outcome, clock: Clock) -> None:
+    packages = world.packages_of(pipeline)
+    killed: list[str] = []
+    # Two slots in this pipeline's pool (as `dagster instance concurrency set` would), then one run per arrival,
+    # each killed as soon as its job runs: three dead runs, one more than the pool's slots; then new data.
+    world.set_pool_limit(f"ccat/{pipeline}", 2)
+    for package in packages[:3]:
+        world.arrive(pipeline, [package])
+
+        def fresh_worker() -> tuple[str, int] | None:
+            for run in world.runs(pipeline, [dg.DagsterRunStatus.STARTED]):
+                if run.run_id in killed or run.tags.get("ccat/step") != "work":
+                    continue
+                busy = [a for a in world.attempts(pipeline, "work") if a.dagster_run_id == run.run_id]
+                pid = world.worker_pid(run.run_id)
+                if pid and any(a.status is RunStatus.RUNNING for a in busy):
+                    return run.run_id, pid
+            return None
+
+        run_id, pid = world.wait_for("a new run with a running job", fresh_worker)
+        if not killed:
+            clock.fault()
+        os.kill(pid, signal.SIGKILL)
+        killed.append(run_id)
+    world.arrive(pipeline, packages[3:])
+    world.wait_complete(pipeline, timeout=300)
+    outcome.recovery_seconds = clock.since_fault()
+    assert {world.instance().get_run_by_id(r).status for r in killed} == {dg.DagsterRunStatus.FAILURE}
+    assert set(world.completed_per_key(pipeline, "work").values()) == {1}
+    world.measure(outcome, pipeline)
+
+
+def two_launches(world: FaultWorld, pipeline: str, outcome: Outcome, clock: Clock) -> None:
+    world.arrive(pipeline)
+    # The sensor adds the partition (and requests its own run); then two more launches start together.
+    key = world.wait_for(
+        "the scan's partition",
+        lambda: next(iter(world.instance().get_dynamic_partitions(f"{pipeline}__executed_obs_unit")), None),
+    )
+    argv = [
+        str(Path(sys.executable).with_name("dagster")),
+        "asset",
+        "materialize",
+        "-m",
+        "ccat_dagster.definitions",
+        "-a",
+        "defs",
+        "--select",
+        f"{pipeline}/work",
+        "--partition",
+        key,
+        # Not forced: a launch of work that is done or in flight elsewhere must not redo it.
+        "--config-json",
+        json.dumps({"ops": {f"{pipeline}__work": {"config": {"force": False}}}}),
+    ]
+    clock.fault()
+    launches = [
+        subprocess.Popen(argv, env=world.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in launches]
+    world.wait_complete(pipeline)
+    outcome.recovery_seconds = clock.since_fault()
+    attempts = world.attempts(pipeline, "work")
+    completed = [a for a in attempts if a.status is RunStatus.COMPLETED]
+    assert len(completed) == 1, ([(a.id, a.status.value, a.error) for a in attempts], [o[-2000:] for o in outputs])
+    world.measure(outcome, pipeline)
+
+
+def payload_killed_local(world: FaultWorld, pipeline: str, outcome: Outcome, clock: Clock) -> None:
+    world.arrive(pipeline)
+    running = world.wait_for("work attempts running", lambda: world.running_attempts(pipeline))
+    victim = min(running)
+    job_id = next(a.hpc_job_id for a in world.attempts(pipeline, "work") if a.id == victim)
+    status = world.local_job_status(job_id)
+    clock.fault()
+    os.killpg(int(status["pgid"]), signal.SIGKILL)
+    world.wait_complete(pipeline)
+    outcome.recovery_seconds = clock.since_fault()
+    attempts = {a.id: a for a in world.attempts(pipeline, "work")}
+    assert attempts[victim].status is RunStatus.FAILED
+    assert "signal" in (attempts[victim].error or "").lower() or "137" in (attempts[victim].error or "")
+    key = attempts[victim].sub_group_key
+    assert [a.status for a in attempts.values() if a.sub_group_key == key][-1] is RunStatus.COMPLETED
+    world.measure(outcome, pipeline)
+
+
+def bad_raw_tars(world: FaultWorld, pipeline: str, outcome: Outcome, clock: Clock) -> None:
+    good, corrupt, missing = world.packages_of(pipeline)
+    archive = world.archive_dir
+    originals = {name: (archive / f"{name}.tar").read_bytes() for name in (corrupt, missing)}
+    data = bytearray(originals[corrupt])
+    data[len(data) // 2] ^= 0xFF
+    (archive / f"{corrupt}.tar").write_bytes(bytes(data))
+    (archive / f"{missing}.tar").unlink()
+    try:
+        _bad_raw_tars(world, pipeline, outcome, clock, good, corrupt, missing)
+    finally:
+        # Data-transfer delivers them again: the archive holds what ops-db says it holds.
+        for name, content in originals.items():
+            (archive / f"{name}.tar").write_bytes(content)
+
+
+def _bad_raw_tars(  # type: ignore[no-untyped-def]
+    world: FaultWorld, pipeline: str, outcome: Outcome, clock: Clock, good: str, corrupt: str, missing: str
+):
+    clock.fault()
+    world.arrive(pipeline)
+    keys = world.keys_of_packages(pipeline, {"good": good, "corrupt": corrupt, "missing": missing})
+
+    def settled() -> bool:
+        """No run of it active and every scan's attempts ended (completed, or failed past its retries)."""
+        if world.runs(pipeline, list(world.active_statuses)):
+            return False
+        by_key = world.attempts_by_key(pipeline, "work")
+        return all(by_key.get(key) and all(a.status.is_terminal for a in by_key[key]) for key in keys.values())
+
+    world.wait_for("every scan's attempts to end", settled, timeout=240, pipeline=pipeline)
+    outcome.recovery_seconds = clock.since_fault()
+    by_key = world.attempts_by_key(pipeline, "work")
+    good_attempts = [(a.status.value, a.error) for a in by_key[keys["good"]]]
+    assert good_attempts[-1][0] == "completed", f"the good scan failed with the bad ones: {good_attempts}"
+    for kind in ("corrupt", "missing"):
+        attempts = by_key[keys[kind]]
+        assert all(a.status is RunStatus.FAILED for a in attempts)
+        package = corrupt if kind == "corrupt" else missing
+        assert package in (attempts[-1].error or ""), (kind, attempts[-1].error)
+    # The missing tar's archive copy says "present": the one violation, and it is the fault itself.
+    violations = world.violations_of(pipeline)
+    assert [v.kind.value for v in violations] == ["copy_without_file"], violations
+    assert missing in violations[0].message
+    outcome.note = "the bad scans fail alone, naming their package"
+
+
+SCENARIOS = {
+    "worker_sigkill_local": worker_sigkill_local,
+    "dead_runs_fill_pool": dead_runs_fill_pool,
+    "two_launches": two_launches,
+    "payload_killed_local": payload_killed_local,
+    "bad_raw_tars": bad_raw_tars,
+}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_scenario(fault_world, name):
+    clock = Clock()
+    with record(fault_world, name) as (pipeline, outcome):
+        SCENARIOS[name](fault_world, pipeline, outcome, clock)
