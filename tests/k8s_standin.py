@@ -35,6 +35,9 @@ import yaml
 
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 SERVER_VERSION = "v1.33.0-standin"
+# Kubernetes versions manifests are validated against (kubernetes-validate ships their OpenAPI schemas): the
+# oldest and the newest minor version this backend supports.
+SCHEMA_VERSIONS = ("1.30.0", "1.37.0")
 
 
 def now_rfc3339() -> str:

@@ -30,9 +30,9 @@ from ccat_dagster.execution.hpc.kubernetes.manifest import (
 from ccat_dagster.execution.images import ImageKind, ResolvedImage
 from ccat_dagster.execution.runtimes import ApptainerRuntime, ContainerInvocation
 
+from .k8s_standin import SCHEMA_VERSIONS
+
 GOLDEN = Path(__file__).parent / "data" / "k8s"
-# The oldest and the newest minor version kubernetes-validate ships schemas for that this backend supports.
-SCHEMA_VERSIONS = ("1.30.0", "1.37.0")
 BASE = Path("/data/pipelines")
 SIF = ResolvedImage(
     path=Path(f"/data/sif-cache/sha256-{'ab' * 32}.sif"), digest="sha256:" + "ab" * 32, kind=ImageKind.SIF
