@@ -476,6 +476,8 @@ K8S_REQUIRED_PERMISSIONS = (
     ("list", "", "pods"),
     ("get", "", "pods/log"),
 )
+# Without it the backend works, but peak memory stays unknown (metrics-server's PodMetrics).
+K8S_OPTIONAL_PERMISSIONS = (("list", "metrics.k8s.io", "pods"),)
 
 
 def check_kubernetes(*, settings: Settings, client: object | None = None) -> list[CheckResult]:
@@ -531,7 +533,7 @@ def check_kubernetes(*, settings: Settings, client: object | None = None) -> lis
     try:
         answers = [
             (verb, group, resource, *client.may(namespace=namespace, verb=verb, group=group, resource=resource))
-            for verb, group, resource in K8S_REQUIRED_PERMISSIONS
+            for verb, group, resource in K8S_REQUIRED_PERMISSIONS + K8S_OPTIONAL_PERMISSIONS
         ]
     except KubernetesApiError as error:
         results.append(CheckResult("k8s permissions", CheckStatus.FAIL, f"SelfSubjectAccessReview failed: {error}"))
@@ -541,7 +543,10 @@ def check_kubernetes(*, settings: Settings, client: object | None = None) -> lis
 
 
 def evaluate_k8s_permissions(answers: Sequence[tuple[str, str, str, bool, str]], *, namespace: str) -> CheckResult:
-    """(verb, group, resource, allowed, reason) per required permission → one line."""
+    """(verb, group, resource, allowed, reason) per permission → one line; optional ones only add a note."""
+    optional = {(verb, group, resource) for verb, group, resource in K8S_OPTIONAL_PERMISSIONS}
+    missing_optional = [f"{v} {r}.{g}" for v, g, r, allowed, _ in answers if not allowed and (v, g, r) in optional]
+    answers = [answer for answer in answers if answer[:3] not in optional]
     denied = [f"{verb} {resource}" for verb, _group, resource, allowed, _reason in answers if not allowed]
     if denied:
         return CheckResult(
@@ -551,7 +556,8 @@ def evaluate_k8s_permissions(answers: Sequence[tuple[str, str, str, bool, str]],
             "deploy/kubernetes/rbac.yaml to this service account",
         )
     granted = ", ".join(f"{verb} {resource}" for verb, _g, resource, _a, _r in answers)
-    return CheckResult("k8s permissions", CheckStatus.OK, f"allowed in {namespace!r}: {granted}")
+    note = f"; not allowed: {', '.join(missing_optional)} (peak memory stays unknown)" if missing_optional else ""
+    return CheckResult("k8s permissions", CheckStatus.OK, f"allowed in {namespace!r}: {granted}{note}")
 
 
 # --------------------------------------------------------------------------------------------- runtime

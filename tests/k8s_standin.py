@@ -80,8 +80,10 @@ class KubernetesStandIn:
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self.logs: dict[tuple[str, str], str] = {}
-        self.denied: set[tuple[str, str]] = set()  # (verb, resource) a SelfSubjectAccessReview refuses
+        self.denied: set[tuple[str, str, str]] = set()  # (verb, group, resource) an access review refuses
         self.forbid_namespace_read = False
+        # Job name → memory in use (a quantity such as "1536Mi"); None: no metrics-server (the API answers 404).
+        self.memory_usage: dict[str, str] | None = None
         self.requests: list[tuple[str, str]] = []
         self.delete_bodies: list[dict[str, Any]] = []
         self._failures: list[tuple[int, dict[str, str]]] = []
@@ -198,7 +200,7 @@ class KubernetesStandIn:
             return 200, {"major": "1", "minor": "33", "gitVersion": SERVER_VERSION, "platform": "linux/amd64"}, {}
         if parts == ["apis", "authorization.k8s.io", "v1", "selfsubjectaccessreviews"] and method == "POST":
             attributes = body["spec"]["resourceAttributes"]
-            allowed = (attributes["verb"], attributes["resource"]) not in self.denied
+            allowed = (attributes["verb"], attributes.get("group", ""), attributes["resource"]) not in self.denied
             return 201, {**body, "status": {"allowed": allowed, **({} if allowed else {"reason": "no RBAC rule"})}}, {}
         if parts[:3] == ["api", "v1", "namespaces"] and len(parts) == 4 and method == "GET":
             if self.forbid_namespace_read:
@@ -215,6 +217,8 @@ class KubernetesStandIn:
                 },
                 {},
             )
+        if parts[:3] == ["apis", "metrics.k8s.io", "v1beta1"] and parts[-1] == "pods" and method == "GET":
+            return self._pod_metrics(parts[4], query)
         if parts[:3] == ["apis", "batch", "v1"] and len(parts) >= 6 and parts[5] == "jobs":
             return self._jobs(method, parts[4], parts[6] if len(parts) > 6 else None, query, body)
         if parts[:3] == ["api", "v1", "namespaces"] and len(parts) >= 5 and parts[4] == "pods":
@@ -307,6 +311,35 @@ class KubernetesStandIn:
         if self.execute:
             self._start(namespace, name, pod)
         return 201, job, {}
+
+    def _pod_metrics(self, namespace: str, query: dict) -> tuple[int, Any, dict]:
+        if self.memory_usage is None:
+            return 404, _status(404, "NotFound", "the server could not find the requested resource"), {}
+        items = []
+        for (ns, _), pod in sorted(self.pods.items()):
+            job_name = pod["metadata"]["labels"].get(JOB_NAME_LABEL)
+            if ns != namespace or job_name not in self.memory_usage:
+                continue
+            if not _matches(pod["metadata"]["labels"], query.get("labelSelector", "")):
+                continue
+            items.append(
+                {
+                    "metadata": {
+                        "name": pod["metadata"]["name"],
+                        "namespace": ns,
+                        "labels": pod["metadata"]["labels"],
+                        "creationTimestamp": now_rfc3339(),
+                    },
+                    "timestamp": now_rfc3339(),
+                    "window": "15.01s",
+                    "containers": [{"name": "step", "usage": {"cpu": "250m", "memory": self.memory_usage[job_name]}}],
+                }
+            )
+        return (
+            200,
+            {"kind": "PodMetricsList", "apiVersion": "metrics.k8s.io/v1beta1", "metadata": {}, "items": items},
+            {},
+        )
 
     def _log(self, namespace: str, pod_name: str, query: dict) -> tuple[int, Any, dict]:
         pod = self.pods.get((namespace, pod_name))

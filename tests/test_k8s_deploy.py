@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from ccat_dagster.doctor import K8S_REQUIRED_PERMISSIONS
+from ccat_dagster.doctor import K8S_OPTIONAL_PERMISSIONS, K8S_REQUIRED_PERMISSIONS
 from ccat_dagster.execution.hpc.kubernetes.config import parse_volume_specs
 
 from .k8s_standin import SCHEMA_VERSIONS
@@ -48,7 +48,7 @@ def test_the_role_grants_exactly_what_the_backend_needs_to_the_bound_service_acc
         for resource in rule["resources"]
         for verb in rule["verbs"]
     }
-    assert granted == set(K8S_REQUIRED_PERMISSIONS)
+    assert granted == set(K8S_REQUIRED_PERMISSIONS + K8S_OPTIONAL_PERMISSIONS)
     (binding,) = by_kind("RoleBinding")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",

@@ -46,8 +46,16 @@ def test_standin_doctor_all_ok(standin, tmp_path):
     assert results["k8s namespace"] == (CheckStatus.OK, "namespace 'ccat' exists")
     status, detail = results["k8s permissions"]
     assert status is CheckStatus.OK and "create jobs" in detail and "delete jobs" in detail and "get pods/log" in detail
+    assert "not allowed" not in detail
     reviews = [path for method, path in standin.requests if path.endswith("selfsubjectaccessreviews")]
-    assert len(reviews) == 6
+    assert len(reviews) == 7
+
+
+def test_standin_doctor_missing_metrics_permission_is_a_note_not_a_failure(standin, tmp_path):
+    standin.denied = {("list", "metrics.k8s.io", "pods")}
+    results = lines(check_kubernetes(settings=settings_for(tmp_path, standin.kubeconfig(tmp_path / "kc"))))
+    status, detail = results["k8s permissions"]
+    assert status is CheckStatus.OK and "not allowed: list pods.metrics.k8s.io (peak memory stays unknown)" in detail
 
 
 def test_standin_doctor_missing_namespace_fails_and_skips_permissions(standin, tmp_path):
@@ -59,7 +67,7 @@ def test_standin_doctor_missing_namespace_fails_and_skips_permissions(standin, t
 
 
 def test_standin_doctor_names_the_denied_permissions(standin, tmp_path):
-    standin.denied = {("delete", "jobs"), ("get", "pods/log")}
+    standin.denied = {("delete", "batch", "jobs"), ("get", "", "pods/log")}
     results = lines(check_kubernetes(settings=settings_for(tmp_path, standin.kubeconfig(tmp_path / "kc"))))
     status, detail = results["k8s permissions"]
     assert status is CheckStatus.FAIL

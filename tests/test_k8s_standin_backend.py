@@ -25,6 +25,7 @@ from .k8s_standin import KubernetesStandIn
 
 LIST_JOBS = ("GET", "/apis/batch/v1/namespaces/ccat/jobs?app.kubernetes.io/managed-by=ccat-dagster")
 LIST_PODS = ("GET", "/api/v1/namespaces/ccat/pods?app.kubernetes.io/managed-by=ccat-dagster")
+LIST_METRICS = ("GET", "/apis/metrics.k8s.io/v1beta1/namespaces/ccat/pods?app.kubernetes.io/managed-by=ccat-dagster")
 
 
 @pytest.fixture
@@ -68,7 +69,26 @@ def test_standin_submit_creates_the_manifest_job_and_polls_with_one_list_each(st
     standin.finish_pod(ids[1], 0)
     infos = backend.status_many(ids)
     assert [infos[i].state for i in ids] == [JobState.RUNNING, JobState.COMPLETED, JobState.PENDING]
-    assert standin.requests == [LIST_JOBS, LIST_PODS]  # one list of Jobs and one of pods for all three
+    # One list of Jobs and one of pods for all three; the pod metrics, asked once, are absent here (404).
+    assert standin.requests == [LIST_JOBS, LIST_PODS, LIST_METRICS]
+    assert all(info.peak_memory_gb is None for info in infos.values())
+    standin.requests.clear()
+    backend.status_many(ids)
+    assert standin.requests == [LIST_JOBS, LIST_PODS]  # no metrics-server: not asked again
+
+
+def test_standin_peak_memory_is_the_largest_metrics_sample(standin, tmp_path):
+    standin.memory_usage = {}
+    backend = make_backend(standin, tmp_path)
+    job_id = backend.submit(spec(tmp_path, 1))
+    standin.run_pod(job_id)
+    assert backend.status(job_id).peak_memory_gb is None  # no sample yet: absent, not zero
+    for used in ("512Mi", "3Gi", "1Gi"):
+        standin.memory_usage[job_id] = used
+        backend.status(job_id)
+    standin.finish_pod(job_id, 0)
+    info = backend.status(job_id)
+    assert info.state is JobState.COMPLETED and info.peak_memory_gb == 3.0
 
 
 def test_standin_failure_kinds_from_pod_evidence(standin, tmp_path):

@@ -14,8 +14,10 @@ to the scheduler (``UnknownJobError``): the runner fails that attempt as lost.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from ccat_dagster.execution.hpc.base import (
@@ -35,9 +37,12 @@ from ccat_dagster.execution.hpc.kubernetes.manifest import (
     MANAGED_BY_SELECTOR,
     build_job_manifest,
 )
+from ccat_dagster.execution.hpc.kubernetes.metrics import memory_bytes_by_job
 from ccat_dagster.opsdb.enums import FailureKind
 
 __all__ = ["KubernetesBackend"]
+
+log = logging.getLogger(__name__)
 
 
 class KubernetesBackend(HpcBackend):
@@ -62,6 +67,9 @@ class KubernetesBackend(HpcBackend):
         self._seen: set[str] = set()
         self._cancelled: set[str] = set()
         self._final: dict[str, JobInfo] = {}
+        self._peak_bytes: dict[str, int] = {}
+        # None until asked once; False on clusters without metrics-server (then never asked again).
+        self._metrics_available: bool | None = None
 
     # --- submission -----------------------------------------------------------------------------
 
@@ -107,6 +115,7 @@ class KubernetesBackend(HpcBackend):
             owner = ((pod.get("metadata") or {}).get("labels") or {}).get(f"{LABEL_PREFIX}job")
             if owner:
                 pods_by_job.setdefault(owner, []).append(pod)
+        self._sample_memory(namespace)
         now = self.clock()
         missing: list[str] = []
         for job_id in open_ids:
@@ -122,6 +131,8 @@ class KubernetesBackend(HpcBackend):
                 job, pods_by_job.get(job_id, []), now=now, image_pull_grace_seconds=self.config.image_pull_grace_seconds
             )
             info = reading.info
+            if job_id in self._peak_bytes:
+                info = replace(info, peak_memory_gb=self._peak_bytes[job_id] / 2**30)
             if reading.give_up:
                 self._delete(job_id, propagation_policy="Background")
             with self._lock:
@@ -138,6 +149,21 @@ class KubernetesBackend(HpcBackend):
                 job_ids=missing,
             )
         return {job_id: infos[job_id] for job_id in wanted}
+
+    def _sample_memory(self, namespace: str) -> None:
+        """Keep the largest memory sample per Job (see ``metrics``); one list call, skipped without metrics."""
+        if self._metrics_available is False:
+            return
+        try:
+            items = self.client.list_pod_metrics(namespace, MANAGED_BY_SELECTOR)
+        except KubernetesApiError as error:
+            if error.status in (403, 404):  # no metrics-server, or not allowed: never ask again
+                log.info("no pod metrics from the cluster (%s): peak memory stays unknown", error)
+                self._metrics_available = False
+            return
+        self._metrics_available = True
+        for job_id, used in memory_bytes_by_job(items).items():
+            self._peak_bytes[job_id] = max(self._peak_bytes.get(job_id, 0), used)
 
     def _vanished(self, job_id: str) -> JobInfo | None:
         """A Job the API no longer lists: cancelled (by us, or deleted while we watched) or unknown (None)."""

@@ -58,6 +58,7 @@ class KubernetesClient:
         core_api: Any,
         authorization_api: Any | None = None,
         version_api: Any | None = None,
+        custom_api: Any | None = None,
         sleeper: Callable[[float], None] = time.sleep,
         timer: Callable[[], float] = time.monotonic,
         max_attempts: int = 5,
@@ -70,6 +71,7 @@ class KubernetesClient:
         self.core_api = core_api
         self.authorization_api = authorization_api
         self.version_api = version_api
+        self.custom_api = custom_api
         self.sleeper = sleeper
         self.timer = timer
         self.max_attempts = max(1, max_attempts)
@@ -101,6 +103,24 @@ class KubernetesClient:
         answer = self._json(
             "list pods",
             lambda **kw: self.core_api.list_namespaced_pod(namespace=namespace, label_selector=label_selector, **kw),
+        )
+        return list(answer.get("items") or [])
+
+    def list_pod_metrics(self, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """``metrics.k8s.io/v1beta1`` PodMetrics (current usage, from metrics-server); raises on clusters
+        without it (404)."""
+        if self.custom_api is None:
+            raise ValueError("KubernetesClient was built without a custom-objects API")
+        answer = self._json(
+            "list pod metrics",
+            lambda **kw: self.custom_api.list_namespaced_custom_object(
+                group="metrics.k8s.io",
+                version="v1beta1",
+                namespace=namespace,
+                plural="pods",
+                label_selector=label_selector,
+                **kw,
+            ),
         )
         return list(answer.get("items") or [])
 

@@ -55,5 +55,6 @@ def kubernetes_client(api: k8s.ApiClient, **options: float) -> KubernetesClient:
         core_api=k8s.CoreV1Api(api),
         authorization_api=k8s.AuthorizationV1Api(api),
         version_api=k8s.VersionApi(api),
+        custom_api=k8s.CustomObjectsApi(api),
         **options,  # type: ignore[arg-type]
     )
