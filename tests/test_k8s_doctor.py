@@ -122,3 +122,14 @@ def test_bad_kubernetes_settings_stop_start_up_in_one_line(tmp_path, extra, mess
 def test_kubernetes_settings_are_not_required_for_other_backends(tmp_path):
     settings = Settings.from_env({"CCAT_DAGSTER_DATA_DIR": str(tmp_path), "CCAT_WORKFLOW_MANAGER_HPC_BACKEND": "slurm"})
     assert settings.kubernetes.job_image == "" and settings.kubernetes.ttl_seconds_after_finished == 86400
+
+
+def test_in_cluster_authentication_outside_a_pod_says_what_is_missing(tmp_path):
+    from ccat_dagster.execution.hpc.kubernetes.config import KubernetesConfigError
+    from ccat_dagster.execution.hpc.kubernetes.connect import api_client
+
+    for auth, environ in (("in-cluster", {}), ("auto", {"KUBERNETES_SERVICE_HOST": "10.0.0.1"})):
+        with pytest.raises(KubernetesConfigError, match="from the pod's service account"):
+            api_client(auth=auth, environ=environ)
+    with pytest.raises(KubernetesConfigError, match="kubeconfig .*elsewhere"):
+        api_client(auth="auto", environ={"KUBECONFIG": str(tmp_path / "elsewhere")})

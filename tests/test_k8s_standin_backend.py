@@ -190,3 +190,25 @@ def test_standin_runs_a_pod_command_and_reports_exit_code_and_log(tmp_path):
             time.sleep(0.05)
         assert (info.state, info.exit_code, info.failure_kind) == (JobState.FAILED, 4, FailureKind.EXIT_CODE)
         assert backend.logs(job_id) == f"==> pod {standin.pod_of(job_id)['metadata']['name']} <==\nhi from the pod\n"
+
+
+def test_standin_the_dagster_resource_builds_the_kubernetes_backend(standin, tmp_path, monkeypatch):
+    from ccat_dagster.resources.ccat import HpcBackendResource
+
+    for name, value in {
+        "CCAT_DAGSTER_DATA_DIR": str(tmp_path),
+        "CCAT_WORKFLOW_MANAGER_HPC_BACKEND": "kubernetes",
+        "CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR": str(tmp_path / "pipelines"),
+        "CCAT_WORKFLOW_MANAGER_K8S_AUTH": "kubeconfig",
+        "CCAT_WORKFLOW_MANAGER_K8S_KUBECONFIG": str(standin.kubeconfig(tmp_path / "kubeconfig")),
+        "CCAT_WORKFLOW_MANAGER_K8S_JOB_IMAGE": "registry.example.org/ccat/runner:1",
+        "CCAT_WORKFLOW_MANAGER_K8S_VOLUMES": f"host:{tmp_path}:{tmp_path}",
+    }.items():
+        monkeypatch.setenv(name, value)
+    backend = HpcBackendResource(kind="kubernetes").get()
+    assert isinstance(backend, KubernetesBackend) and backend.config.namespace == "ccat"
+    job_id = backend.submit(spec(tmp_path / "pipelines", 1))
+    assert (
+        standin.job(job_id)["spec"]["template"]["spec"]["containers"][0]["image"]
+        == "registry.example.org/ccat/runner:1"
+    )

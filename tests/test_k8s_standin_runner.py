@@ -10,7 +10,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .runner_fixtures import (
     dispose_runner_world,
     make_runner_world,
     processes_mentioning,
+    run_in_thread,
     wait_until,
 )
 
@@ -109,14 +109,7 @@ def test_standin_runner_batch_submits_polls_and_reads_logs(world, standin, envir
 def test_standin_cancelled_batch_deletes_its_job_in_the_foreground(world, standin, environment):
     pipeline = world.apply(behaviour="sleep", extra_config={"seconds": 300})
     runner = world.runner(k8s_backend(environment), **POLL)
-    outcomes: list = []
-    thread = threading.Thread(
-        target=lambda: outcomes.extend(
-            runner.run(pipeline_name=pipeline, step_name=STEP, sub_group_keys=world.scan_keys[:1], dagster_run_id="k-2")
-        ),
-        daemon=True,
-    )
-    thread.start()
+    thread, outcomes = run_in_thread(runner, pipeline=pipeline, keys=world.scan_keys[:1], run_id="k-2")
     running = wait_until(
         lambda: next((a for a in world.attempts(pipeline) if a.status is RunStatus.RUNNING), None),
         what="the Job's pod to run",
