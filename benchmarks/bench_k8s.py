@@ -6,7 +6,7 @@ list cost for many Jobs) is not in them. Measured:
 - importing the official client and building the backend, in a fresh process (what every Dagster run worker
   with HPC_BACKEND=kubernetes pays once);
 - ``submit_many`` of N Jobs (one create call each: manifest construction, JSON, HTTP);
-- one ``status_many`` poll of N active Jobs (one list of Jobs and one of pods, whatever N, then the parsing).
+- one ``status_many`` poll of N active Jobs (one list of Jobs and one of pods per 100 Jobs, then the parsing).
 
 Run:  .venv/bin/python benchmarks/bench_k8s.py [--repeat 5] [--write-docs]
 """
@@ -118,8 +118,8 @@ def main() -> None:
         "- The stand-in answers from memory on 127.0.0.1: these are the orchestrator's costs (manifest, JSON, the "
         "official client's HTTP and model handling, parsing), not a cluster's. A real API server adds its latency "
         "per create and the cost of listing many Jobs and pods.\n"
-        "- A poll is two list calls whatever the number of Jobs, so its cost grows with the size of the answers, "
-        "not with a call per job.\n"
+        "- A poll is two list calls per 100 Jobs (selected by name, so other runs' Jobs and the finished ones "
+        "Kubernetes keeps are not in the answers), not a call per job.\n"
         "- The client import is paid once per process that builds the backend (each Dagster run worker with "
         "`HPC_BACKEND=kubernetes`); the other backends do not import it.\n"
     )

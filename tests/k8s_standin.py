@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -56,10 +57,14 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     }
 
 
+_SELECTOR_TERM = re.compile(r"\s*([^,=\s]+)\s*(?:in\s*\(([^)]*)\)|=([^,]*))\s*(?:,|$)")
+
+
 def _matches(labels: dict[str, str], selector: str) -> bool:
-    for term in filter(None, selector.split(",")):
-        key, _, value = term.partition("=")
-        if labels.get(key) != value:
+    """Equality (``k=v``) and set (``k in (a,b)``) terms, ANDed, as the API server reads them."""
+    for key, values, value in _SELECTOR_TERM.findall(selector):
+        allowed = [v.strip() for v in values.split(",")] if values else [value]
+        if labels.get(key) not in allowed:
             return False
     return True
 

@@ -23,9 +23,12 @@ from ccat_dagster.opsdb.enums import FailureKind
 
 from .k8s_standin import KubernetesStandIn
 
-LIST_JOBS = ("GET", "/apis/batch/v1/namespaces/ccat/jobs?app.kubernetes.io/managed-by=ccat-dagster")
-LIST_PODS = ("GET", "/api/v1/namespaces/ccat/pods?app.kubernetes.io/managed-by=ccat-dagster")
-LIST_METRICS = ("GET", "/apis/metrics.k8s.io/v1beta1/namespaces/ccat/pods?app.kubernetes.io/managed-by=ccat-dagster")
+JOBS, PODS = "/apis/batch/v1/namespaces/ccat/jobs", "/api/v1/namespaces/ccat/pods"
+METRICS = "/apis/metrics.k8s.io/v1beta1/namespaces/ccat/pods"
+
+
+def selector(job_ids) -> str:
+    return f"app.kubernetes.io/managed-by=ccat-dagster,data.ccat.uni-koeln.de/job in ({','.join(job_ids)})"
 
 
 @pytest.fixture
@@ -70,11 +73,22 @@ def test_standin_submit_creates_the_manifest_job_and_polls_with_one_list_each(st
     infos = backend.status_many(ids)
     assert [infos[i].state for i in ids] == [JobState.RUNNING, JobState.COMPLETED, JobState.PENDING]
     # One list of Jobs and one of pods for all three; the pod metrics, asked once, are absent here (404).
-    assert standin.requests == [LIST_JOBS, LIST_PODS, LIST_METRICS]
+    lists = [("GET", f"{path}?{selector(ids)}") for path in (JOBS, PODS, METRICS)]
+    assert standin.requests == lists
     assert all(info.peak_memory_gb is None for info in infos.values())
     standin.requests.clear()
     backend.status_many(ids)
-    assert standin.requests == [LIST_JOBS, LIST_PODS]  # no metrics-server: not asked again
+    # Only the unfinished Jobs are asked about again, and no metrics-server: not asked again.
+    assert standin.requests == [("GET", f"{path}?{selector([ids[0], ids[2]])}") for path in (JOBS, PODS)]
+
+
+def test_standin_a_poll_of_many_jobs_lists_them_a_hundred_at_a_time(standin, tmp_path):
+    backend = make_backend(standin, tmp_path)
+    ids = backend.submit_many([spec(tmp_path, n) for n in range(250)])
+    standin.requests.clear()
+    assert len(backend.status_many(ids)) == 250
+    job_lists = [path for method, path in standin.requests if path.startswith(JOBS + "?")]
+    assert job_lists == [f"{JOBS}?{selector(ids[i : i + 100])}" for i in (0, 100, 200)]
 
 
 def test_standin_peak_memory_is_the_largest_metrics_sample(standin, tmp_path):

@@ -1,9 +1,10 @@
-"""KubernetesBackend: one ``batch/v1`` Job per attempt; one list of Jobs and one of pods per status poll.
+"""KubernetesBackend: one ``batch/v1`` Job per attempt; a status poll lists Jobs and pods, 100 Jobs a call.
 
 Job ids are the Jobs' names (``manifest.job_object_name``), deterministic from the attempt, in the configured
-namespace. Every Job and pod carries the label ``app.kubernetes.io/managed-by=ccat-dagster``; a poll lists
-both by that label, so a restarted orchestrator finds the jobs of the attempts in ops-db by name without
-having submitted them (reattach). Construction of the manifest is ``manifest``, reading the answers is
+namespace. Every Job and pod carries the labels ``app.kubernetes.io/managed-by=ccat-dagster`` and
+``data.ccat.uni-koeln.de/job=<name>``; a poll lists both by these labels (``job in (...)``, up to 100 names a
+call), so a restarted orchestrator finds the jobs of the attempts in ops-db by name without having submitted
+them (reattach). Construction of the manifest is ``manifest``, reading the answers is
 ``job_status``, the API calls and their retries are ``client``.
 
 A Job that disappears while this process watches it (``kubectl delete job``, or a deletion by another
@@ -43,6 +44,8 @@ from ccat_dagster.opsdb.enums import FailureKind
 __all__ = ["KubernetesBackend"]
 
 log = logging.getLogger(__name__)
+# Job names per list call: at most 63 characters each, so a selector stays under ~7 kB of URL.
+SELECTOR_CHUNK = 100
 
 
 class KubernetesBackend(HpcBackend):
@@ -109,13 +112,15 @@ class KubernetesBackend(HpcBackend):
         if not open_ids:
             return infos
         namespace = self.config.namespace
-        jobs = {job["metadata"]["name"]: job for job in self.client.list_jobs(namespace, MANAGED_BY_SELECTOR)}
+        jobs: dict[str, dict] = {}
         pods_by_job: dict[str, list[dict]] = {}
-        for pod in self.client.list_pods(namespace, MANAGED_BY_SELECTOR):
-            owner = ((pod.get("metadata") or {}).get("labels") or {}).get(f"{LABEL_PREFIX}job")
-            if owner:
-                pods_by_job.setdefault(owner, []).append(pod)
-        self._sample_memory(namespace)
+        for selector in _selectors(open_ids):
+            jobs.update((job["metadata"]["name"], job) for job in self.client.list_jobs(namespace, selector))
+            for pod in self.client.list_pods(namespace, selector):
+                owner = ((pod.get("metadata") or {}).get("labels") or {}).get(f"{LABEL_PREFIX}job")
+                if owner:
+                    pods_by_job.setdefault(owner, []).append(pod)
+            self._sample_memory(namespace, selector)
         now = self.clock()
         missing: list[str] = []
         for job_id in open_ids:
@@ -150,12 +155,12 @@ class KubernetesBackend(HpcBackend):
             )
         return {job_id: infos[job_id] for job_id in wanted}
 
-    def _sample_memory(self, namespace: str) -> None:
+    def _sample_memory(self, namespace: str, selector: str) -> None:
         """Keep the largest memory sample per Job (see ``metrics``); one list call, skipped without metrics."""
         if self._metrics_available is False:
             return
         try:
-            items = self.client.list_pod_metrics(namespace, MANAGED_BY_SELECTOR)
+            items = self.client.list_pod_metrics(namespace, selector)
         except KubernetesApiError as error:
             if error.status in (403, 404):  # no metrics-server, or not allowed: never ask again
                 log.info("no pod metrics from the cluster (%s): peak memory stays unknown", error)
@@ -228,6 +233,18 @@ class KubernetesBackend(HpcBackend):
                 return ""
             return f"(the pod log of Job {job_id} is not available: {error})"
         return f"==> pod {pod_name} <==\n{text}" if text else ""
+
+
+def _selectors(job_ids: Sequence[str]) -> list[str]:
+    """Label selectors for these Jobs (and their pods), ``SELECTOR_CHUNK`` names each.
+
+    Selecting by name keeps a poll's answer to the Jobs asked about: the namespace also holds other runs' Jobs and
+    finished ones kept for ``ttlSecondsAfterFinished``, thousands on a busy day.
+    """
+    return [
+        f"{MANAGED_BY_SELECTOR},{LABEL_PREFIX}job in ({','.join(job_ids[start : start + SELECTOR_CHUNK])})"
+        for start in range(0, len(job_ids), SELECTOR_CHUNK)
+    ]
 
 
 def _cancelled(job_id: str, reason: str) -> JobInfo:
