@@ -226,3 +226,16 @@ def test_standin_the_dagster_resource_builds_the_kubernetes_backend(standin, tmp
         standin.job(job_id)["spec"]["template"]["spec"]["containers"][0]["image"]
         == "registry.example.org/ccat/runner:1"
     )
+
+
+def test_standin_a_pod_past_its_deadline_fails_as_walltime(tmp_path):
+    with KubernetesStandIn(execute=True) as standin:
+        backend = make_backend(standin, tmp_path)
+        # A 2 s limit: SIGTERM at the 1 s deadline, SIGKILL a 1 s grace later.
+        job_id = backend.submit(spec(tmp_path, 1, ["/bin/sleep", "30"], time_hours=2 / 3600))
+        assert standin.job(job_id)["spec"]["activeDeadlineSeconds"] == 1
+        deadline = time.monotonic() + 20
+        while not (info := backend.status(job_id)).is_terminal and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert info.state is JobState.FAILED and info.failure_kind is FailureKind.WALLTIME
+        assert info.reason.startswith("TIMEOUT") and info.exit_code is None
