@@ -392,7 +392,7 @@ def parse_sinfo_partitions(output: str) -> list[SlurmPartition]:
     return list(partitions.values())
 
 
-def check_hpc_backend(*, settings: Settings) -> CheckResult:
+def check_hpc_backend(*, settings: Settings) -> CheckResult | list[CheckResult]:
     backend = settings.hpc_backend
     if backend == "local":
         return CheckResult(
@@ -403,6 +403,8 @@ def check_hpc_backend(*, settings: Settings) -> CheckResult:
         )
     if backend == "slurm":
         return _check_slurm(settings)
+    if backend == "kubernetes":
+        return check_kubernetes(settings=settings)
     return CheckResult(
         "hpc backend",
         CheckStatus.FAIL,
@@ -460,6 +462,102 @@ def evaluate_slurm_partitions(partitions: Sequence[SlurmPartition], *, wanted: s
         )
     how = "" if wanted else " (the cluster default)"
     return CheckResult("hpc backend", CheckStatus.OK, f"slurm: partition {chosen.name!r}{how} is up")
+
+
+# --------------------------------------------------------------------------------------------- Kubernetes
+
+# (verb, API group, resource) the backend needs in its namespace: Jobs for submit / poll / cancel, pods and
+# their logs for the exit codes and log tails.
+K8S_REQUIRED_PERMISSIONS = (
+    ("create", "batch", "jobs"),
+    ("list", "batch", "jobs"),
+    ("get", "batch", "jobs"),
+    ("delete", "batch", "jobs"),
+    ("list", "", "pods"),
+    ("get", "", "pods/log"),
+)
+# Without it the backend works, but peak memory stays unknown (metrics-server's PodMetrics).
+K8S_OPTIONAL_PERMISSIONS = (("list", "metrics.k8s.io", "pods"),)
+
+
+def check_kubernetes(*, settings: Settings, client: object | None = None) -> list[CheckResult]:
+    """The API server answers, the namespace exists, and this identity may do what the backend does
+    (one SelfSubjectAccessReview per permission). ``client``: a KubernetesClient (default: from the settings)."""
+    from ccat_dagster.execution.hpc.kubernetes.client import KubernetesApiError, KubernetesClient
+    from ccat_dagster.execution.hpc.kubernetes.connect import api_client, kubernetes_client
+
+    namespace = settings.k8s_namespace
+    skipped = [
+        CheckResult("k8s namespace", CheckStatus.SKIP, "Kubernetes API unreachable"),
+        CheckResult("k8s permissions", CheckStatus.SKIP, "Kubernetes API unreachable"),
+    ]
+    if client is None:
+        k8s = settings.kubernetes
+        try:
+            api = api_client(auth=k8s.auth, kubeconfig=k8s.kubeconfig, context=k8s.context)
+        except CcatError as error:
+            return [CheckResult("hpc backend", CheckStatus.FAIL, f"kubernetes: {error}"), *skipped]
+        # Few, short retries: doctor reports an unreachable server, it does not wait it out.
+        client = kubernetes_client(api, max_attempts=2, deadline_seconds=10.0, request_timeout_seconds=10.0)
+    assert isinstance(client, KubernetesClient)
+    try:
+        version = client.server_version()
+    except KubernetesApiError as error:
+        return [CheckResult("hpc backend", CheckStatus.FAIL, f"kubernetes: API server unreachable: {error}"), *skipped]
+    results = [CheckResult("hpc backend", CheckStatus.OK, f"kubernetes: API server {version} answers")]
+    try:
+        client.read_namespace(namespace)
+        results.append(CheckResult("k8s namespace", CheckStatus.OK, f"namespace {namespace!r} exists"))
+    except KubernetesApiError as error:
+        if error.status == 403:
+            # Namespaces are cluster-scoped: a namespaced Role cannot grant reading one, and listing in a
+            # missing namespace answers an empty list, so without this permission existence cannot be told.
+            results.append(
+                CheckResult(
+                    "k8s namespace",
+                    CheckStatus.WARN,
+                    f"cannot tell whether namespace {namespace!r} exists (HTTP 403 reading it): grant get on it "
+                    "(the ClusterRole in deploy/kubernetes/rbac.yaml)",
+                )
+            )
+        else:
+            detail = (
+                f"namespace {namespace!r} does not exist: create it (deploy/kubernetes/namespace.yaml) or set "
+                "CCAT_WORKFLOW_MANAGER_K8S_NAMESPACE"
+                if error.status == 404
+                else f"cannot read namespace {namespace!r}: {error}"
+            )
+            results.append(CheckResult("k8s namespace", CheckStatus.FAIL, detail))
+            results.append(CheckResult("k8s permissions", CheckStatus.SKIP, "no namespace"))
+            return results
+    try:
+        answers = [
+            (verb, group, resource, *client.may(namespace=namespace, verb=verb, group=group, resource=resource))
+            for verb, group, resource in K8S_REQUIRED_PERMISSIONS + K8S_OPTIONAL_PERMISSIONS
+        ]
+    except KubernetesApiError as error:
+        results.append(CheckResult("k8s permissions", CheckStatus.FAIL, f"SelfSubjectAccessReview failed: {error}"))
+        return results
+    results.append(evaluate_k8s_permissions(answers, namespace=namespace))
+    return results
+
+
+def evaluate_k8s_permissions(answers: Sequence[tuple[str, str, str, bool, str]], *, namespace: str) -> CheckResult:
+    """(verb, group, resource, allowed, reason) per permission → one line; optional ones only add a note."""
+    optional = {(verb, group, resource) for verb, group, resource in K8S_OPTIONAL_PERMISSIONS}
+    missing_optional = [f"{v} {r}.{g}" for v, g, r, allowed, _ in answers if not allowed and (v, g, r) in optional]
+    answers = [answer for answer in answers if answer[:3] not in optional]
+    denied = [f"{verb} {resource}" for verb, _group, resource, allowed, _reason in answers if not allowed]
+    if denied:
+        return CheckResult(
+            "k8s permissions",
+            CheckStatus.FAIL,
+            f"not allowed in namespace {namespace!r}: {', '.join(denied)}; bind the Role in "
+            "deploy/kubernetes/rbac.yaml to this service account",
+        )
+    granted = ", ".join(f"{verb} {resource}" for verb, _g, resource, _a, _r in answers)
+    note = f"; not allowed: {', '.join(missing_optional)} (peak memory stays unknown)" if missing_optional else ""
+    return CheckResult("k8s permissions", CheckStatus.OK, f"allowed in {namespace!r}: {granted}{note}")
 
 
 # --------------------------------------------------------------------------------------------- runtime

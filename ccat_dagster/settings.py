@@ -145,6 +145,7 @@ class Settings:
     max_memory_gb: int
     max_time_hours: int
     max_products_per_attempt: int
+    kubernetes: KubernetesSettings
 
     @property
     def redacted_ops_db_url(self) -> str:
@@ -201,16 +202,22 @@ class Settings:
         values["ops_db_url"] = _db_url(
             OPS_DB_URL_VAR, env.get(OPS_DB_URL_VAR, f"sqlite:///{data_dir / 'opsdb.sqlite'}")
         )
+        values["kubernetes"] = KubernetesSettings.from_env(env)
+        if values["hpc_backend"] == "kubernetes":
+            values["kubernetes"].require_usable(
+                pipeline_base_dir=values["pipeline_base_dir"], namespace=values["k8s_namespace"]
+            )
         return cls(**values)
 
     def as_environment(self) -> dict[str, str]:
         """The settings as environment variables (for child processes such as the Dagster code server)."""
         env = {DATA_DIR_VAR: str(self.data_dir), OPS_DB_URL_VAR: self.ops_db_url}
         for field in fields(self):
-            if field.name in ("data_dir", "ops_db_url"):
+            if field.name in ("data_dir", "ops_db_url", "kubernetes"):
                 continue
             value = getattr(self, field.name)
             env[PREFIX + field.name.upper()] = "" if value is None else str(value)
+        env.update(self.kubernetes.as_environment())
         return env
 
 
@@ -236,4 +243,137 @@ def variable_reference() -> list[tuple[str, str, str]]:
         (PREFIX + "SENSOR_INTERVAL_SECONDS", "30", "least seconds between two ticks of a pipeline's sensor, ≥ 1"),
         (PREFIX + "WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark, ≥ 0"),
         (PREFIX + "RETENTION_DAYS", "30", "days before consumed intermediates may be deleted, ≥ 0"),
-    ] + [(PREFIX + key, default, allowed) for key, (default, _, allowed) in RUNNER_SETTINGS.items()]
+    ] + [(PREFIX + key, default, allowed) for key, (default, _, allowed) in RUNNER_SETTINGS.items()
+    ] + kubernetes_variable_reference()
+
+
+# --------------------------------------------------------------------------------------------- Kubernetes
+
+# name → (default, allowed values for the reference). K8S_NAMESPACE stays with the general settings above.
+_K8S_VARIABLES: dict[str, tuple[str, str]] = {
+    "K8S_AUTH": ("auto", "auto (in-cluster inside a pod, else kubeconfig), in-cluster, kubeconfig"),
+    "K8S_KUBECONFIG": ("", "kubeconfig file (empty: $KUBECONFIG, else ~/.kube/config)"),
+    "K8S_CONTEXT": ("", "kubeconfig context (empty: its current context)"),
+    "K8S_JOB_IMAGE": ("", "image of the Job's container, which runs the Apptainer command; required"),
+    "K8S_IMAGE_PULL_POLICY": ("IfNotPresent", "IfNotPresent, Always, Never"),
+    "K8S_IMAGE_PULL_CREDENTIALS": ("", "comma-separated Secret names (empty: none)"),
+    "K8S_SERVICE_ACCOUNT": ("", "service account of the Job pods (empty: the namespace's default)"),
+    "K8S_VOLUMES": ("", "comma-separated pvc:<claim>:<mount path>[:ro] or host:<node path>:<mount path>[:ro]"),
+    "K8S_TTL_SECONDS_AFTER_FINISHED": ("86400", "seconds Kubernetes keeps a finished Job and its pod log, ≥ 0"),
+    "K8S_GPU_RESOURCE": ("nvidia.com/gpu", "extended resource name that `gpus` asks for"),
+    "K8S_IMAGE_PULL_GRACE_SECONDS": ("300", "seconds a pod may fail to pull its image before the attempt fails, ≥ 0"),
+}
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """The ``K8S_*`` settings of the Kubernetes backend (read for every backend, checked in full when chosen)."""
+
+    auth: str
+    kubeconfig: str
+    context: str
+    job_image: str
+    image_pull_policy: str
+    image_pull_secrets: tuple[str, ...]
+    service_account: str
+    volumes_spec: str
+    ttl_seconds_after_finished: int
+    gpu_resource: str
+    image_pull_grace_seconds: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> KubernetesSettings:
+        from ccat_dagster.execution.hpc.kubernetes.config import (
+            AUTH_MODES,
+            PULL_POLICIES,
+            KubernetesConfigError,
+            parse_volume_specs,
+        )
+
+        def raw(key: str) -> str:
+            return env.get(PREFIX + key, _K8S_VARIABLES[key][0]).strip()
+
+        auth = _choice(AUTH_MODES)(PREFIX + "K8S_AUTH", raw("K8S_AUTH"))
+        policy = raw("K8S_IMAGE_PULL_POLICY")
+        if policy not in PULL_POLICIES:
+            raise SettingsError(
+                f"{PREFIX}K8S_IMAGE_PULL_POLICY={policy!r} is invalid: allowed values are {', '.join(PULL_POLICIES)}"
+            )
+        try:
+            parse_volume_specs(raw("K8S_VOLUMES"))
+        except KubernetesConfigError as error:
+            raise SettingsError(f"{PREFIX}K8S_VOLUMES: {error}") from None
+        return cls(
+            auth=auth,
+            kubeconfig=raw("K8S_KUBECONFIG"),
+            context=raw("K8S_CONTEXT"),
+            job_image=raw("K8S_JOB_IMAGE"),
+            image_pull_policy=policy,
+            image_pull_secrets=tuple(p.strip() for p in raw("K8S_IMAGE_PULL_CREDENTIALS").split(",") if p.strip()),
+            service_account=raw("K8S_SERVICE_ACCOUNT"),
+            volumes_spec=raw("K8S_VOLUMES"),
+            ttl_seconds_after_finished=_int(0)(
+                PREFIX + "K8S_TTL_SECONDS_AFTER_FINISHED", raw("K8S_TTL_SECONDS_AFTER_FINISHED")
+            ),
+            gpu_resource=raw("K8S_GPU_RESOURCE"),
+            image_pull_grace_seconds=_int(0)(
+                PREFIX + "K8S_IMAGE_PULL_GRACE_SECONDS", raw("K8S_IMAGE_PULL_GRACE_SECONDS")
+            ),
+        )
+
+    def backend_config(self, *, namespace: str) -> Any:
+        """The backend's ``KubernetesConfig``; raises SettingsError (one line) when it cannot work."""
+        from ccat_dagster.execution.hpc.kubernetes.config import (
+            KubernetesConfig,
+            KubernetesConfigError,
+            parse_volume_specs,
+        )
+
+        try:
+            return KubernetesConfig(
+                namespace=namespace,
+                job_image=self.job_image,
+                volumes=parse_volume_specs(self.volumes_spec),
+                image_pull_policy=self.image_pull_policy,
+                image_pull_secrets=self.image_pull_secrets,
+                service_account=self.service_account,
+                ttl_seconds_after_finished=self.ttl_seconds_after_finished,
+                gpu_resource=self.gpu_resource,
+                image_pull_grace_seconds=float(self.image_pull_grace_seconds),
+            )
+        except KubernetesConfigError as error:
+            raise SettingsError(f"HPC_BACKEND=kubernetes: {error} (see docs/configuration.md, Kubernetes)") from None
+
+    def require_usable(self, *, pipeline_base_dir: Path, namespace: str) -> None:
+        """With HPC_BACKEND=kubernetes: the Job image is set and PIPELINE_BASE_DIR is on one of the volumes."""
+        if not self.job_image:
+            raise SettingsError(
+                f"{PREFIX}K8S_JOB_IMAGE is empty: HPC_BACKEND=kubernetes needs the image its Jobs run the Apptainer "
+                "command in (e.g. registry.example.org/ccat/apptainer-runner:1.3)"
+            )
+        config = self.backend_config(namespace=namespace)
+        if config.volume_for(str(pipeline_base_dir)) is None:
+            raise SettingsError(
+                f"{PREFIX}K8S_VOLUMES mounts nothing at PIPELINE_BASE_DIR={pipeline_base_dir}: the Jobs could not "
+                f"see their attempt directories; add e.g. pvc:ccat-pipelines:{pipeline_base_dir}"
+            )
+
+    def as_environment(self) -> dict[str, str]:
+        values = {
+            "K8S_AUTH": self.auth,
+            "K8S_KUBECONFIG": self.kubeconfig,
+            "K8S_CONTEXT": self.context,
+            "K8S_JOB_IMAGE": self.job_image,
+            "K8S_IMAGE_PULL_POLICY": self.image_pull_policy,
+            "K8S_IMAGE_PULL_CREDENTIALS": ",".join(self.image_pull_secrets),
+            "K8S_SERVICE_ACCOUNT": self.service_account,
+            "K8S_VOLUMES": self.volumes_spec,
+            "K8S_TTL_SECONDS_AFTER_FINISHED": str(self.ttl_seconds_after_finished),
+            "K8S_GPU_RESOURCE": self.gpu_resource,
+            "K8S_IMAGE_PULL_GRACE_SECONDS": str(self.image_pull_grace_seconds),
+        }
+        return {PREFIX + key: value for key, value in values.items()}
+
+
+def kubernetes_variable_reference() -> list[tuple[str, str, str]]:
+    return [(PREFIX + key, default or "(empty)", allowed) for key, (default, allowed) in _K8S_VARIABLES.items()]

@@ -284,3 +284,18 @@ def processes_mentioning(text: str) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def run_in_thread(runner: StepRunner, *, pipeline: str, keys: list[str], run_id: str, step: str = STEP):
+    """Start ``runner.run`` for ``keys`` in a daemon thread; returns the thread and the list its outcomes fill."""
+    import threading
+
+    outcomes: list = []
+    thread = threading.Thread(
+        target=lambda: outcomes.extend(
+            runner.run(pipeline_name=pipeline, step_name=step, sub_group_keys=keys, dagster_run_id=run_id)
+        ),
+        daemon=True,
+    )
+    thread.start()
+    return thread, outcomes

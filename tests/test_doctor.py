@@ -143,9 +143,9 @@ def test_every_failure_has_its_line_and_the_exit_code_is_1(tmp_path, monkeypatch
     monkeypatch.setenv("CCAT_DAGSTER_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("CCAT_OPS_DB_URL", f"sqlite:///{empty_db}")
     monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR", str(not_a_dir / "pipelines"))
-    monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_HPC_BACKEND", "kubernetes")
+    monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_HPC_BACKEND", "slurm")
     monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_CONTAINER_RUNTIME", "apptainer")
-    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no apptainer on this PATH
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no apptainer and no Slurm commands on this PATH
 
     code = main(["doctor"])
 
@@ -159,7 +159,7 @@ def test_every_failure_has_its_line_and_the_exit_code_is_1(tmp_path, monkeypatch
     assert lines["dagster daemon"].startswith("skip")
     assert lines["pipeline base dir"].startswith("FAIL") and f"{not_a_dir} is not a directory" in out
     assert lines["SIF cache"].startswith("ok")
-    assert lines["hpc backend"].startswith("FAIL") and "use local or slurm" in lines["hpc backend"]
+    assert lines["hpc backend"].startswith("FAIL") and "not on PATH" in lines["hpc backend"]
     assert lines["container runtime"].startswith("FAIL") and "install Apptainer" in lines["container runtime"]
     assert lines["code location"].startswith("skip")
     assert out.splitlines()[-1] == "5 check(s) failed"

@@ -27,7 +27,8 @@ class OpsDbResource(dg.ConfigurableResource):
 
 
 class HpcBackendResource(dg.ConfigurableResource):
-    """Where jobs run: ``local`` (subprocesses on this host) or ``slurm`` (sbatch on a cluster)."""
+    """Where jobs run: ``local`` (subprocesses on this host), ``slurm`` (sbatch on a cluster) or ``kubernetes``
+    (a Job per attempt; its ``K8S_*`` settings are read from the environment)."""
 
     kind: str = "local"
     state_dir: str = ""
@@ -43,9 +44,13 @@ class HpcBackendResource(dg.ConfigurableResource):
             from ccat_dagster.execution.hpc.slurm import SlurmBackend
 
             return SlurmBackend(partition=self.slurm_partition or None)
+        if self.kind == "kubernetes":
+            from ccat_dagster.execution.hpc.kubernetes import backend_from_settings
+
+            # Its settings (image, volumes, credentials) come from the environment, validated at start-up.
+            return backend_from_settings(Settings.from_env())
         raise dg.Failure(
-            f"HPC backend {self.kind!r} is not available in this deployment: use local or slurm "
-            "(kubernetes is configured through Dagster's own k8s run launcher)"
+            f"HPC backend {self.kind!r} is not available in this deployment: use local, slurm or kubernetes"
         )
 
 
