@@ -21,6 +21,7 @@ DATA_DIR_VAR = "CCAT_DAGSTER_DATA_DIR"
 HPC_BACKENDS = ("local", "slurm", "kubernetes")
 CONTAINER_RUNTIMES = ("apptainer", "bubblewrap")
 STAGERS = ("local", "external")
+IMAGE_CHANGE_POLICIES = ("refuse", "new_build")
 
 
 class SettingsError(CcatError, ValueError):
@@ -107,6 +108,7 @@ class Settings:
     sensor_interval_seconds: int
     watermark_overlap_seconds: int
     retention_days: int
+    image_change_policy: str
 
     @property
     def redacted_ops_db_url(self) -> str:
@@ -134,6 +136,7 @@ class Settings:
             "SENSOR_INTERVAL_SECONDS": "30",
             "WATERMARK_OVERLAP_SECONDS": "300",
             "RETENTION_DAYS": "30",
+            "IMAGE_CHANGE_POLICY": "refuse",
         }
         parsers: dict[str, Callable[[str, str], Any]] = {
             "HPC_BACKEND": _choice(HPC_BACKENDS),
@@ -153,6 +156,7 @@ class Settings:
             "SENSOR_INTERVAL_SECONDS": _int(1),
             "WATERMARK_OVERLAP_SECONDS": _int(0),
             "RETENTION_DAYS": _int(0),
+            "IMAGE_CHANGE_POLICY": _choice(IMAGE_CHANGE_POLICIES),
         }
         values: dict[str, Any] = {"data_dir": data_dir}
         for key, parse in parsers.items():
@@ -196,4 +200,12 @@ def variable_reference() -> list[tuple[str, str, str]]:
         (PREFIX + "SENSOR_INTERVAL_SECONDS", "30", "least seconds between two ticks of a pipeline's sensor, ≥ 1"),
         (PREFIX + "WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark, ≥ 0"),
         (PREFIX + "RETENTION_DAYS", "30", "days before consumed intermediates may be deleted, ≥ 0"),
+        (PREFIX + "IMAGE_CHANGE_POLICY", "refuse", "refuse, new_build: what a changed image under the same version does"),
     ]
+
+
+def image_change_policy(environ: Mapping[str, str] | None = None) -> str:
+    """``IMAGE_CHANGE_POLICY`` alone, for the run worker's image check (it needs no other setting)."""
+    env = os.environ if environ is None else environ
+    name = PREFIX + "IMAGE_CHANGE_POLICY"
+    return _choice(IMAGE_CHANGE_POLICIES)(name, env.get(name, "refuse"))

@@ -43,7 +43,7 @@ from ccat_dagster.errors import CcatError
 from ccat_dagster.execution import contract
 from ccat_dagster.execution.discovery import discover_products
 from ccat_dagster.execution.hpc.base import HpcBackend, JobInfo, JobResources, JobSpec, JobState, UnknownJobError
-from ccat_dagster.execution.images import resolve_image
+from ccat_dagster.execution.images import BuildCheck, resolve_image
 from ccat_dagster.execution.planning import Planner, Readiness, SubGroupPlan, load_pipeline
 from ccat_dagster.execution.registration import (
     record_input_lineage,
@@ -544,6 +544,7 @@ class StepRunner:
             image_digest=step.image_digest,
             sif_cache_dir=self.config.sif_cache_dir,
             runtime_name=self.runtime.name,
+            check=BuildCheck(self.engine, step.software_name, step.software_version, attempt_id=item.attempt_id),
         )
         manifest = contract.build_manifest(
             layout=item.layout,
