@@ -119,6 +119,7 @@ _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.grouping.cli", fromlis
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.pipelines.cli", fromlist=["_"]).register(c))
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.provenance.cli", fromlist=["_"]).register(c))
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.doctor", fromlist=["_"]).register(c))
+_EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.provenance.reproduce", fromlist=["_"]).register(c))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
