@@ -129,7 +129,25 @@ def test_reproduce_the_map_cube_on_the_local_backend_is_identical(world, tmp_pat
     assert set(paths.values()) == {"identical"}
     assert report["image_digest"].startswith("sha256:")
     assert _registered_state(world) == before, "registered products and their copies are untouched"
-    assert (tmp_path / "scratch" / "pipelines" / PIPELINE / "all" / "output" / cube.relative_path).is_file()
+    reproduced = tmp_path / "scratch" / "pipelines" / PIPELINE / "all" / "output" / cube.relative_path
+    # The example software's reproducibility notes: a verifiable CHECKSUM/DATASUM, DATE-OBS from the scan, TELESCOP.
+    header = subprocess.run(
+        [
+            "/usr/bin/python3",
+            "-W",
+            "error",
+            "-c",
+            "import sys; from astropy.io import fits\n"
+            "with fits.open(sys.argv[1], checksum=True) as f:\n"
+            "    h = f[0].header; print(h['TELESCOP'], h['DATE-OBS'], h['CHECKSUM'], h['DATASUM'])",
+            str(reproduced),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert header[0] == "FYST" and header[1].startswith("20") and "+" not in header[1]
+    assert len(header[2]) == 16 and header[3].isdigit()
 
 
 @pytest.mark.slurm

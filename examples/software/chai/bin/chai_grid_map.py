@@ -63,6 +63,7 @@ from chai_spectral import (  # noqa: E402
 )
 
 PROGRAM = "chai_grid_map"
+TELESCOPE = "FYST"
 CONFIG_KEYS = ("pixel_arcsec", "max_rms_k", "line_window_kms", "line_center_kms")
 # A cube beyond this many voxels means a pixel size far below the sampling, not a real map.
 MAX_CUBE_VOXELS = 200_000_000
@@ -184,11 +185,32 @@ def fits_bytes(*, data: np.ndarray, wcs: WCS, bunit: str, first: dict[str, Any],
     header["LINE"] = str(first.get("line", ""))
     header["INSTRUME"] = str(first.get("instrument_module", ""))
     header["ORIGIN"] = f"{PROGRAM} {SOFTWARE_VERSION}"
+    header["TELESCOP"] = (TELESCOPE, "Fred Young Submillimeter Telescope")
+    # The scan's start, never the time of the reduction: the same inputs must give the same bytes.
+    obs_start = str(first.get("obs_start", ""))
+    if obs_start:
+        header["DATE-OBS"] = (_fits_date(obs_start), "start of the first scan (UTC)")
     for line in history:
         header.add_history(line)
+    hdu = fits.PrimaryHDU(data=data.astype(np.float32), header=header)
+    # CHECKSUM/DATASUM with a fixed comment: astropy's default comment is the time of writing.
+    hdu.add_checksum(when="HDU checksum (FITS checksum convention)")
     buffer = io.BytesIO()
-    fits.PrimaryHDU(data=data.astype(np.float32), header=header).writeto(buffer)
+    hdu.writeto(buffer, checksum=False)
     return buffer.getvalue()
+
+
+def _fits_date(value: str) -> str:
+    """ISO 8601 with an offset (scan.json) as FITS's DATE-OBS: UTC, no offset."""
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise DataFormatError(f"obs_start {value!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment.isoformat(timespec="seconds")
 
 
 def mom0_png(*, mom0: np.ndarray, grid: GriddedMap, title: str) -> bytes:
