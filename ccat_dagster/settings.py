@@ -200,7 +200,7 @@ def variable_reference() -> list[tuple[str, str, str]]:
         (PREFIX + "SENSOR_INTERVAL_SECONDS", "30", "least seconds between two ticks of a pipeline's sensor, ≥ 1"),
         (PREFIX + "WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark, ≥ 0"),
         (PREFIX + "RETENTION_DAYS", "30", "days before consumed intermediates may be deleted, ≥ 0"),
-        (PREFIX + "IMAGE_CHANGE_POLICY", "refuse", "refuse, new_build: what a changed image under the same version does"),
+        (PREFIX + "IMAGE_CHANGE_POLICY", "refuse", "refuse, new_build: what a changed image under one version does"),
     ]
 
 

@@ -202,14 +202,14 @@ def fits_bytes(*, data: np.ndarray, wcs: WCS, bunit: str, first: dict[str, Any],
 
 def _fits_date(value: str) -> str:
     """ISO 8601 with an offset (scan.json) as FITS's DATE-OBS: UTC, no offset."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise DataFormatError(f"obs_start {value!r} is not an ISO 8601 time") from None
     if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
     return moment.isoformat(timespec="seconds")
 
 
