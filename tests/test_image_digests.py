@@ -169,6 +169,25 @@ def test_sif_digest_is_the_sha256_of_the_file(tmp_path: Path) -> None:
     assert images.image_digest_of(resolved, image_ref=str(sif)) == expected
 
 
+def test_sif_digest_is_cached_until_the_file_changes(tmp_path: Path, monkeypatch) -> None:
+    sif = tmp_path / "chai.sif"
+    sif.write_bytes(b"A" * 4096)
+    hashed: list[Path] = []
+    real = images._sha256_of
+    monkeypatch.setattr(images, "_sha256_of", lambda path: hashed.append(Path(path)) or real(path))
+    cache = tmp_path / "cache"
+
+    def later() -> float:
+        return time.time() + 60
+
+    first = images.sif_digest(sif, cache_dir=cache, now=later)
+    assert images.sif_digest(sif, cache_dir=cache, now=later) == first and len(hashed) == 1
+    time.sleep(0.05)
+    sif.write_bytes(b"B" * 4096)
+    assert images.sif_digest(sif, cache_dir=cache, now=later) == "sha256:" + hashlib.sha256(b"B" * 4096).hexdigest()
+    assert len(hashed) == 2
+
+
 @pytest.mark.parametrize(
     ("image_ref", "registry", "repository", "tag", "digest"),
     [

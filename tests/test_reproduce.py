@@ -284,6 +284,18 @@ def test_a_missing_image_and_a_bad_workdir_are_clear_errors(world, tmp_path) -> 
     with pytest.raises(ReproduceError, match="data product 999999 does not exist"):
         reproduce_product(**{**common, "product_id": 999999}, workdir=tmp_path / "a")
 
+    calibrated = _product(world, "calibrate", ".cal.json")
+    with Session(world.engine) as session, session.begin():
+        (package,) = session.get(m.ExecutedReductionStep, calibrated.executed_reduction_step_id).input_packages
+        package_id, checksum = package.id, package.checksum
+        package.checksum = "0" * 64  # a new data version of the scan since the attempt ran
+    try:
+        with pytest.raises(ReproduceError, match="no longer give its input fingerprint"):
+            reproduce_product(**{**common, "product_id": calibrated.id}, workdir=tmp_path / "c")
+    finally:
+        with Session(world.engine) as session, session.begin():
+            session.get(m.RawDataPackage, package_id).checksum = checksum
+
     with Session(world.engine) as session, session.begin():
         attempt = session.get(m.ExecutedReductionStep, cube.executed_reduction_step_id)
         version = attempt.software_version

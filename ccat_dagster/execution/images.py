@@ -315,9 +315,21 @@ def _sha256_of(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------- digests
 
 
-def sif_digest(path: Path) -> str:
-    """``sha256:<hex>`` of a SIF file's bytes."""
-    return "sha256:" + _sha256_of(Path(path))
+def sif_digest(path: Path, *, cache_dir: Path | None = None, now: Callable[[], float] = time.time) -> str:
+    """``sha256:<hex>`` of a SIF file's bytes; with ``cache_dir``, cached by (mtime, ctime, size, inode) as a tree's
+    files are, so a multi-gigabyte image is read once, not before every submit."""
+    path = Path(path)
+    started = now()
+    info = os.stat(path)
+    key = [info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino]
+    cache_file = _tree_cache_file(path, cache_dir) if cache_dir is not None else None
+    cached = _load_tree_cache(cache_file).get(".") if cache_file is not None else None
+    if cached is not None and cached[:4] == key:
+        return "sha256:" + str(cached[4])
+    file_hash = _sha256_of(path)
+    if cache_file is not None and max(info.st_mtime_ns, info.st_ctime_ns) / 1e9 < started - _RACY_SECONDS:
+        _store_tree_cache(cache_file, {".": [*key, file_hash]})
+    return "sha256:" + file_hash
 
 
 def image_digest_of(image: ResolvedImage, *, image_ref: str, cache_dir: Path | None = None) -> str:
@@ -328,7 +340,7 @@ def image_digest_of(image: ResolvedImage, *, image_ref: str, cache_dir: Path | N
     if image_ref.startswith(REMOTE_SCHEMES):
         return oci_reference_digest(image_ref, declared=image.digest)
     if image.kind is ImageKind.SIF:
-        return sif_digest(image.path)
+        return sif_digest(image.path, cache_dir=cache_dir)
     return tree_digest(image.path, cache_dir=cache_dir)
 
 

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, selectinload
 from ccat_dagster.errors import CcatError
 from ccat_dagster.execution import contract
 from ccat_dagster.execution.discovery import discover_products
+from ccat_dagster.execution.fingerprint import config_sha256, input_fingerprint
 from ccat_dagster.execution.hpc.base import HpcBackend, JobResources, JobSpec
 from ccat_dagster.execution.images import image_digest_of, resolve_image
 from ccat_dagster.execution.runtimes import ContainerInvocation, ContainerRuntime
@@ -128,6 +129,8 @@ class _Recorded:
     files: dict[int, dict[str, tuple[int, str]]]
     upstream: list[contract.UpstreamProduct]
     products: dict[str, tuple[int, str]]
+    input_fingerprint: str
+    current_fingerprint: str
 
 
 def reproduce_product(
@@ -155,6 +158,12 @@ def reproduce_product(
     with Session(engine) as session:
         recorded = _read_attempt(session, product_id)
     notes: list[str] = []
+    if recorded.current_fingerprint != recorded.input_fingerprint:
+        raise ReproduceError(
+            f"attempt {recorded.attempt_id}'s recorded inputs no longer give its input fingerprint "
+            f"{recorded.input_fingerprint[:12]}…: a package checksum or the software version's image digest changed "
+            "since (a new data version or image build); reproduce a product of the current inputs instead"
+        )
 
     image = resolve_image(
         image_ref=recorded.software.image_ref,
@@ -389,6 +398,14 @@ def _read_attempt(session: Session, product_id: int) -> _Recorded:
         files={p.id: {str(f.id): (f.size_bytes, f.checksum) for f in p.files} for p in attempt.input_packages},
         upstream=upstream,
         products={p.relative_path: (p.size_bytes, p.sha256) for p in attempt.products},
+        input_fingerprint=attempt.input_fingerprint,
+        current_fingerprint=input_fingerprint(
+            packages=[] if step.depends_on else [(p.id, p.checksum) for p in attempt.input_packages],
+            upstream_products=[(p.id, p.sha256) for p in attempt.input_products],
+            software_version=f"{version.software.name}=={version.version}",
+            image_digest=version.image_digest,
+            config_sha=attempt.config.parameters_sha256 or config_sha256(attempt.config.parameters),
+        ),
     )
 
 
