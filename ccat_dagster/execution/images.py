@@ -360,8 +360,9 @@ def tree_digest(root: Path, *, cache_dir: Path | None = None, now: Callable[[], 
     cached = _load_tree_cache(cache_file) if cache_file is not None else {}
     fresh: dict[str, list[object]] = {}
     digest = hashlib.sha256(TREE_DIGEST_FORMAT.encode() + b"\n")
+    racy_ns = (started - _RACY_SECONDS) * 1e9
     for relative, info in _walk_tree(root):
-        name = os.fsdecode(relative)
+        name = relative.decode("utf-8", "surrogateescape")  # os.fsdecode's rule, without its per-call checks
         mode = stat.S_IMODE(info.st_mode)
         if stat.S_ISDIR(info.st_mode):
             kind, content = b"d", b""
@@ -374,7 +375,7 @@ def tree_digest(root: Path, *, cache_dir: Path | None = None, now: Callable[[], 
                 file_hash = str(entry[4])
             else:
                 file_hash = _sha256_of(root / name)
-            if info.st_mtime_ns / 1e9 < started - _RACY_SECONDS and info.st_ctime_ns / 1e9 < started - _RACY_SECONDS:
+            if info.st_mtime_ns < racy_ns and info.st_ctime_ns < racy_ns:
                 fresh[name] = [*key, file_hash]
             kind, content = b"f", file_hash.encode()
         else:
@@ -388,20 +389,21 @@ def tree_digest(root: Path, *, cache_dir: Path | None = None, now: Callable[[], 
 def _walk_tree(root: Path) -> list[tuple[bytes, os.stat_result]]:
     """(relative path as bytes, lstat) of every entry under ``root``, sorted by path bytes."""
     found: list[tuple[bytes, os.stat_result]] = []
-    pending = [b""]
     base = os.fsencode(root)
+    cut = len(base) + 1
+    skipped = {os.fsencode(name) for name in TREE_DIGEST_SKIPPED_DIRS}
+    pending = [base]
     while pending:
-        prefix = pending.pop()
-        with os.scandir(os.path.join(base, prefix) if prefix else base) as entries:
+        with os.scandir(pending.pop()) as entries:
             for entry in entries:
-                relative = os.path.join(prefix, entry.name) if prefix else entry.name
                 info = entry.stat(follow_symlinks=False)
                 if stat.S_ISDIR(info.st_mode):
-                    if os.fsdecode(entry.name) in TREE_DIGEST_SKIPPED_DIRS:
+                    if entry.name in skipped:
                         continue
-                    pending.append(relative)
-                found.append((relative, info))
-    return sorted(found, key=lambda item: item[0])
+                    pending.append(entry.path)
+                found.append((entry.path[cut:], info))
+    found.sort(key=lambda item: item[0])
+    return found
 
 
 def _tree_cache_file(root: Path, cache_dir: Path) -> Path:
