@@ -128,6 +128,7 @@ def test_reproduce_the_map_cube_on_the_local_backend_is_identical(world, tmp_pat
     assert cube.relative_path in paths and len(paths) == 6, "every product of the attempt is compared"
     assert set(paths.values()) == {"identical"}
     assert report["image_digest"].startswith("sha256:")
+    assert report["notes"] == [], "the rebuilt manifest equals the attempt's own, key for key"
     assert _registered_state(world) == before, "registered products and their copies are untouched"
     reproduced = tmp_path / "scratch" / "pipelines" / PIPELINE / "all" / "output" / cube.relative_path
     # The example software's reproducibility notes: a verifiable CHECKSUM/DATASUM, DATE-OBS from the scan, TELESCOP.

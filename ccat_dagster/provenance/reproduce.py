@@ -131,6 +131,7 @@ class _Recorded:
     products: dict[str, tuple[int, str]]
     input_fingerprint: str
     current_fingerprint: str
+    attempt_dir: str | None
 
 
 def reproduce_product(
@@ -226,6 +227,7 @@ def reproduce_product(
         upstream_products=upstream,
     )
     contract.write_manifest(layout=layout, manifest=manifest)
+    notes.extend(_manifest_differences(recorded, manifest))
     mounts = contract.build_mounts(
         layout=layout,
         input_packages=[(staged[p].package_name, staged[p].host_dir) for p in recorded.package_ids],
@@ -399,6 +401,7 @@ def _read_attempt(session: Session, product_id: int) -> _Recorded:
         upstream=upstream,
         products={p.relative_path: (p.size_bytes, p.sha256) for p in attempt.products},
         input_fingerprint=attempt.input_fingerprint,
+        attempt_dir=attempt.attempt_dir,
         current_fingerprint=input_fingerprint(
             packages=[] if step.depends_on else [(p.id, p.checksum) for p in attempt.input_packages],
             upstream_products=[(p.id, p.sha256) for p in attempt.input_products],
@@ -407,6 +410,25 @@ def _read_attempt(session: Session, product_id: int) -> _Recorded:
             config_sha=attempt.config.parameters_sha256 or config_sha256(attempt.config.parameters),
         ),
     )
+
+
+def _manifest_differences(recorded: _Recorded, manifest: dict[str, Any]) -> list[str]:
+    """A note naming the manifest keys that differ from the attempt's own manifest, when that file is still there.
+
+    Both list container paths only, so a faithful re-execution has an identical manifest.
+    """
+    if not recorded.attempt_dir:
+        return ["the attempt recorded no directory; its manifest cannot be compared"]
+    original_path = Path(recorded.attempt_dir) / "config" / contract.MANIFEST_NAME
+    try:
+        original = json.loads(original_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [f"the attempt's manifest {original_path} is gone or unreadable; it cannot be compared"]
+    rebuilt = json.loads(json.dumps(manifest))
+    differing = sorted(k for k in set(original) | set(rebuilt) if original.get(k) != rebuilt.get(k))
+    if not differing:
+        return []
+    return [f"the rebuilt manifest differs from the attempt's ({original_path}) in: {', '.join(differing)}"]
 
 
 def _inputs(recorded: _Recorded, staged: dict[int, Any]) -> list[contract.InputFile]:
