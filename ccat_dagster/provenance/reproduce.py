@@ -192,7 +192,8 @@ def reproduce_product(
         pipeline=recorded.pipeline,
         sub_group_key=recorded.sub_group_key,
         step=recorded.step,
-        attempt_id=f"reproduce-{recorded.attempt_id}",
+        # The attempt's own id: the manifest lists it, and the scratch base directory keeps it apart.
+        attempt_id=str(recorded.attempt_id),
         is_final=recorded.is_final,
     )
     layout.create()
