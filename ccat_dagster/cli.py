@@ -120,6 +120,7 @@ _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.pipelines.cli", fromli
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.provenance.cli", fromlist=["_"]).register(c))
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.doctor", fromlist=["_"]).register(c))
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.execution.cli", fromlist=["_"]).register(c))
+_EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.provenance.reproduce", fromlist=["_"]).register(c))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

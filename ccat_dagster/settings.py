@@ -21,6 +21,7 @@ DATA_DIR_VAR = "CCAT_DAGSTER_DATA_DIR"
 HPC_BACKENDS = ("local", "slurm", "kubernetes")
 CONTAINER_RUNTIMES = ("apptainer", "bubblewrap")
 STAGERS = ("local", "external")
+IMAGE_CHANGE_POLICIES = ("refuse", "new_build")
 
 
 class SettingsError(CcatError, ValueError):
@@ -146,6 +147,7 @@ class Settings:
     max_time_hours: int
     max_products_per_attempt: int
     kubernetes: KubernetesSettings
+    image_change_policy: str
 
     @property
     def redacted_ops_db_url(self) -> str:
@@ -173,6 +175,7 @@ class Settings:
             "SENSOR_INTERVAL_SECONDS": "30",
             "WATERMARK_OVERLAP_SECONDS": "300",
             "RETENTION_DAYS": "30",
+            "IMAGE_CHANGE_POLICY": "refuse",
         }
         parsers: dict[str, Callable[[str, str], Any]] = {
             "HPC_BACKEND": _choice(HPC_BACKENDS),
@@ -192,6 +195,7 @@ class Settings:
             "SENSOR_INTERVAL_SECONDS": _int(1),
             "WATERMARK_OVERLAP_SECONDS": _int(0),
             "RETENTION_DAYS": _int(0),
+            "IMAGE_CHANGE_POLICY": _choice(IMAGE_CHANGE_POLICIES),
         }
         defaults.update({key: default for key, (default, _, _) in RUNNER_SETTINGS.items()})
         parsers.update({key: parse for key, (_, parse, _) in RUNNER_SETTINGS.items()})
@@ -243,6 +247,7 @@ def variable_reference() -> list[tuple[str, str, str]]:
         (PREFIX + "SENSOR_INTERVAL_SECONDS", "30", "least seconds between two ticks of a pipeline's sensor, ≥ 1"),
         (PREFIX + "WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark, ≥ 0"),
         (PREFIX + "RETENTION_DAYS", "30", "days before consumed intermediates may be deleted, ≥ 0"),
+        (PREFIX + "IMAGE_CHANGE_POLICY", "refuse", "refuse, new_build: what a changed image under one version does"),
     ] + [(PREFIX + key, default, allowed) for key, (default, _, allowed) in RUNNER_SETTINGS.items()
     ] + kubernetes_variable_reference()
 
@@ -377,3 +382,10 @@ class KubernetesSettings:
 
 def kubernetes_variable_reference() -> list[tuple[str, str, str]]:
     return [(PREFIX + key, default or "(empty)", allowed) for key, (default, allowed) in _K8S_VARIABLES.items()]
+
+
+def image_change_policy(environ: Mapping[str, str] | None = None) -> str:
+    """``IMAGE_CHANGE_POLICY`` alone, for the run worker's image check (it needs no other setting)."""
+    env = os.environ if environ is None else environ
+    name = PREFIX + "IMAGE_CHANGE_POLICY"
+    return _choice(IMAGE_CHANGE_POLICIES)(name, env.get(name, "refuse"))

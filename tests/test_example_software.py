@@ -458,13 +458,18 @@ def test_cube_has_the_gridded_shape_and_an_offset_wcs(chain: ChainResult) -> Non
     # x from -20 to 20 arcsec and y from -10 to 20 arcsec in 10 arcsec pixels: 5 x 4 pixels, all covered.
     assert cube["shape"] == [512, 4, 5]
     assert cube["bunit"] == "K"
-    assert cube["ctype"] == ["RA-OFFS", "DEC-OFFS", "FREQ"]
+    assert cube["ctype"] == ["RA---SIN", "DEC--SIN", "FREQ"]
     assert cube["n_finite"] == cube["size"]
     assert mom0["shape"] == [4, 5]
     assert mom0["bunit"] == "K km/s"
-    # Both maps peak at the source's offset.
-    assert mom0["argmax_world"] == pytest.approx(list(SOURCE_OFFSET_ARCSEC))
-    assert cube["argmax_world"][:2] == pytest.approx(list(SOURCE_OFFSET_ARCSEC))
+    # Both maps peak at the source: the scan position (make_fake_scan's default, NGC 253) plus its offset.
+    ra0, dec0 = 11.888002, -25.288220
+    expected = [
+        ra0 + SOURCE_OFFSET_ARCSEC[0] / 3600.0 / math.cos(math.radians(dec0)),
+        dec0 + SOURCE_OFFSET_ARCSEC[1] / 3600.0,
+    ]
+    assert mom0["argmax_world"] == pytest.approx(expected, abs=1e-6)
+    assert cube["argmax_world"][:2] == pytest.approx(expected, abs=1e-6)
 
 
 def test_line_peak_is_found_at_the_expected_channel(chain: ChainResult) -> None:

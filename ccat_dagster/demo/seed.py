@@ -70,6 +70,8 @@ SOURCES = [
     ("Jupiter", SourceKind.SOLAR_SYSTEM),
     ("E-COSMOS", SourceKind.CONSTANT_ELEVATION),
 ]
+# ICRS positions (degrees) of the fixed sources, written into CHAI scan headers so maps get celestial axes.
+SOURCE_POSITIONS_DEG = {"NGC253": (11.888002, -25.288220), "Orion-KL": (83.809333, -5.372500)}
 PROGRAMS = [("GEco", "Galactic Ecology"), ("Cal", "Calibration"), ("EoR", "Epoch of Reionization")]
 INSTRUMENTS = {"CHAI": ["LFA", "HFA"], "Prime-Cam": ["PCAM280"]}
 
@@ -257,6 +259,8 @@ def _chai_files(
         "offsets_arcsec": offsets,
         "obs_start": start.isoformat(),
     }
+    if source in SOURCE_POSITIONS_DEG:
+        header["ra_deg"], header["dec_deg"] = SOURCE_POSITIONS_DEG[source]
     return {
         "scan.json": json.dumps(header, indent=2, sort_keys=True).encode(),
         "sky.f32": _f32(sky),

@@ -6,6 +6,16 @@
 * A remote reference (``docker://``, ``oras://``, ``library://``, ``https://``) is pulled once with
   ``apptainer pull`` into ``SIF_CACHE_DIR/sha256-<hex>.sif`` and reused from there. The digest is the cache
   key, so remote references need one.
+
+Every kind of image has a digest (``image_digest``): the sha256 of a SIF file; a tree hash of a sandbox or
+software directory (``tree_digest``: paths, modes, file contents and symlink targets, never following a link,
+with a per-file cache keyed by (path, mtime, ctime, size, inode) so an unchanged tree is only stat'ed); and the
+registry digest of a remote OCI reference (``oci_reference_digest``: the ``@sha256:`` it pins, else the
+declared ``image_digest``). Given a ``BuildCheck``, ``resolve_image`` records that digest for the software
+version the first time it is used (``ReductionSoftwareBuild`` build 1) and refuses a different one later,
+naming the version, both digests and the fix; under ``IMAGE_CHANGE_POLICY=new_build`` a change is registered
+as the next build and becomes the version's ``image_digest`` (so it enters every input fingerprint), and the
+attempt planned with the old build is not run.
 """
 
 from __future__ import annotations
@@ -13,20 +23,40 @@ from __future__ import annotations
 import enum
 import fcntl
 import hashlib
+import json
+import logging
 import os
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
 from ccat_dagster.execution.contract import ContainerContractError, normalise_sha256
+from ccat_dagster.opsdb import models as m
+from ccat_dagster.opsdb.engine import session_scope
+from ccat_dagster.settings import image_change_policy
 
 RUNTIME_NAMES = ("apptainer", "bubblewrap")
 REMOTE_SCHEMES = ("docker://", "oras://", "library://", "https://")
 _PULL_TIMEOUT_SECONDS = 3600
 _HASH_CHUNK_BYTES = 1 << 20
+
+# Python's bytecode caches are derived from the sources next to them and written by whoever runs the software
+# natively; hashing them would make running the software change its digest.
+TREE_DIGEST_SKIPPED_DIRS = frozenset({"__pycache__"})
+TREE_DIGEST_FORMAT = "ccat-tree-1"
+# A file modified less than this long before it was hashed is not cached: its mtime may not yet tell a second
+# write in the same clock tick apart (git's "racy" entries).
+_RACY_SECONDS = 2.0
+log = logging.getLogger(__name__)
 
 PullFunction = Callable[[str, Path], None]
 """``pull(image_ref, destination)`` writes the image as a SIF file at ``destination`` (not yet existing)."""
@@ -91,6 +121,34 @@ def apptainer_pull(image_ref: str, destination: Path, *, apptainer: str = "appta
         raise ImagePullError(f"'{' '.join(command)}' failed with exit code {result.returncode}: {tail}")
 
 
+class ImageChangedError(ImageError):
+    """The image of a software version is not the one recorded for that version (refused before a submit)."""
+
+
+class ImageRebuiltError(ImageChangedError):
+    """A changed image was registered as a new build; the attempt planned with the old build is not run."""
+
+
+class ImageChangePolicy(enum.StrEnum):
+    REFUSE = "refuse"
+    NEW_BUILD = "new_build"
+
+
+@dataclass(frozen=True)
+class BuildCheck:
+    """What ``resolve_image`` needs to record and check the digest of one software version's image.
+
+    ``policy`` None reads ``CCAT_WORKFLOW_MANAGER_IMAGE_CHANGE_POLICY``. ``attempt_id``, when given, gets the
+    checked digest in ``ExecutedReductionStep.image_digest``.
+    """
+
+    engine: Engine
+    software: str
+    version: str
+    attempt_id: int | None = None
+    policy: ImageChangePolicy | None = None
+
+
 def resolve_image(
     *,
     image_ref: str,
@@ -99,11 +157,38 @@ def resolve_image(
     runtime_name: str,
     pull: PullFunction | None = None,
     base_dir: Path | None = None,
+    check: BuildCheck | None = None,
 ) -> ResolvedImage:
     """Resolve ``image_ref`` for ``runtime_name``; pulls a remote image at most once per digest.
 
-    Relative local paths are resolved against ``base_dir``. ``pull`` defaults to ``apptainer_pull``.
+    Relative local paths are resolved against ``base_dir``. ``pull`` defaults to ``apptainer_pull``. With
+    ``check``, the image's digest is computed and checked against the version's recorded build (see the module
+    docstring); the returned ``digest`` is then always set.
     """
+    resolved = _resolve(
+        image_ref=image_ref,
+        image_digest=image_digest,
+        sif_cache_dir=sif_cache_dir,
+        runtime_name=runtime_name,
+        pull=pull,
+        base_dir=base_dir,
+    )
+    if check is None:
+        return resolved
+    digest = image_digest_of(resolved, image_ref=image_ref, cache_dir=Path(sif_cache_dir) / ".tree-digests")
+    check_build(check, image=ResolvedImage(path=resolved.path, digest=digest, kind=resolved.kind))
+    return ResolvedImage(path=resolved.path, digest=digest, kind=resolved.kind)
+
+
+def _resolve(
+    *,
+    image_ref: str,
+    image_digest: str | None,
+    sif_cache_dir: Path,
+    runtime_name: str,
+    pull: PullFunction | None,
+    base_dir: Path | None,
+) -> ResolvedImage:
     if runtime_name not in RUNTIME_NAMES:
         raise ImageError(f"container runtime {runtime_name!r} is unknown; allowed: {', '.join(RUNTIME_NAMES)}")
     if not isinstance(image_ref, str) or not image_ref.strip():
@@ -192,7 +277,7 @@ def _resolve_remote(
         scratch = Path(tempfile.mkdtemp(dir=sif_cache_dir, prefix=f".{target.stem}.pull-"))
         try:
             pulled = scratch / "image.sif"
-            pull(image_ref, pulled)
+            pull(_pull_reference(image_ref, digest), pulled)
             if not pulled.is_file() or pulled.stat().st_size == 0:
                 raise ImagePullError(f"pulling {image_ref} produced no image file at {pulled}")
             if image_ref.startswith("https://"):
@@ -209,9 +294,314 @@ def _resolve_remote(
     return ResolvedImage(path=target, digest=digest, kind=ImageKind.SIF)
 
 
+def _pull_reference(image_ref: str, digest: str) -> str:
+    """What to pull: an OCI reference by its digest (a tag can have moved since the digest was recorded)."""
+    if image_ref.startswith(("docker://", "oras://")):
+        reference = parse_oci_reference(image_ref)
+        scheme = image_ref.partition("://")[0]
+        return f"{scheme}://{reference.registry}/{reference.repository}@{digest}"
+    return image_ref
+
+
 def _sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    # O_NOFOLLOW: a file listed as regular is never read through a link swapped in since.
+    with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as handle:
         while chunk := handle.read(_HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- digests
+
+
+def sif_digest(path: Path, *, cache_dir: Path | None = None, now: Callable[[], float] = time.time) -> str:
+    """``sha256:<hex>`` of a SIF file's bytes; with ``cache_dir``, cached by (mtime, ctime, size, inode) as a tree's
+    files are, so a multi-gigabyte image is read once, not before every submit."""
+    path = Path(path)
+    started = now()
+    info = os.stat(path)
+    key = [info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino]
+    cache_file = _tree_cache_file(path, cache_dir) if cache_dir is not None else None
+    cached = _load_tree_cache(cache_file).get(".") if cache_file is not None else None
+    if cached is not None and cached[:4] == key:
+        return "sha256:" + str(cached[4])
+    file_hash = _sha256_of(path)
+    if cache_file is not None and max(info.st_mtime_ns, info.st_ctime_ns) / 1e9 < started - _RACY_SECONDS:
+        _store_tree_cache(cache_file, {".": [*key, file_hash]})
+    return "sha256:" + file_hash
+
+
+def image_digest_of(image: ResolvedImage, *, image_ref: str, cache_dir: Path | None = None) -> str:
+    """The digest of a resolved image: a SIF's sha256, a directory's tree digest, a remote image's registry digest.
+
+    A remote image resolves to its cached SIF, but what identifies it is the registry digest it was pulled by.
+    """
+    if image_ref.startswith(REMOTE_SCHEMES):
+        return oci_reference_digest(image_ref, declared=image.digest)
+    if image.kind is ImageKind.SIF:
+        return sif_digest(image.path, cache_dir=cache_dir)
+    return tree_digest(image.path, cache_dir=cache_dir)
+
+
+def tree_digest(root: Path, *, cache_dir: Path | None = None, now: Callable[[], float] = time.time) -> str:
+    """A deterministic ``sha256:<hex>`` over every entry under ``root`` (``root`` itself excluded).
+
+    Each entry contributes its kind (d, f, l, or o for special files), permission bits, its path relative to
+    ``root`` (bytes, length-prefixed, so no name can imitate another entry) and, for a file, the sha256 of its
+    contents, for a symlink its target as written (never followed). Entries are taken in byte order of their
+    paths, so the digest does not depend on the order the file system lists them in. Directories named
+    ``__pycache__`` are skipped. With ``cache_dir``, file hashes are cached per tree by (path, mtime, ctime,
+    size, inode): an unchanged tree costs one ``lstat`` per entry.
+    """
+    root = Path(root)
+    started = now()
+    cache_file = _tree_cache_file(root, cache_dir) if cache_dir is not None else None
+    cached = _load_tree_cache(cache_file) if cache_file is not None else {}
+    fresh: dict[str, list[object]] = {}
+    digest = hashlib.sha256(TREE_DIGEST_FORMAT.encode() + b"\n")
+    racy_ns = (started - _RACY_SECONDS) * 1e9
+    for relative, info in _walk_tree(root):
+        name = relative.decode("utf-8", "surrogateescape")  # os.fsdecode's rule, without its per-call checks
+        mode = stat.S_IMODE(info.st_mode)
+        if stat.S_ISDIR(info.st_mode):
+            kind, content = b"d", b""
+        elif stat.S_ISLNK(info.st_mode):
+            kind, content = b"l", os.fsencode(os.readlink(root / name))
+        elif stat.S_ISREG(info.st_mode):
+            key = [info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino]
+            entry = cached.get(name)
+            if entry is not None and entry[:4] == key:
+                file_hash = str(entry[4])
+            else:
+                file_hash = _sha256_of(root / name)
+            if info.st_mtime_ns < racy_ns and info.st_ctime_ns < racy_ns:
+                fresh[name] = [*key, file_hash]
+            kind, content = b"f", file_hash.encode()
+        else:
+            kind, content = b"o", b""
+        digest.update(b"%s %04o %d:%s %d:%s\n" % (kind, mode, len(relative), relative, len(content), content))
+    if cache_file is not None and fresh != cached:
+        _store_tree_cache(cache_file, fresh)
+    return "sha256:" + digest.hexdigest()
+
+
+def _walk_tree(root: Path) -> list[tuple[bytes, os.stat_result]]:
+    """(relative path as bytes, lstat) of every entry under ``root``, sorted by path bytes."""
+    found: list[tuple[bytes, os.stat_result]] = []
+    base = os.fsencode(root)
+    cut = len(base) + 1
+    skipped = {os.fsencode(name) for name in TREE_DIGEST_SKIPPED_DIRS}
+    pending = [base]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    if entry.name in skipped:
+                        continue
+                    pending.append(entry.path)
+                found.append((entry.path[cut:], info))
+    found.sort(key=lambda item: item[0])
+    return found
+
+
+def _tree_cache_file(root: Path, cache_dir: Path) -> Path:
+    return Path(cache_dir) / (hashlib.sha256(os.fsencode(os.path.abspath(root))).hexdigest()[:32] + ".json")
+
+
+def _load_tree_cache(path: Path) -> dict[str, list[object]]:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(document, dict) or document.get("format") != TREE_DIGEST_FORMAT:
+        return {}
+    files = document.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _store_tree_cache(path: Path, files: dict[str, list[object]]) -> None:
+    """Write the cache atomically; a cache that cannot be written only costs a re-hash next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(handle, "w") as out:
+            json.dump({"format": TREE_DIGEST_FORMAT, "files": files}, out)
+        os.replace(scratch, path)
+    except OSError as error:
+        log.warning("could not write the tree digest cache %s: %s", path, error)
+
+
+# Reference grammar of the OCI distribution spec: [registry/]repository[:tag][@algorithm:hex].
+_OCI_REFERENCE = re.compile(
+    r"^(?P<name>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+
+
+@dataclass(frozen=True)
+class OciReference:
+    """A parsed ``docker://`` / ``oras://`` reference, normalised as the distribution spec does."""
+
+    registry: str
+    repository: str
+    tag: str | None
+    digest: str | None
+
+    @property
+    def pinned(self) -> str:
+        """The reference by digest (``registry/repository@sha256:…``): what a pull must use to get this image."""
+        if self.digest is None:
+            raise ImageError(f"{self.registry}/{self.repository}:{self.tag} pins no digest")
+        return f"{self.registry}/{self.repository}@{self.digest}"
+
+
+def parse_oci_reference(image_ref: str) -> OciReference:
+    """Split ``docker://[registry/]repository[:tag][@sha256:…]`` (or ``oras://``); Docker Hub names normalised."""
+    scheme, sep, rest = image_ref.partition("://")
+    if not sep or scheme not in ("docker", "oras"):
+        raise ImageError(f"{image_ref!r} is not an OCI reference; expected docker://… or oras://…")
+    match = _OCI_REFERENCE.match(rest)
+    if match is None:
+        raise ImageError(
+            f"{image_ref!r} is not a valid OCI reference; expected [registry/]repository[:tag][@sha256:<64 hex>] "
+            "in lower case"
+        )
+    name, tag, digest = match.group("name"), match.group("tag"), match.group("digest")
+    first, slash, remainder = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        registry, repository = first, remainder
+    else:
+        registry, repository = "docker.io", name
+        if "/" not in repository:
+            repository = "library/" + repository
+    if registry == "index.docker.io":
+        registry = "docker.io"
+    return OciReference(
+        registry=registry, repository=repository, tag=tag or (None if digest else "latest"), digest=digest
+    )
+
+
+def oci_manifest_digest(manifest: bytes) -> str:
+    """The digest a registry gives a manifest: sha256 over its exact bytes (OCI image spec, descriptors)."""
+    return "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
+def oci_reference_digest(image_ref: str, *, declared: str | None) -> str:
+    """The registry digest of a remote image: the one the reference pins, else the declared ``image_digest``.
+
+    A tag alone names nothing fixed (it can be moved), so a remote image without either is refused; a pin that
+    disagrees with the declared digest is refused too.
+    """
+    pinned: str | None = None
+    if image_ref.startswith(("docker://", "oras://")):
+        pinned = parse_oci_reference(image_ref).digest
+    elif "@sha256:" in image_ref:
+        pinned = normalise_image_digest(image_ref.rpartition("@")[2])
+    declared_digest = None if declared is None else normalise_image_digest(declared)
+    if pinned is not None and declared_digest is not None and pinned != declared_digest:
+        raise ImageError(
+            f"image_ref {image_ref!r} pins {pinned} but image_digest is {declared_digest}; make them agree"
+        )
+    digest = pinned or declared_digest
+    if digest is None:
+        raise ImageError(
+            f"image_ref {image_ref!r} names no digest; pin it (…@sha256:<64 hex>) or set image_digest, the "
+            "registry digest shown by 'skopeo inspect' or 'crane digest'"
+        )
+    return digest
+
+
+# ---------------------------------------------------------------------------------------------- builds
+
+
+def check_build(check: BuildCheck, *, image: ResolvedImage) -> int:
+    """Record ``image.digest`` as the version's first build, or check it against the newest recorded build.
+
+    Returns the build number. Raises ``ImageChangedError`` (policy refuse: nothing written) or
+    ``ImageRebuiltError`` (policy new_build, after committing the change as the next build) when they differ.
+    One transaction with the version row locked, so two workers using a version for the first time at once
+    record one build.
+    """
+    if image.digest is None:
+        raise ImageError(f"image {image.path} has no digest to check")
+    policy = check.policy or ImageChangePolicy(image_change_policy())
+    label = f"{check.software} {check.version}"
+    rebuilt: ImageRebuiltError | None = None
+    with session_scope(check.engine) as session:
+        version = session.scalars(
+            select(m.ReductionSoftwareVersion)
+            .join(m.ReductionSoftware)
+            .where(m.ReductionSoftware.name == check.software, m.ReductionSoftwareVersion.version == check.version)
+            .with_for_update(of=m.ReductionSoftwareVersion)
+        ).one_or_none()
+        if version is None:
+            raise ImageError(f"software {label} is not registered in ops-db; apply the pipeline file that declares it")
+        latest = session.scalars(
+            select(m.ReductionSoftwareBuild)
+            .where(m.ReductionSoftwareBuild.reduction_software_version_id == version.id)
+            .order_by(m.ReductionSoftwareBuild.build.desc())
+            .limit(1)
+        ).one_or_none()
+        expected = latest.image_digest if latest is not None else version.image_digest
+        if expected is None or expected == image.digest:
+            number = latest.build if latest is not None else _add_build(session, version, 1, image)
+        else:
+            was = (
+                f"build {latest.build}, recorded {latest.recorded_at:%Y-%m-%d %H:%M} UTC"
+                if latest is not None
+                else "the image_digest declared for it"
+            )
+            if policy is ImageChangePolicy.REFUSE:
+                raise ImageChangedError(
+                    f"the image of software {label} ({image.path}) changed: it was {expected} ({was}), it is now "
+                    f"{image.digest}. A changed image needs a new version: give it one (e.g. bump the patch "
+                    "number) in the pipeline file and apply it, or restore the image; or set "
+                    "CCAT_WORKFLOW_MANAGER_IMAGE_CHANGE_POLICY=new_build to register it as a new build of "
+                    f"{check.version} (its sub-groups are then all planned again)"
+                )
+            number = _add_build(session, version, (latest.build if latest is not None else 0) + 1, image)
+            # The new digest enters every input fingerprint from now on: products of the new build are new products.
+            version.image_digest = image.digest
+            log.warning("software %s: image changed to %s, registered as build %s", label, image.digest, number)
+            rebuilt = ImageRebuiltError(
+                f"the image of software {label} ({image.path}) changed from {expected} ({was}) to {image.digest}; "
+                f"registered as build {number} (IMAGE_CHANGE_POLICY=new_build). This attempt was planned with "
+                "the earlier build and is not run; the next evaluation plans its sub-group again with the new "
+                "fingerprint"
+            )
+        if check.attempt_id is not None and rebuilt is None:
+            attempt = session.get(m.ExecutedReductionStep, check.attempt_id)
+            if attempt is not None:
+                attempt.image_digest = image.digest
+    if rebuilt is not None:
+        raise rebuilt  # after the commit: the attempt fails, the new build stays
+    return number
+
+
+def recorded_builds(engine: Engine, *, software: str, version: str) -> list[m.ReductionSoftwareBuild]:
+    """The builds of one software version, oldest first."""
+    with session_scope(engine) as session:
+        return list(
+            session.scalars(
+                select(m.ReductionSoftwareBuild)
+                .join(m.ReductionSoftwareVersion)
+                .join(m.ReductionSoftware)
+                .where(m.ReductionSoftware.name == software, m.ReductionSoftwareVersion.version == version)
+                .order_by(m.ReductionSoftwareBuild.build)
+            )
+        )
+
+
+def _add_build(session: Session, version: m.ReductionSoftwareVersion, number: int, image: ResolvedImage) -> int:
+    session.add(
+        m.ReductionSoftwareBuild(
+            reduction_software_version_id=version.id,
+            build=number,
+            image_digest=image.digest,
+            image_kind=image.kind.value,
+            image_path=str(image.path),
+        )
+    )
+    return number

@@ -23,7 +23,7 @@ from ccat_dagster.execution import contract
 from ccat_dagster.execution.attempts import AttemptRef
 from ccat_dagster.execution.discovery import DiscoveredProduct, discover_products
 from ccat_dagster.execution.hpc.base import JobResources, JobSpec
-from ccat_dagster.execution.images import resolve_image
+from ccat_dagster.execution.images import BuildCheck, resolve_image
 from ccat_dagster.execution.planning import SubGroupPlan
 from ccat_dagster.execution.runtimes import ContainerInvocation, ContainerRuntime
 from ccat_dagster.execution.staging import StagedPackage, Stager, require_present_products
@@ -220,6 +220,7 @@ class ContainerPreparation(AttemptPreparation):
             image_digest=step.image_digest,
             sif_cache_dir=self.sif_cache_dir,
             runtime_name=self.runtime.name,
+            check=BuildCheck(self.engine, step.software_name, step.software_version, attempt_id=attempt.attempt_id),
         )
         manifest = contract.build_manifest(
             layout=layout,

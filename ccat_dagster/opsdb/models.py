@@ -302,6 +302,25 @@ class ReductionSoftwareVersion(Base):
     software: Mapped[ReductionSoftware] = relationship(back_populates="versions")
 
 
+class ReductionSoftwareBuild(Base):
+    """One image build of a software version: the digest its image had when first used (build 1), and each
+    change since that was registered as a new build (``IMAGE_CHANGE_POLICY=new_build``). The newest build is
+    the one every submit must match (``execution.images``)."""
+
+    __tablename__ = "reduction_software_build"
+    __table_args__ = (UniqueConstraint("reduction_software_version_id", "build"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    reduction_software_version_id: Mapped[int] = mapped_column(
+        ForeignKey("reduction_software_version.id", ondelete="CASCADE"), index=True
+    )
+    build: Mapped[int]
+    image_digest: Mapped[str] = mapped_column(String(128))
+    image_kind: Mapped[str] = mapped_column(String(32))
+    image_path: Mapped[str] = mapped_column(String(2048))
+    recorded_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    software_version: Mapped[ReductionSoftwareVersion] = relationship()
+
+
 class ReductionStepConfig(Base):
     """Step parameters. Rows are immutable: a changed config is a new row; old attempts keep theirs."""
 
@@ -462,6 +481,8 @@ class ExecutedReductionStep(Base):
     # Why it failed, as a type (what a retry does follows from it); None unless FAILED / CANCELLED.
     failure_kind: Mapped[FailureKind | None] = mapped_column(str_enum(FailureKind))
     attempt_dir: Mapped[str | None] = mapped_column(String(2048))
+    image_digest: Mapped[str | None] = mapped_column(String(128))
+    """The digest of the image this attempt was submitted with, checked just before the submit."""
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]

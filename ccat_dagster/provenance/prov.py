@@ -227,7 +227,63 @@ def lineage_to_prov_json(
         if run.step_id in lineage.steps:
             association["prov:plan"] = _id("reduction_step", run.step_id)
         doc.relation("wasAssociatedWith", association)
+    _add_provdm_descriptions(doc, lineage)
     return doc.as_dict()
+
+
+def _add_provdm_descriptions(doc: _Document, lineage: ProductLineage) -> None:
+    """ProvDM's description and configuration relations, as W3C ``wasInfluencedBy`` records typed with them.
+
+    PROV-JSON admits only W3C relation kinds, so ProvDM's ``isDescribedBy`` (an activity by its
+    ActivityDescription, the step; an entity by its EntityDescription, the product type) and ``wasConfiguredBy``
+    (an activity by its ConfigFile and each Parameter, ``voprov:artefactType`` saying which) are influences
+    whose ``prov:type`` names the ProvDM relation: valid W3C PROV, and a ProvDM reader finds its relations.
+    """
+    described: set[str] = set()
+    for product in lineage.products.values():
+        description = _id("product_type", product.product_type.value)
+        if description not in described:
+            described.add(description)
+            doc.entity(
+                description,
+                {
+                    "prov:type": _qn("voprov:EntityDescription"),
+                    "prov:label": f"{product.product_type.value} product",
+                    "voprov:name": product.product_type.value,
+                    "voprov:description": _PRODUCT_TYPE_DESCRIPTIONS.get(product.product_type.value, ""),
+                },
+            )
+        _influence(doc, _id("data_product", product.id), description, "voprov:isDescribedBy")
+    for run in lineage.runs.values():
+        run_id = _id("executed_reduction_step", run.id)
+        if run.step_id in lineage.steps:
+            _influence(doc, run_id, _id("reduction_step", run.step_id), "voprov:isDescribedBy")
+        config = lineage.configs.get(run.config_id)
+        if config is None:
+            continue
+        config_id = _id("reduction_step_config", config.id)
+        _influence(doc, run_id, config_id, "voprov:wasConfiguredBy", artefact="ConfigFile")
+        for name in sorted(config.parameters):
+            _influence(
+                doc, run_id, f"{config_id}/{quote(str(name), safe='')}", "voprov:wasConfiguredBy", artefact="Parameter"
+            )
+
+
+def _influence(doc: _Document, influencee: str, influencer: str, kind: str, *, artefact: str | None = None) -> None:
+    attributes: dict[str, Any] = {"prov:influencee": influencee, "prov:influencer": influencer, "prov:type": _qn(kind)}
+    if artefact is not None:
+        attributes["voprov:artefactType"] = artefact
+    doc.relation("wasInfluencedBy", attributes)
+
+
+_PRODUCT_TYPE_DESCRIPTIONS = {
+    "science": "a science product of a final step (output/science/)",
+    "qa_metric": "a quality-assessment metric (output/qa/)",
+    "plot": "a plot (output/plots/)",
+    "statistics": "statistics of the data (output/statistics/)",
+    "log": "a log of the reduction (output/logs/)",
+    "intermediate": "an intermediate product of a step, input of the next (workspace/<step>/)",
+}
 
 
 def _activity_attributes(run: LineageRun) -> dict[str, Any]:
@@ -294,6 +350,7 @@ _RELATION_PREFIX = {
     "wasDerivedFrom": "d",
     "wasAssociatedWith": "a",
     "hadMember": "m",
+    "wasInfluencedBy": "i",
 }
 
 

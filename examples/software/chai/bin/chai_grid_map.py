@@ -12,8 +12,9 @@ Writes, under ``$WORKFLOW_OUTPUT_DIR`` (``<key>`` = the sub-group key made file-
 
 Each spectrum goes to the pixel nearest its offset on a grid whose pixel centres are whole multiples
 of ``pixel_arcsec`` (offset 0,0 is a pixel centre); a pixel holds the mean of its spectra, channel by
-channel over finite values. Spatial axes are offsets in arcsec (CTYPE RA-OFFS / DEC-OFFS), because
-scan.json carries no absolute position.
+channel over finite values. Spatial axes are celestial (CTYPE RA---SIN / DEC--SIN, ICRS, degrees) around the
+scan's ``ra_deg`` / ``dec_deg`` (offset 0,0); the x offset runs east, so CDELT1 is positive. A scan without a
+position is refused: a map without celestial axes cannot be combined with any other.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from chai_spectral import (  # noqa: E402
 )
 
 PROGRAM = "chai_grid_map"
+TELESCOPE = "FYST"
 CONFIG_KEYS = ("pixel_arcsec", "max_rms_k", "line_window_kms", "line_center_kms")
 # A cube beyond this many voxels means a pixel size far below the sampling, not a real map.
 MAX_CUBE_VOXELS = 200_000_000
@@ -153,15 +155,15 @@ def grid_spectra(*, offsets_arcsec: np.ndarray, spectra: np.ndarray, pixel_arcse
     )
 
 
-def map_wcs(*, grid: GriddedMap, axis: SpectralAxis | None) -> WCS:
-    """Offset axes in arcsec (value 0 at the pixel of offset 0,0), plus FREQ in Hz for the cube."""
+def map_wcs(*, grid: GriddedMap, axis: SpectralAxis | None, position_deg: tuple[float, float]) -> WCS:
+    """Celestial SIN axes with offset 0,0 at ``position_deg`` (ICRS), plus FREQ in Hz for the cube."""
     wcs = WCS(naxis=2 if axis is None else 3)
-    ctype = ["RA-OFFS", "DEC-OFFS"]
-    cunit = ["arcsec", "arcsec"]
+    ctype = ["RA---SIN", "DEC--SIN"]
+    cunit = ["deg", "deg"]
     # FITS pixels count from 1, so offset 0 sits at pixel 1 - min_index.
     crpix = [1.0 - grid.x_min_index, 1.0 - grid.y_min_index]
-    crval = [0.0, 0.0]
-    cdelt = [grid.pixel_arcsec, grid.pixel_arcsec]
+    crval = [position_deg[0], position_deg[1]]
+    cdelt = [grid.pixel_arcsec / 3600.0, grid.pixel_arcsec / 3600.0]
     if axis is not None:
         ctype.append("FREQ")
         cunit.append("Hz")
@@ -174,7 +176,21 @@ def map_wcs(*, grid: GriddedMap, axis: SpectralAxis | None) -> WCS:
     wcs.wcs.crpix = crpix
     wcs.wcs.crval = crval
     wcs.wcs.cdelt = cdelt
+    wcs.wcs.radesys = "ICRS"
     return wcs
+
+
+def source_position(header: dict[str, Any]) -> tuple[float, float]:
+    """The scan's ICRS position of offset 0,0 in degrees; a clear error when the scan has none."""
+    ra, dec = header.get("ra_deg"), header.get("dec_deg")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in (ra, dec)):
+        raise DataFormatError(
+            f"scan {header.get('scan_id')!r} has no position (ra_deg / dec_deg, ICRS degrees, found {ra!r} / "
+            f"{dec!r}); the map needs one for its celestial axes: add them to the scan header"
+        )
+    if not (0.0 <= ra < 360.0 and -90.0 <= dec <= 90.0):
+        raise DataFormatError(f"scan {header.get('scan_id')!r}: ra_deg {ra} / dec_deg {dec} are out of range")
+    return float(ra), float(dec)
 
 
 def fits_bytes(*, data: np.ndarray, wcs: WCS, bunit: str, first: dict[str, Any], history: list[str]) -> bytes:
@@ -184,11 +200,32 @@ def fits_bytes(*, data: np.ndarray, wcs: WCS, bunit: str, first: dict[str, Any],
     header["LINE"] = str(first.get("line", ""))
     header["INSTRUME"] = str(first.get("instrument_module", ""))
     header["ORIGIN"] = f"{PROGRAM} {SOFTWARE_VERSION}"
+    header["TELESCOP"] = (TELESCOPE, "Fred Young Submillimeter Telescope")
+    # The scan's start, never the time of the reduction: the same inputs must give the same bytes.
+    obs_start = str(first.get("obs_start", ""))
+    if obs_start:
+        header["DATE-OBS"] = (_fits_date(obs_start), "start of the first scan (UTC)")
     for line in history:
         header.add_history(line)
+    hdu = fits.PrimaryHDU(data=data.astype(np.float32), header=header)
+    # CHECKSUM/DATASUM with a fixed comment: astropy's default comment is the time of writing.
+    hdu.add_checksum(when="HDU checksum (FITS checksum convention)")
     buffer = io.BytesIO()
-    fits.PrimaryHDU(data=data.astype(np.float32), header=header).writeto(buffer)
+    hdu.writeto(buffer, checksum=False)
     return buffer.getvalue()
+
+
+def _fits_date(value: str) -> str:
+    """ISO 8601 with an offset (scan.json) as FITS's DATE-OBS: UTC, no offset."""
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise DataFormatError(f"obs_start {value!r} is not an ISO 8601 time") from None
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="seconds")
 
 
 def mom0_png(*, mom0: np.ndarray, grid: GriddedMap, title: str) -> bytes:
@@ -254,6 +291,7 @@ def main() -> None:
     velocities = axis.velocities_kms()
 
     first = scans[0].header
+    position = source_position(first)
     history = [
         f"{scan.name}: scan {scan.header['scan_id']}, {scan.spectra.shape[0]} spectra" for scan in scans
     ]
@@ -261,14 +299,22 @@ def main() -> None:
     write_bytes(
         path=science / f"{key}_cube.fits",
         data=fits_bytes(
-            data=grid.cube, wcs=map_wcs(grid=grid, axis=axis), bunit="K", first=first, history=history
+            data=grid.cube,
+            wcs=map_wcs(grid=grid, axis=axis, position_deg=position),
+            bunit="K",
+            first=first,
+            history=history,
         ),
         progress=progress,
     )
     write_bytes(
         path=science / f"{key}_mom0.fits",
         data=fits_bytes(
-            data=mom0, wcs=map_wcs(grid=grid, axis=None), bunit="K km/s", first=first, history=history
+            data=mom0,
+            wcs=map_wcs(grid=grid, axis=None, position_deg=position),
+            bunit="K km/s",
+            first=first,
+            history=history,
         ),
         progress=progress,
     )

@@ -69,6 +69,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         help="channels whose hot and cold loads read the same (a dead channel that calibrates to NaN)",
     )
     parser.add_argument("--obs-start", default="2026-01-15T03:00:00+00:00")
+    parser.add_argument("--ra-deg", type=float, default=11.888002, help="ICRS RA of offset (0, 0) (NGC 253)")
+    parser.add_argument("--dec-deg", type=float, default=-25.288220, help="ICRS Dec of offset (0, 0)")
     return parser.parse_args(argv)
 
 
@@ -134,6 +136,8 @@ def make_scan(arguments: argparse.Namespace) -> dict:
         "t_cold_k": T_COLD_K,
         "offsets_arcsec": [[float(dx), float(dy)] for dx, dy in offsets],
         "obs_start": arguments.obs_start,
+        "ra_deg": arguments.ra_deg,
+        "dec_deg": arguments.dec_deg,
     }
     (out / "scan.json").write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
     for name, array in (("sky.f32", sky), ("hot.f32", hot), ("cold.f32", cold)):
