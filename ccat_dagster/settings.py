@@ -227,29 +227,36 @@ class Settings:
 
 def variable_reference() -> list[tuple[str, str, str]]:
     """(variable, default, allowed values) for the configuration reference and ``doctor``."""
-    return [
-        (DATA_DIR_VAR, "./.data", "a directory"),
-        (OPS_DB_URL_VAR, "sqlite:///<data dir>/opsdb.sqlite", "postgresql://… or sqlite:///…"),
-        (PREFIX + "HPC_BACKEND", "local", ", ".join(HPC_BACKENDS)),
-        (PREFIX + "CONTAINER_RUNTIME", "apptainer", ", ".join(CONTAINER_RUNTIMES)),
-        (PREFIX + "PIPELINE_BASE_DIR", "<data dir>/pipelines", "a writable directory"),
-        (PREFIX + "PROCESSING_LOCATION_ID", "(the only processing location)", "a DataLocation id"),
-        (PREFIX + "SLURM_PARTITION", "(cluster default)", "a Slurm partition name"),
-        (PREFIX + "K8S_NAMESPACE", "ccat", "a Kubernetes namespace"),
-        (PREFIX + "SIF_CACHE_DIR", "<data dir>/sif-cache", "a writable directory"),
-        (PREFIX + "STAGER", "local", ", ".join(STAGERS)),
-        (PREFIX + "MAX_CONCURRENT_JOBS", "100", "jobs in flight per backend from this location, ≥ 1"),
-        (PREFIX + "LOCAL_MAX_RUNNING", "(number of CPUs)", "local backend: jobs running at once, ≥ 1"),
-        (PREFIX + "MAX_PARTITIONS_PER_RUN", "200", "sub-groups one Dagster run materializes, ≥ 1"),
-        (PREFIX + "POLL_INTERVAL_SECONDS", "2", "longest pause between job status polls (first 0.2 s), ≥ 1"),
-        (PREFIX + "STAGING_TIMEOUT_SECONDS", "3600", "seconds a run waits for staging, ≥ 1"),
-        (PREFIX + "SENSOR_BATCH_LIMIT", "5000", "changed packages read per sensor tick, ≥ 1"),
-        (PREFIX + "SENSOR_INTERVAL_SECONDS", "30", "least seconds between two ticks of a pipeline's sensor, ≥ 1"),
-        (PREFIX + "WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark, ≥ 0"),
-        (PREFIX + "RETENTION_DAYS", "30", "days before consumed intermediates may be deleted, ≥ 0"),
-        (PREFIX + "IMAGE_CHANGE_POLICY", "refuse", "refuse, new_build: what a changed image under one version does"),
-    ] + [(PREFIX + key, default, allowed) for key, (default, _, allowed) in RUNNER_SETTINGS.items()
-    ] + kubernetes_variable_reference()
+    return (
+        [
+            (DATA_DIR_VAR, "./.data", "a directory"),
+            (OPS_DB_URL_VAR, "sqlite:///<data dir>/opsdb.sqlite", "postgresql://… or sqlite:///…"),
+            (PREFIX + "HPC_BACKEND", "local", ", ".join(HPC_BACKENDS)),
+            (PREFIX + "CONTAINER_RUNTIME", "apptainer", ", ".join(CONTAINER_RUNTIMES)),
+            (PREFIX + "PIPELINE_BASE_DIR", "<data dir>/pipelines", "a writable directory"),
+            (PREFIX + "PROCESSING_LOCATION_ID", "(the only processing location)", "a DataLocation id"),
+            (PREFIX + "SLURM_PARTITION", "(cluster default)", "a Slurm partition name"),
+            (PREFIX + "K8S_NAMESPACE", "ccat", "a Kubernetes namespace"),
+            (PREFIX + "SIF_CACHE_DIR", "<data dir>/sif-cache", "a writable directory"),
+            (PREFIX + "STAGER", "local", ", ".join(STAGERS)),
+            (PREFIX + "MAX_CONCURRENT_JOBS", "100", "jobs in flight per backend from this location, ≥ 1"),
+            (PREFIX + "LOCAL_MAX_RUNNING", "(number of CPUs)", "local backend: jobs running at once, ≥ 1"),
+            (PREFIX + "MAX_PARTITIONS_PER_RUN", "200", "sub-groups one Dagster run materializes, ≥ 1"),
+            (PREFIX + "POLL_INTERVAL_SECONDS", "2", "longest pause between job status polls (first 0.2 s), ≥ 1"),
+            (PREFIX + "STAGING_TIMEOUT_SECONDS", "3600", "seconds a run waits for staging, ≥ 1"),
+            (PREFIX + "SENSOR_BATCH_LIMIT", "5000", "changed packages read per sensor tick, ≥ 1"),
+            (PREFIX + "SENSOR_INTERVAL_SECONDS", "30", "least seconds between two ticks of a pipeline's sensor, ≥ 1"),
+            (PREFIX + "WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark, ≥ 0"),
+            (PREFIX + "RETENTION_DAYS", "30", "days before consumed intermediates may be deleted, ≥ 0"),
+            (
+                PREFIX + "IMAGE_CHANGE_POLICY",
+                "refuse",
+                "refuse, new_build: what a changed image under one version does",
+            ),
+        ]
+        + [(PREFIX + key, default, allowed) for key, (default, _, allowed) in RUNNER_SETTINGS.items()]
+        + kubernetes_variable_reference()
+    )
 
 
 # --------------------------------------------------------------------------------------------- Kubernetes

@@ -89,7 +89,9 @@ def test_standin_runner_batch_submits_polls_and_reads_logs(world, standin, envir
         assert labels["data.ccat.uni-koeln.de/attempt"] == str(attempt.id)
         assert labels["data.ccat.uni-koeln.de/pipeline"] == pipeline
         assert job["metadata"]["annotations"]["data.ccat.uni-koeln.de/sub-group"] == attempt.sub_group_key
-        assert job["spec"]["template"]["spec"]["containers"][0]["command"][0] == "bwrap"
+        # The bubblewrap runtime's command: its signal forwarder (bash) starting bwrap.
+        command = job["spec"]["template"]["spec"]["containers"][0]["command"]
+        assert command[0] == "bash" and "bwrap" in command
     assert failed.status is RunStatus.FAILED and failed.exit_code == 3
     assert failed.error.startswith("job failed with exit code 3") and "FATAL: calibration diverged" in failed.error
     for attempt in (ok_first, ok_last):

@@ -85,7 +85,8 @@ def failure_message(info: JobInfo, kind: FailureKind, log_tail: str = "") -> str
     else:
         described = describe_exit_code(code)
         shown = info.reason if info.reason and info.reason not in (f"exit code {code}", described) else None
-        head = f"job failed with exit code {code}" + (f" ({shown})" if shown else "")
+        # "exit code 137 (killed by SIGKILL: killed, or out of memory)": the words say what the number means.
+        head = f"job failed with {described or f'exit code {code}'}" + (f" ({shown})" if shown else "")
     return head + (f"\n--- last log lines ---\n{log_tail.rstrip()}" if log_tail.strip() else "")
 
 

@@ -629,8 +629,11 @@ class StepRunner:
     ) -> tuple[SubGroupOutcome, _Queued | None]:
         """A job that did not succeed: fail the attempt with its kind and say whether (and how) to retry."""
         if info.state is JobState.CANCELLED:
-            message = f"job {item.job_id} was cancelled outside ccat-dagster"
-            return self._fail(item, message, FailureKind.CANCELLED, info=info, cancelled=True), None
+            # Cancelled by someone outside ccat-dagster (scancel by an admin, the site's tooling): not a cancel of
+            # this run, so the attempt FAILS (kind cancelled) and the next tick plans the sub-group again; it is
+            # not retried inside this batch, in case whoever cancelled it had a reason.
+            message = f"job {item.job_id} was cancelled outside ccat-dagster; the next evaluation plans it again"
+            return self._fail(item, message, FailureKind.CANCELLED, info=info), None
         kind = failure_kind_of(info)
         tail = _best_effort(lambda: self.backend.logs(item.job_id, tail_lines=30)) if item.job_id else ""
         error = failure_message(info, kind, tail or "")

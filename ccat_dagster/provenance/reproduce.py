@@ -404,8 +404,10 @@ def _read_attempt(session: Session, product_id: int) -> _Recorded:
         input_fingerprint=attempt.input_fingerprint,
         attempt_dir=attempt.attempt_dir,
         current_fingerprint=input_fingerprint(
-            packages=[] if step.depends_on else [(p.id, p.checksum) for p in attempt.input_packages],
-            upstream_products=[(p.id, p.sha256) for p in attempt.input_products],
+            packages=[] if step.depends_on else [(p.name, p.checksum) for p in attempt.input_packages],
+            upstream_products=[
+                (p.step.name, p.sub_group_key, p.relative_path, p.sha256) for p in attempt.input_products
+            ],
             software_version=f"{version.software.name}=={version.version}",
             image_digest=version.image_digest,
             config_sha=attempt.config.parameters_sha256 or config_sha256(attempt.config.parameters),
