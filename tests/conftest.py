@@ -113,3 +113,33 @@ def engine(db_url: str) -> Iterator[Engine]:
     engine = make_engine(db_url)
     yield engine
     engine.dispose()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items) -> None:
+    """Groups for pytest-xdist's ``--dist loadgroup`` (``scripts/test`` runs the suite on several workers).
+
+    One group per test file, so that a module's expensive fixtures (daemons, webservers, PostgreSQL clusters)
+    start once. Every file with a test on the single-node Slurm shares one group: the node has two CPUs, the
+    Slurm tests measure job starts and the fault suite stops slurmctld, so they must not overlap each other.
+    """
+    slurm_files = {item.path for item in items if item.get_closest_marker("slurm")}
+    for item in items:
+        group = "slurm" if item.path in slurm_files else str(item.path.relative_to(config.rootpath))
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+# Figures of the fault suite's scenarios handed over by the pytest-xdist workers that ran them.
+_fault_outcomes_from_workers: list[dict] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    _fault_outcomes_from_workers.extend(getattr(node, "workeroutput", {}).get("fault_outcomes", []))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _fault_outcomes_from_workers:
+        from tests.faults.conftest import Outcome, write_reliability
+
+        write_reliability([Outcome(**figures) for figures in _fault_outcomes_from_workers])

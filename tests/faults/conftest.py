@@ -7,6 +7,7 @@ session they are written to docs/reliability.md (rows of scenarios that did not 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib.util
 import os
@@ -121,6 +122,15 @@ def pytest_collection_modifyitems(session, config, items):  # type: ignore[no-un
 
 
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
+    """Writes docs/reliability.md at the end of a serial session.
+
+    Under pytest-xdist each worker runs some of the scenarios and hands its figures to the controller
+    (``workeroutput``); the controller, which never loads this file, writes the page (tests/conftest.py).
+    """
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fault_outcomes"] = [dataclasses.asdict(outcome) for outcome in _outcomes]
+        return
     if _outcomes:
         write_reliability(_outcomes)
 

@@ -87,7 +87,9 @@ class PrivatePostgres:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.data = root / "data"
-        self.port = _free_port(55432)
+        # Each pytest-xdist worker starts probing at its own port, so that two workers rarely meet.
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+        self.port = _free_port(55432 + 20 * (int(worker) if worker.isdigit() else 0))
         self.log = root / "postgres.log"
 
     def _as_postgres(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -106,7 +108,21 @@ class PrivatePostgres:
             )
 
     def start(self) -> None:
-        self._as_postgres(_pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
+        """Starts the cluster; a port taken between the probe and the start (another suite's cluster, another
+        pytest-xdist worker) moves it to the next free one."""
+        for _ in range(10):
+            started = self._as_postgres(
+                _pg_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start", check=False
+            )
+            if started.returncode == 0:
+                return
+            if "Address already in use" not in self.log.read_text(errors="replace"):
+                started.check_returncode()
+            self.port = _free_port(self.port + 1)
+            with (self.data / "postgresql.conf").open("a") as conf:
+                conf.write(f"port = {self.port}\n")
+            self.log.write_text("")
+        raise RuntimeError(f"the fault suite's PostgreSQL found no free port; see {self.log}")
 
     def stop(self) -> None:
         self._as_postgres(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop", check=False)
