@@ -1,11 +1,19 @@
-"""The one YAML loader: alias bombs, oversized, too deep and recursive documents are refused while being read,
-with one line naming the file and the limit; ordinary anchors and aliases still work."""
+"""Unbounded input is refused before it costs anything. The one YAML loader: alias bombs, oversized, too deep and
+recursive documents are refused while being read, with one line naming the file and the limit, while ordinary
+anchors and aliases still work. Whole numbers past their bound are refused naming the key, not by ops-db."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
+import yaml
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from ccat_dagster.cli import main
+from ccat_dagster.opsdb import models as m
+from ccat_dagster.opsdb.engine import make_engine
 from ccat_dagster.pipelines.spec import PipelineSpecError, load_pipeline_spec
 from ccat_dagster.safe_yaml import (
     MAX_YAML_BYTES,
@@ -15,6 +23,8 @@ from ccat_dagster.safe_yaml import (
     read_limited_text,
     safe_load,
 )
+
+from .opsdb_factories import make_world
 
 PIPELINE = """\
 pipeline: aliased
@@ -130,3 +140,41 @@ def test_the_cli_refuses_a_bomb_in_one_line(tmp_path, capsys, monkeypatch):
         stream.truncate(MAX_YAML_BYTES + 1)
     assert main(["groupings", "preview", "--rules", str(big_json)]) != 0
     assert f"larger than {MAX_YAML_BYTES} bytes" in capsys.readouterr().err
+
+
+def test_a_huge_cooldown_is_refused_naming_the_key_and_the_largest_one_fits_ops_db(
+    pg_url, tmp_path, capsys, monkeypatch
+):
+    """Before the bound, ops-db refused 10¹² with "integer out of range; check CCAT_OPS_DB_URL"."""
+    suffix = uuid.uuid4().hex[:8]
+    engine = make_engine(pg_url)
+    with Session(engine) as session, session.begin():
+        make_world(session, suffix=f"-{suffix}")
+    monkeypatch.setenv("CCAT_OPS_DB_URL", pg_url)
+    monkeypatch.setenv("CCAT_DAGSTER_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    spec = yaml.safe_load(PIPELINE.replace("aliased", f"bounded_{suffix}"))
+    spec["processing_location"] = f"processing-{suffix}"
+    path = tmp_path / "pipe.yaml"
+    for step in spec["steps"]:
+        step["cooldown_seconds"] = 10**12
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    assert main(["pipelines", "apply", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "steps[0].cooldown_seconds: 1000000000000 is invalid: expected a whole number of seconds from 0 to 31536000"
+        in err
+    )
+    assert "integer out of range" not in err and "CCAT_OPS_DB_URL" not in err
+    for step in spec["steps"]:
+        step["cooldown_seconds"] = 31_536_000
+    path.write_text(yaml.safe_dump(spec), encoding="utf-8")
+    assert main(["pipelines", "apply", str(path)]) == 0, capsys.readouterr().err
+    with Session(engine) as session:
+        cooldowns = session.scalars(
+            select(m.ReductionStep.cooldown_seconds)
+            .join(m.Pipeline, m.Pipeline.id == m.ReductionStep.pipeline_id)
+            .where(m.Pipeline.name == f"bounded_{suffix}")
+        ).all()
+    engine.dispose()
+    assert cooldowns == [31_536_000, 31_536_000]
