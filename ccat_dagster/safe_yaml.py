@@ -10,7 +10,8 @@ through ``BoundedSafeLoader``, so unbounded input is refused before it costs any
   a shared object (cheap), but everything that walks the result (the JSON check, schema validation, JSON
   encoding for ops-db and fingerprints) walks it expanded. The expanded size is counted while composing,
   bottom-up, one addition per node, and the document is refused as soon as it passes the limit, before it is
-  constructed.
+  constructed. A merged mapping counts in full each time (PyYAML merges each key once, so this overestimates
+  what merges cost; real files merge a few small mappings).
 - ``MAX_YAML_DEPTH``: nesting of collections; PyYAML composes recursively, so deeper input would otherwise end
   in a RecursionError instead of a message. An alias to a node that contains it (a recursive structure, which
   JSON cannot hold) is refused too.

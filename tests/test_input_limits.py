@@ -44,7 +44,7 @@ steps:
 
 
 def billion_laughs(levels: int = 9) -> str:
-    """The classic bomb: 9 levels of 9 aliases each stand for 9⁹ ≈ 387 million strings in 10 short lines."""
+    """The classic bomb: 9 levels of 9 aliases each stand for 9¹⁰ ≈ 3.5 billion strings in 10 short lines."""
     lines = ['lol0: &lol0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
     lines += [f"lol{i}: &lol{i} [{', '.join([f'*lol{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
     return "\n".join(lines) + "\n"
