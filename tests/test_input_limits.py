@@ -4,7 +4,9 @@ anchors and aliases still work. Whole numbers past their bound are refused namin
 
 from __future__ import annotations
 
+import re
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -178,3 +180,22 @@ def test_a_huge_cooldown_is_refused_naming_the_key_and_the_largest_one_fits_ops_
         ).all()
     engine.dispose()
     assert cooldowns == [31_536_000, 31_536_000]
+
+
+def test_the_documented_limits_are_the_loaders():
+    limits = (Path(__file__).resolve().parents[1] / "docs" / "pipeline-yaml.md").read_text().partition("## Limits")[2]
+    assert f"| file size | {MAX_YAML_BYTES} bytes" in limits
+    assert f"| nodes, aliases expanded | {MAX_YAML_NODES} |" in limits
+    assert f"| nesting of mappings and lists | {MAX_YAML_DEPTH} levels |" in limits
+
+
+def test_no_module_reads_yaml_around_the_bounded_loader():
+    package = Path(__file__).resolve().parents[1] / "ccat_dagster"
+    unbounded = re.compile(r"yaml\.(safe_load|load|full_load|unsafe_load|load_all|safe_load_all|compose)\(")
+    offenders = [
+        f"{path.relative_to(package)}:{number}"
+        for path in sorted(package.rglob("*.py"))
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if unbounded.search(line)
+    ]
+    assert offenders == [], "read YAML through ccat_dagster.safe_yaml (its limits), not PyYAML directly"
