@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,6 +78,45 @@ def _settings_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _code_server(args: argparse.Namespace, settings: Settings) -> int:
+    # main() has read the settings: an invalid one has ended the command already, before any server started.
+    argv = code_server_argv(
+        host=args.host, port=args.port, location_name=args.location_name, log_format=args.log_format
+    )
+    sys.stdout.flush()
+    os.execv(argv[0], argv)
+    return 0  # not reached: execv replaces the process
+
+
+def code_server_argv(*, host: str, port: int, location_name: str, log_format: str) -> list[str]:
+    """Dagster's code server for this code location, run by the Python of this environment."""
+    return [
+        sys.executable,
+        "-m",
+        "dagster",
+        "code-server",
+        "start",
+        "--module-name",
+        "ccat_dagster.definitions",
+        "--attribute",
+        "defs",
+        "--location-name",
+        location_name,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--log-format",
+        log_format,
+    ]
+
+
+def _tcp_port(raw: str) -> int:
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a TCP port: give a whole number from 1 to 65535")
+    return int(raw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ccat-dagster", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -107,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     settings_cmd = commands.add_parser("settings", help="show the effective settings (secrets redacted)")
     settings_cmd.add_argument("--json", action="store_true")
     settings_cmd.set_defaults(handler=_settings_show)
+
+    code_server = commands.add_parser(
+        "code-server",
+        help="check the settings, then run Dagster's code server for this code location (exits 2 on a bad setting)",
+    )
+    code_server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    code_server.add_argument("--port", type=_tcp_port, default=4000, help="gRPC port (default 4000)")
+    code_server.add_argument(
+        "--location-name", default="ccat_dagster", help="code location name (default ccat_dagster)"
+    )
+    code_server.add_argument("--log-format", choices=("colored", "json", "rich"), default="colored")
+    code_server.set_defaults(handler=_code_server)
 
     for register in _EXTRA_COMMANDS:
         register(commands)

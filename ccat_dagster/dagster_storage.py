@@ -68,6 +68,7 @@ from dagster_postgres import DagsterPostgresStorage
 from dagster_postgres.utils import get_token_provider_from_config, pg_url_from_config
 
 from ccat_dagster.errors import CcatError
+from ccat_dagster.safe_yaml import safe_load
 
 if TYPE_CHECKING:
     from dagster_postgres.auth import PgTokenProvider
@@ -77,6 +78,11 @@ DEFAULT_POOL_RECYCLE_SECONDS = 3600
 # PostgreSQL's statement_timeout = 0: no timeout (what `storage: postgres` gets from a default server).
 NO_STATEMENT_TIMEOUT = 0
 
+# Upper bounds: more overflow connections than PostgreSQL's default max_connections (100) cannot all open; a
+# connection older than a day is past any firewall's idle timeout.
+MAX_POOL_MAX_OVERFLOW = 100
+MAX_POOL_RECYCLE_SECONDS = 86_400
+
 POOL_MAX_OVERFLOW_KEY = "pool_max_overflow"
 POOL_RECYCLE_SECONDS_KEY = "pool_recycle_seconds"
 
@@ -85,11 +91,12 @@ class DagsterStorageConfigError(CcatError, ValueError):
     """A pool setting of ``PooledPostgresStorage`` in dagster.yaml that cannot be used; names the key and the fix."""
 
 
-def _validated(key: str, value: Any, *, minimum: int, meaning: str) -> int:
+def _validated(key: str, value: Any, *, minimum: int, maximum: int, meaning: str) -> int:
     # bool is an int to Python, never a meaningful pool size.
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise DagsterStorageConfigError(
-            f"dagster.yaml storage.custom.config.{key} is {value!r}: expected a whole number ≥ {minimum} ({meaning})"
+            f"dagster.yaml storage.custom.config.{key} is {value!r}: expected a whole number from {minimum} to "
+            f"{maximum} ({meaning})"
         )
     return value
 
@@ -116,6 +123,7 @@ class PooledPostgresStorage(DagsterPostgresStorage):
             POOL_MAX_OVERFLOW_KEY,
             pool_max_overflow,
             minimum=0,
+            maximum=MAX_POOL_MAX_OVERFLOW,
             meaning="connections each sub-storage may open beyond the one it keeps",
         )
         # 0 would make SQLAlchemy replace the connection on every checkout, i.e. no pool at all.
@@ -123,6 +131,7 @@ class PooledPostgresStorage(DagsterPostgresStorage):
             POOL_RECYCLE_SECONDS_KEY,
             pool_recycle_seconds,
             minimum=1,
+            maximum=MAX_POOL_RECYCLE_SECONDS,
             meaning="age in seconds after which a pooled connection is replaced",
         )
         super().__init__(
@@ -193,7 +202,7 @@ class PooledPostgresStorage(DagsterPostgresStorage):
     def _postgres_class_data(self, class_name: str) -> ConfigurableClassData | None:
         if self.inst_data is None:
             return None
-        config = yaml.safe_load(self.inst_data.config_yaml) or {}
+        config = safe_load(self.inst_data.config_yaml, origin="dagster.yaml storage.custom.config") or {}
         for key in (POOL_MAX_OVERFLOW_KEY, POOL_RECYCLE_SECONDS_KEY):
             config.pop(key, None)
         return ConfigurableClassData("dagster_postgres", class_name, yaml.safe_dump(config, default_flow_style=False))

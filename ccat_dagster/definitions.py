@@ -9,6 +9,7 @@ pipeline row that cannot be built is skipped; its error is logged and shown in t
 from __future__ import annotations
 
 import logging
+import sys
 
 import dagster as dg
 from sqlalchemy import select
@@ -24,7 +25,7 @@ from ccat_dagster.opsdb.enums import LocationType
 from ccat_dagster.resources import HpcBackendResource, resources_from_settings
 from ccat_dagster.sensors.gaps import build_pipeline_cron_sensor, build_pipeline_sensor
 from ccat_dagster.sensors.reconcile import build_reconcile_sensors
-from ccat_dagster.settings import Settings
+from ccat_dagster.settings import Settings, SettingsError
 
 log = logging.getLogger("ccat_dagster")
 
@@ -51,6 +52,20 @@ def resolve_processing_location_id(session, settings: Settings) -> int:  # type:
             "to the one this deployment serves" + ("" if ids else " (or seed/create one: `ccat-dagster demo seed`)")
         )
     return ids[0]
+
+
+def settings_or_exit() -> Settings:
+    """The settings of this code location; an invalid one ends the process with one line and exit code 2.
+
+    A code server must not come up (and serve a load error for as long as nobody looks) with a setting that can
+    never work; a restart with the setting fixed is the only remedy. This is unlike ops-db being unreachable or
+    empty, which a later reload can mend. ``SystemExit`` passes Dagster's loader, which only catches Exception.
+    """
+    try:
+        return Settings.from_env()
+    except SettingsError as error:
+        print(f"ccat-dagster code location: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -138,7 +153,7 @@ def defs() -> dg.Definitions:
     call. A reload after ``pipelines apply`` therefore still sees the change.
     """
     global _built
-    settings = Settings.from_env()
+    settings = settings_or_exit()
     source = (settings, *read_pipelines(settings))
     if _built is None or _built[0] != source:
         _built = (source, _definitions(settings, source[1], source[2]))

@@ -38,21 +38,39 @@ def _choice(allowed: tuple[str, ...]) -> Callable[[str, str], str]:
     return parse
 
 
-def _int(minimum: int) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
+@dataclass(frozen=True)
+class WholeNumber:
+    """The parser of a whole-number setting with its documented range (every one has an upper bound: a value
+    past it would overflow an ops-db column, a timedelta or a sleep, at every tick instead of at start-up)."""
+
+    minimum: int
+    maximum: int
+
+    def __call__(self, name: str, raw: str) -> int:
         try:
             value = int(raw.strip())
-        except ValueError:
-            raise SettingsError(f"{name}={raw!r} is invalid: expected a whole number ≥ {minimum}") from None
-        if value < minimum:
-            raise SettingsError(f"{name}={raw!r} is invalid: expected a whole number ≥ {minimum}")
+        except ValueError:  # also a number of more than 4300 digits
+            value = None
+        if value is None or not self.minimum <= value <= self.maximum:
+            shown = raw if len(raw) <= 40 else raw[:40] + "…"
+            raise SettingsError(
+                f"{name}={shown!r} is invalid: expected a whole number from {self.minimum} to {self.maximum}"
+            )
         return value
 
-    return parse
+    @property
+    def allowed(self) -> str:
+        """The range as the configuration reference shows it."""
+        return f"{self.minimum}–{self.maximum}"
+
+
+# Ids of ops-db rows are 32-bit integers.
+MAX_ROW_ID = 2_147_483_647
+_PROCESSING_LOCATION_ID = WholeNumber(1, MAX_ROW_ID)
 
 
 def _optional_int(name: str, raw: str) -> int | None:
-    return None if raw.strip() == "" else _int(1)(name, raw)
+    return None if raw.strip() == "" else _PROCESSING_LOCATION_ID(name, raw)
 
 
 def _path(name: str, raw: str) -> Path:
@@ -85,14 +103,22 @@ def _redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
 
 
-def _bounded_int(minimum: int, maximum: int) -> Callable[[str, str], int]:
-    def parse(name: str, raw: str) -> int:
-        value = _int(minimum)(name, raw)
-        if value > maximum:
-            raise SettingsError(f"{name}={raw!r} is invalid: expected a whole number from {minimum} to {maximum}")
-        return value
+def _bounded_int(minimum: int, maximum: int) -> WholeNumber:
+    return WholeNumber(minimum, maximum)
 
-    return parse
+
+# The whole-number settings besides the runner's: key → parser with its range.
+WHOLE_NUMBER_SETTINGS: dict[str, WholeNumber] = {
+    "MAX_CONCURRENT_JOBS": WholeNumber(1, 100_000),
+    "LOCAL_MAX_RUNNING": WholeNumber(1, 4096),
+    "MAX_PARTITIONS_PER_RUN": WholeNumber(1, 10_000),
+    "POLL_INTERVAL_SECONDS": WholeNumber(1, 3600),
+    "STAGING_TIMEOUT_SECONDS": WholeNumber(1, 604_800),
+    "SENSOR_BATCH_LIMIT": WholeNumber(1, 1_000_000),
+    "SENSOR_INTERVAL_SECONDS": WholeNumber(1, 86_400),
+    "WATERMARK_OVERLAP_SECONDS": WholeNumber(0, 86_400),
+    "RETENTION_DAYS": WholeNumber(0, 36_500),
+}
 
 
 # The step runner's tolerances and bounds: key → (default, parser, allowed values as documented).
@@ -186,15 +212,7 @@ class Settings:
             "K8S_NAMESPACE": _str,
             "SIF_CACHE_DIR": _path,
             "STAGER": _choice(STAGERS),
-            "MAX_CONCURRENT_JOBS": _int(1),
-            "LOCAL_MAX_RUNNING": _int(1),
-            "MAX_PARTITIONS_PER_RUN": _int(1),
-            "POLL_INTERVAL_SECONDS": _int(1),
-            "STAGING_TIMEOUT_SECONDS": _int(1),
-            "SENSOR_BATCH_LIMIT": _int(1),
-            "SENSOR_INTERVAL_SECONDS": _int(1),
-            "WATERMARK_OVERLAP_SECONDS": _int(0),
-            "RETENTION_DAYS": _int(0),
+            **WHOLE_NUMBER_SETTINGS,
             "IMAGE_CHANGE_POLICY": _choice(IMAGE_CHANGE_POLICIES),
         }
         defaults.update({key: default for key, (default, _, _) in RUNNER_SETTINGS.items()})
@@ -225,6 +243,19 @@ class Settings:
         return env
 
 
+_WHOLE_NUMBER_MEANINGS = (
+    ("MAX_CONCURRENT_JOBS", "100", "jobs in flight per backend from this location"),
+    ("LOCAL_MAX_RUNNING", "(number of CPUs)", "local backend: jobs running at once"),
+    ("MAX_PARTITIONS_PER_RUN", "200", "sub-groups one Dagster run materializes"),
+    ("POLL_INTERVAL_SECONDS", "2", "longest pause between job status polls (first 0.2 s)"),
+    ("STAGING_TIMEOUT_SECONDS", "3600", "seconds a run waits for staging"),
+    ("SENSOR_BATCH_LIMIT", "5000", "changed packages read per sensor tick"),
+    ("SENSOR_INTERVAL_SECONDS", "30", "least seconds between two ticks of a pipeline's sensor"),
+    ("WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark"),
+    ("RETENTION_DAYS", "30", "days before consumed intermediates may be deleted"),
+)
+
+
 def variable_reference() -> list[tuple[str, str, str]]:
     """(variable, default, allowed values) for the configuration reference and ``doctor``."""
     return (
@@ -234,20 +265,19 @@ def variable_reference() -> list[tuple[str, str, str]]:
             (PREFIX + "HPC_BACKEND", "local", ", ".join(HPC_BACKENDS)),
             (PREFIX + "CONTAINER_RUNTIME", "apptainer", ", ".join(CONTAINER_RUNTIMES)),
             (PREFIX + "PIPELINE_BASE_DIR", "<data dir>/pipelines", "a writable directory"),
-            (PREFIX + "PROCESSING_LOCATION_ID", "(the only processing location)", "a DataLocation id"),
+            (
+                PREFIX + "PROCESSING_LOCATION_ID",
+                "(the only processing location)",
+                f"a DataLocation id, {_PROCESSING_LOCATION_ID.allowed}",
+            ),
             (PREFIX + "SLURM_PARTITION", "(cluster default)", "a Slurm partition name"),
             (PREFIX + "K8S_NAMESPACE", "ccat", "a Kubernetes namespace"),
             (PREFIX + "SIF_CACHE_DIR", "<data dir>/sif-cache", "a writable directory"),
             (PREFIX + "STAGER", "local", ", ".join(STAGERS)),
-            (PREFIX + "MAX_CONCURRENT_JOBS", "100", "jobs in flight per backend from this location, ≥ 1"),
-            (PREFIX + "LOCAL_MAX_RUNNING", "(number of CPUs)", "local backend: jobs running at once, ≥ 1"),
-            (PREFIX + "MAX_PARTITIONS_PER_RUN", "200", "sub-groups one Dagster run materializes, ≥ 1"),
-            (PREFIX + "POLL_INTERVAL_SECONDS", "2", "longest pause between job status polls (first 0.2 s), ≥ 1"),
-            (PREFIX + "STAGING_TIMEOUT_SECONDS", "3600", "seconds a run waits for staging, ≥ 1"),
-            (PREFIX + "SENSOR_BATCH_LIMIT", "5000", "changed packages read per sensor tick, ≥ 1"),
-            (PREFIX + "SENSOR_INTERVAL_SECONDS", "30", "least seconds between two ticks of a pipeline's sensor, ≥ 1"),
-            (PREFIX + "WATERMARK_OVERLAP_SECONDS", "300", "re-read window of the change watermark, ≥ 0"),
-            (PREFIX + "RETENTION_DAYS", "30", "days before consumed intermediates may be deleted, ≥ 0"),
+            *(
+                (PREFIX + key, default, f"{meaning}, {WHOLE_NUMBER_SETTINGS[key].allowed}")
+                for key, default, meaning in _WHOLE_NUMBER_MEANINGS
+            ),
             (
                 PREFIX + "IMAGE_CHANGE_POLICY",
                 "refuse",
@@ -261,6 +291,8 @@ def variable_reference() -> list[tuple[str, str, str]]:
 
 # --------------------------------------------------------------------------------------------- Kubernetes
 
+_K8S_TTL_SECONDS = WholeNumber(0, 31_536_000)
+_K8S_PULL_GRACE_SECONDS = WholeNumber(0, 86_400)
 # name → (default, allowed values for the reference). K8S_NAMESPACE stays with the general settings above.
 _K8S_VARIABLES: dict[str, tuple[str, str]] = {
     "K8S_AUTH": ("auto", "auto (in-cluster inside a pod, else kubeconfig), in-cluster, kubeconfig"),
@@ -271,9 +303,15 @@ _K8S_VARIABLES: dict[str, tuple[str, str]] = {
     "K8S_IMAGE_PULL_CREDENTIALS": ("", "comma-separated Secret names (empty: none)"),
     "K8S_SERVICE_ACCOUNT": ("", "service account of the Job pods (empty: the namespace's default)"),
     "K8S_VOLUMES": ("", "comma-separated pvc:<claim>:<mount path>[:ro] or host:<node path>:<mount path>[:ro]"),
-    "K8S_TTL_SECONDS_AFTER_FINISHED": ("86400", "seconds Kubernetes keeps a finished Job and its pod log, ≥ 0"),
+    "K8S_TTL_SECONDS_AFTER_FINISHED": (
+        "86400",
+        f"seconds Kubernetes keeps a finished Job and its pod log, {_K8S_TTL_SECONDS.allowed}",
+    ),
     "K8S_GPU_RESOURCE": ("nvidia.com/gpu", "extended resource name that `gpus` asks for"),
-    "K8S_IMAGE_PULL_GRACE_SECONDS": ("300", "seconds a pod may fail to pull its image before the attempt fails, ≥ 0"),
+    "K8S_IMAGE_PULL_GRACE_SECONDS": (
+        "300",
+        f"seconds a pod may fail to pull its image before the attempt fails, {_K8S_PULL_GRACE_SECONDS.allowed}",
+    ),
 }
 
 
@@ -324,11 +362,11 @@ class KubernetesSettings:
             image_pull_secrets=tuple(p.strip() for p in raw("K8S_IMAGE_PULL_CREDENTIALS").split(",") if p.strip()),
             service_account=raw("K8S_SERVICE_ACCOUNT"),
             volumes_spec=raw("K8S_VOLUMES"),
-            ttl_seconds_after_finished=_int(0)(
+            ttl_seconds_after_finished=_K8S_TTL_SECONDS(
                 PREFIX + "K8S_TTL_SECONDS_AFTER_FINISHED", raw("K8S_TTL_SECONDS_AFTER_FINISHED")
             ),
             gpu_resource=raw("K8S_GPU_RESOURCE"),
-            image_pull_grace_seconds=_int(0)(
+            image_pull_grace_seconds=_K8S_PULL_GRACE_SECONDS(
                 PREFIX + "K8S_IMAGE_PULL_GRACE_SECONDS", raw("K8S_IMAGE_PULL_GRACE_SECONDS")
             ),
         )

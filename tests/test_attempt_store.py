@@ -3,13 +3,16 @@ the loop tests use (so the fake is held to what ops-db does), and migration 0003
 
 from __future__ import annotations
 
+import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session
 
 from ccat_dagster.execution.attempts import (
@@ -221,3 +224,88 @@ def test_observers_hear_the_failure_kind_with_the_failed_transition(db_url):
         subject.store.fail(ref.attempt_id, error="staging failed: bad tar", kind=FailureKind.STAGING)
     engine.dispose()
     assert [(t.to_status, t.failure_kind) for t in heard] == [(S.STAGING_DATA, None), (S.FAILED, FailureKind.STAGING)]
+
+
+class _RacingAdopters:
+    """``is_run_alive`` for two runs adopting the same attempt of the dead run ``dead`` at once.
+
+    The first adopter to ask about ``dead`` waits until the other one is either blocked by the store (the row
+    lock: ``other_is_blocked``) or asks about ``dead`` too (it read the row unlocked: two winners), or until
+    ``patience`` runs out; the runs ``r1`` and ``r2`` themselves are alive.
+    """
+
+    def __init__(self, other_is_blocked: Callable[[], bool], patience: float) -> None:
+        self.other_is_blocked = other_is_blocked
+        self.patience = patience
+        self.asked_about_dead = 0
+        self._lock = threading.Lock()
+
+    def is_run_alive(self, run_id: str) -> bool:
+        if run_id != "dead":
+            return True
+        with self._lock:
+            self.asked_about_dead += 1
+        deadline = time.monotonic() + self.patience
+        while time.monotonic() < deadline and self.asked_about_dead < 2 and not self.other_is_blocked():
+            time.sleep(0.005)
+        return False
+
+
+def _lock_waiters(url: str) -> Callable[[], bool]:
+    watcher = make_engine(url)
+
+    def blocked() -> bool:
+        with watcher.connect() as connection:
+            return bool(
+                connection.scalar(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock'"
+                    )
+                )
+            )
+
+    blocked.engine = watcher  # type: ignore[attr-defined]
+    return blocked
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "sqlite"])
+def test_two_runs_adopting_at_once_have_exactly_one_winner(dialect, pg_url, tmp_path):
+    if dialect == "postgresql":
+        url, suffix = pg_url, f"-{uuid.uuid4().hex[:8]}"
+    else:
+        url, suffix = f"sqlite:///{tmp_path / 'opsdb.sqlite'}", ""
+        upgrade(url)
+    engine = make_engine(url)
+    with Session(engine) as session, session.begin():
+        world = make_world(session, suffix=suffix)
+        ids = (world.step.id, world.package.id, world.processing.id, world.software_version.id, world.config.id)
+    subject = Subject(OpsDbAttemptStore(engine), ids[0], (ids[1],), ids[2], lambda _: (), ids[3], ids[4])
+    plan = subject.plan("k1")
+    (ref,), _ = subject.store.create_round([(plan, 0)], run_id="dead", backend="slurm", attempt_dir_of=_dir)
+    subject.store.mark_submitted([(ref.attempt_id, "4711")], backend="slurm")
+    blocked = _lock_waiters(url) if dialect == "postgresql" else (lambda: False)
+    racers = _RacingAdopters(blocked, patience=10.0 if dialect == "postgresql" else 0.5)
+    results: dict[str, object] = {}
+
+    def adopt(run_id: str) -> None:
+        results[run_id] = subject.store.adopt(plan, run_id=run_id, is_run_alive=racers.is_run_alive)
+
+    threads = [threading.Thread(target=adopt, args=(run_id,)) for run_id in ("r1", "r2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    try:
+        outcomes = sorted(result.outcome.value for result in results.values())
+        assert outcomes == [Adoption.ADOPTED.value, Adoption.OWNED_ELSEWHERE.value], results
+        (winner,) = [run for run, result in results.items() if result.outcome is Adoption.ADOPTED]
+        assert results[winner].attempt.attempt_id == ref.attempt_id and results[winner].attempt.job_id == "4711"
+        with Session(engine) as session:
+            row = session.get(m.ExecutedReductionStep, ref.attempt_id)
+            assert (row.dagster_run_id, row.status) == (winner, S.SUBMITTED)
+        assert racers.asked_about_dead == 1  # the loser never saw the dead owner
+    finally:
+        engine.dispose()
+        if dialect == "postgresql":
+            blocked.engine.dispose()

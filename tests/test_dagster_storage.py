@@ -242,10 +242,14 @@ def test_dropping_the_instance_closes_its_event_log_and_schedule_connections(tmp
 @pytest.mark.parametrize(
     ("pool_keys", "message"),
     [
-        ("      pool_max_overflow: -1\n", "config.pool_max_overflow is -1: expected a whole number ≥ 0"),
+        ("      pool_max_overflow: -1\n", "config.pool_max_overflow is -1: expected a whole number from 0 to 100"),
         (
             "      pool_recycle_seconds: 0\n",
-            "config.pool_recycle_seconds is 0: expected a whole number ≥ 1",
+            "config.pool_recycle_seconds is 0: expected a whole number from 1 to 86400",
+        ),
+        (
+            "      pool_recycle_seconds: 99999999999999999999\n",
+            "config.pool_recycle_seconds is 99999999999999999999: expected a whole number from 1 to 86400",
         ),
         ("      pool_max_overflow: x\n", 'path root:pool_max_overflow. Value "x"'),
         ("      pool_recycle_seconds: 1.5\n", "path root:pool_recycle_seconds. Value"),
@@ -258,7 +262,9 @@ def test_a_bad_pool_value_names_the_key(tmp_path, dagster_pg_url, pool_keys, mes
 
 
 def test_a_bad_pool_value_in_code_names_the_key():
-    with pytest.raises(DagsterStorageConfigError, match=r"pool_max_overflow is True: expected a whole number ≥ 0"):
+    with pytest.raises(
+        DagsterStorageConfigError, match=r"pool_max_overflow is True: expected a whole number from 0 to 100"
+    ):
         PooledPostgresStorage("postgresql://nowhere/none", pool_max_overflow=True)
 
 

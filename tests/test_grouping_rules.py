@@ -212,6 +212,7 @@ def test_empty_in_list():
             "mixes json-number and json-string",
         ),
         (rule("RawDataPackage", "metadata", "gt", float("nan"), json_path="a"), "expected a finite number"),
+        (rule("RawDataPackage", "metadata", "gt", 10**400, json_path="a"), "outside the 64-bit integer range"),
     ],
 )
 def test_value_of_the_wrong_type(raw, expected):

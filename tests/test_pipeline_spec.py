@@ -186,8 +186,14 @@ _DELETE = object()
         (("steps", 1, "resources", "cpu"), 1.5, ["steps[1].resources.cpu", "1.5", "whole number"]),
         (("steps", 1, "resources", "time_hours"), 0, ["steps[1].resources.time_hours", "greater than 0"]),
         (("steps", 1, "resources", "gpus"), -1, ["steps[1].resources.gpus", "-1", "GPUs"]),
-        (("steps", 0, "cooldown_seconds"), -5, ["steps[0].cooldown_seconds", "-5", ">= 0"]),
+        (("steps", 0, "cooldown_seconds"), -5, ["steps[0].cooldown_seconds", "-5", "from 0 to"]),
         (("steps", 0, "cooldown_seconds"), "1m", ["steps[0].cooldown_seconds", '"1m"', "seconds"]),
+        (("steps", 0, "cooldown_seconds"), 10**12, ["steps[0].cooldown_seconds", "1000000000000", "0 to 31536000"]),
+        (("steps", 0, "max_retries"), 10**30, ["steps[0].max_retries", "0 to 10"]),
+        (("steps", 1, "resources", "cpu"), 2**63, ["steps[1].resources.cpu", "1 to 1024"]),
+        (("steps", 1, "resources", "memory_gb"), 1e300, ["steps[1].resources.memory_gb", "at most 65536"]),
+        (("priority",), -(10**20), ["priority", "-1000 to 1000"]),
+        (("processing_location",), 2**31, ["processing_location", "2147483648", "1 to 2147483647"]),
         (("steps", 0, "max_retries"), True, ["steps[0].max_retries", "true", "whole number"]),
         (("pipeline",), "Chai-Pipe", ["pipeline:", '"Chai-Pipe"', "lower-case"]),
         (("pipeline",), "x" * 64, ["pipeline:", "at most 63"]),
@@ -232,6 +238,24 @@ def test_schema_errors_name_file_line_path_value_and_expectation(tmp_path, path,
     assert message.split(":")[1].isdigit(), f"no line number in {message}"
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_every_number_in_the_schema_has_an_upper_bound():
+    """A whole number without a maximum reaches ops-db (integer columns) or timedelta and fails there instead."""
+    unbounded = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") in ("integer", "number") and "maximum" not in node:
+                unbounded.append(where)
+            for key, value in node.items():
+                walk(value, f"{where}/{key}")
+        elif isinstance(node, list):
+            for index, value in enumerate(node):
+                walk(value, f"{where}/{index}")
+
+    walk(load_schema(), "#")
+    assert unbounded == []
 
 
 def test_the_line_number_points_at_the_bad_value(tmp_path):

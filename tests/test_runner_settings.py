@@ -19,9 +19,9 @@ def test_defaults_reach_the_execution_resource(tmp_path):
     ("key", "value", "expected"),
     [
         ("SCHEDULER_TOLERANCE_SECONDS", "86401", "from 0 to 86400"),
-        ("OPS_DB_TOLERANCE_SECONDS", "-1", "≥ 0"),
+        ("OPS_DB_TOLERANCE_SECONDS", "-1", "from 0 to 86400"),
         ("MAX_MEMORY_GB", "9" * 30, "from 1 to 65536"),
-        ("MAX_TIME_HOURS", "0", "≥ 1"),
+        ("MAX_TIME_HOURS", "0", "from 1 to 8760"),
         ("MAX_PRODUCTS_PER_ATTEMPT", "1000001", "from 1 to 1000000"),
         ("MAX_PRODUCTS_PER_ATTEMPT", "lots", "whole number"),
     ],

@@ -3,7 +3,9 @@
 ``AttemptStore`` is the interface; ``OpsDbAttemptStore`` is ops-db (PostgreSQL / SQLite), ``InMemoryAttemptStore``
 keeps the same state in dicts so the runner's loop is tested in milliseconds. Each method is one transaction
 and is safe to call again after a connection failure (a transition already made is not made twice), which is
-what lets ``execution.resilience`` retry them while ops-db is briefly unavailable.
+what lets ``execution.resilience`` retry them while ops-db is briefly unavailable. ``adopt`` is written once, here
+in the interface; each store only holds the attempt exclusively while it decides (a row lock on PostgreSQL, a
+write transaction from the start on SQLite, a lock in memory), so two runs adopting at once never both collect.
 
 The COMPLETED transition is not here: it is written by ``register_round`` through
 ``execution.registration.register_attempt_results``, in the same transaction as the products and lineage.
@@ -15,7 +17,9 @@ import abc
 import enum
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, func, select
@@ -92,6 +96,19 @@ def decide_adoption(
     return Adoption.ADOPTED, ""
 
 
+@dataclass(frozen=True)
+class InFlightAttempt:
+    """The in-flight attempt of a sub-group as ``adopt`` sees it, held by the store until the decision is made."""
+
+    owner_run_id: str | None
+    fingerprint: str | None
+    job_id: str | None
+    end_as_lost: Callable[[str], None]
+    """Fail it as lost with this reason."""
+    take_over: Callable[[str], AttemptRef]
+    """Make this run id its owner; returns the attempt (with the previous owner)."""
+
+
 class AttemptStore(abc.ABC):
     """Attempt rows of one processing location. Methods take and return plain values, never ORM objects."""
 
@@ -135,9 +152,32 @@ class AttemptStore(abc.ABC):
     ) -> None:
         """End the attempt FAILED (CANCELLED when ``cancelled``) with its reason and kind; a terminal one stays."""
 
-    @abc.abstractmethod
     def adopt(self, plan: SubGroupPlan, *, run_id: str, is_run_alive: Callable[[str], bool]) -> AdoptionResult:
-        """Take over the in-flight attempt of ``plan``'s sub-group whose run is gone (or is ``run_id``)."""
+        """Take over the in-flight attempt of ``plan``'s sub-group whose run is gone (or is ``run_id``).
+
+        The attempt is held exclusively from the read to the write, so of two runs adopting at once exactly one
+        wins; the other then sees the winner as the owner (alive: OWNED_ELSEWHERE).
+        """
+        with self._hold_in_flight(plan) as attempt:
+            if attempt is None:
+                return AdoptionResult(Adoption.NONE)
+            decision, detail = decide_adoption(
+                owner=attempt.owner_run_id,
+                run_id=run_id,
+                is_run_alive=is_run_alive,
+                same_inputs=attempt.fingerprint == plan.fingerprint,
+                job_id=attempt.job_id,
+            )
+            if decision is Adoption.ENDED:
+                attempt.end_as_lost(detail)
+            elif decision is Adoption.ADOPTED:
+                return AdoptionResult(decision, attempt.take_over(run_id))
+            return AdoptionResult(decision, detail=detail)
+
+    @abc.abstractmethod
+    def _hold_in_flight(self, plan: SubGroupPlan) -> AbstractContextManager[InFlightAttempt | None]:
+        """The non-terminal attempt of ``plan``'s sub-group, held exclusively until the context ends (no other
+        ``adopt`` reads it meanwhile); what the context's body did to it is then committed."""
 
     @abc.abstractmethod
     def count_in_flight(self, *, processing_location_id: int, backend: str, excluding_run_id: str) -> int:
@@ -328,32 +368,38 @@ class OpsDbAttemptStore(AttemptStore):
             to_status = S.CANCELLED if cancelled and attempt.status is not S.COLLECTING_RESULTS else S.FAILED
             transition(session, attempt, to_status, message=error[:500])
 
-    def adopt(self, plan, *, run_id, is_run_alive):
+    @contextmanager
+    def _hold_in_flight(self, plan: SubGroupPlan) -> Iterator[InFlightAttempt | None]:
         E = m.ExecutedReductionStep
         with session_scope(self.engine) as session:
+            if session.get_bind().dialect.name == "sqlite":
+                # SQLite has no row locks and pysqlite begins a transaction only at the first write, so a second
+                # adopter could read the row before this one writes it. A write transaction from the start makes
+                # the second wait (busy_timeout) until this one has committed.
+                session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            # PostgreSQL: a second adopter waits on the row lock, then reads the row as this one committed it.
             attempt = session.scalars(
                 select(E)
                 .where(E.reduction_step_id == plan.step_id)
                 .where(E.sub_group_key == plan.sub_group_key)
                 .where(E.status.not_in(list(TERMINAL_RUN_STATUSES)))
+                .with_for_update()
             ).one_or_none()
             if attempt is None:
-                return AdoptionResult(Adoption.NONE)
-            owner = attempt.dagster_run_id
-            decision, detail = decide_adoption(
-                owner=owner,
-                run_id=run_id,
-                is_run_alive=is_run_alive,
-                same_inputs=attempt.input_fingerprint == plan.fingerprint,
-                job_id=attempt.hpc_job_id,
-            )
-            if decision is Adoption.ENDED:
+                yield None
+                return
+
+            def end_as_lost(detail: str) -> None:
                 attempt.error, attempt.failure_kind = detail, FailureKind.LOST
                 transition(session, attempt, S.FAILED, message=detail)
-            elif decision is Adoption.ADOPTED:
-                attempt.dagster_run_id = run_id
-                return AdoptionResult(decision, _ref(attempt, owner))
-            return AdoptionResult(decision, detail=detail)
+
+            def take_over(run_id: str) -> AttemptRef:
+                owner, attempt.dagster_run_id = attempt.dagster_run_id, run_id
+                return _ref(attempt, owner)
+
+            yield InFlightAttempt(
+                attempt.dagster_run_id, attempt.input_fingerprint, attempt.hpc_job_id, end_as_lost, take_over
+            )
 
     def count_in_flight(self, *, processing_location_id, backend, excluding_run_id):
         E = m.ExecutedReductionStep
@@ -477,6 +523,7 @@ class InMemoryAttemptStore(AttemptStore):
         self.location_id = processing_location_id
         self._ids = itertools.count(1)
         self._by_sub_group: dict[tuple[int, str], list[MemoryAttempt]] = {}
+        self._adoption_lock = threading.Lock()
 
     def attempts_of(self, sub_group_key: str) -> list[MemoryAttempt]:
         return [row for row in self.rows.values() if row.sub_group_key == sub_group_key]
@@ -558,26 +605,23 @@ class InMemoryAttemptStore(AttemptStore):
             row.exit_code = info.exit_code
         row.move(S.CANCELLED if cancelled and row.status is not S.COLLECTING_RESULTS else S.FAILED)
 
-    def adopt(self, plan, *, run_id, is_run_alive):
-        row = self._active(plan.step_id, plan.sub_group_key)
-        if row is None:
-            return AdoptionResult(Adoption.NONE)
-        owner = row.run_id
-        decision, detail = decide_adoption(
-            owner=owner,
-            run_id=run_id,
-            is_run_alive=is_run_alive,
-            same_inputs=row.fingerprint == plan.fingerprint,
-            job_id=row.job_id,
-        )
-        if decision is Adoption.ENDED:
-            row.error, row.failure_kind = detail, FailureKind.LOST
-            row.move(S.FAILED)
-        elif decision is Adoption.ADOPTED:
-            row.run_id = run_id
-            ref = AttemptRef(row.id, row.attempt, row.sub_group_key, row.retry, row.job_id, row.status, owner)
-            return AdoptionResult(decision, ref)
-        return AdoptionResult(decision, detail=detail)
+    @contextmanager
+    def _hold_in_flight(self, plan: SubGroupPlan) -> Iterator[InFlightAttempt | None]:
+        with self._adoption_lock:
+            row = self._active(plan.step_id, plan.sub_group_key)
+            if row is None:
+                yield None
+                return
+
+            def end_as_lost(detail: str) -> None:
+                row.error, row.failure_kind = detail, FailureKind.LOST
+                row.move(S.FAILED)
+
+            def take_over(run_id: str) -> AttemptRef:
+                owner, row.run_id = row.run_id, run_id
+                return AttemptRef(row.id, row.attempt, row.sub_group_key, row.retry, row.job_id, row.status, owner)
+
+            yield InFlightAttempt(row.run_id, row.fingerprint, row.job_id, end_as_lost, take_over)
 
     def count_in_flight(self, *, processing_location_id, backend, excluding_run_id):
         return sum(

@@ -189,12 +189,20 @@ def _read_rules_file(path: Path) -> tuple[list[Any], Any]:
     """Rules from a JSON or YAML file: a list of rules, or a mapping with filter_rules (and group_by)."""
     import yaml
 
+    from ccat_dagster.safe_yaml import YamlLimitError, read_limited_text, safe_load
+
+    origin = f"rules file {path}"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_limited_text(path, origin=origin)
+        data = json.loads(text) if path.suffix.lower() == ".json" else safe_load(text, origin=origin)
+    except YamlLimitError as error:
+        raise GroupingInputError(str(error)) from None
+    except UnicodeDecodeError:
+        raise GroupingInputError(f"cannot read rules file {path}: it is not UTF-8 text") from None
     except OSError as error:
         raise GroupingInputError(f"cannot read rules file {path}: {error.strerror or error}") from None
-    try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except RecursionError:  # json.loads on absurdly nested input
+        raise GroupingInputError(f"rules file {path} is nested too deeply to be a list of rules") from None
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise GroupingInputError(f"rules file {path} is not valid {_format_of(path)}: {error}") from None
     if isinstance(data, dict):

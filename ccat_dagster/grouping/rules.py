@@ -344,6 +344,8 @@ def _convert(kind: str, info: ColumnInfo, operator: str, value: Any) -> tuple[st
     if kind in ("float", "json-number"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             return f"expected a number, got {type(value).__name__}", None
+        if isinstance(value, int) and not -_BIGINT <= value < _BIGINT:
+            return "the number is outside the 64-bit integer range", None  # also beyond what a float holds
         if not math.isfinite(value):
             return "expected a finite number", None
         return None, float(value) if kind == "json-number" or isinstance(value, float) else value

@@ -32,6 +32,7 @@ from ccat_dagster.errors import CcatError
 from ccat_dagster.execution.hpc.base import JobResources
 from ccat_dagster.grouping.rules import FilterRuleError, parse_rules, rules_to_json, validate_group_by
 from ccat_dagster.opsdb.enums import TriggerType, VersionPolicy
+from ccat_dagster.safe_yaml import BoundedSafeLoader, YamlLimitError, read_limited_text
 
 __all__ = [
     "DETERMINED_DIMENSIONS",
@@ -186,7 +187,9 @@ def load_pipeline_spec(path: str | Path) -> PipelineSpec:
     path = Path(path)
     origin = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_limited_text(path, origin=origin)
+    except YamlLimitError as error:
+        raise PipelineSpecError([str(error)]) from None
     except FileNotFoundError:
         raise PipelineSpecError([f"{origin}: no such file: give the path of a pipeline YAML file"]) from None
     except (OSError, UnicodeDecodeError) as error:
@@ -223,8 +226,9 @@ def _parse(data: Any, *, locator: _Locator, base_dir: Path | None, source_path: 
     return spec
 
 
-class _SpecLoader(yaml.SafeLoader):
-    """Safe YAML that rejects duplicate keys and keeps dates as text (a config value must survive JSON)."""
+class _SpecLoader(BoundedSafeLoader):
+    """Safe YAML within the input limits that rejects duplicate keys and keeps dates as text (a config value must
+    survive JSON)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         self.flatten_mapping(node)
@@ -253,10 +257,15 @@ _SpecLoader.yaml_implicit_resolvers = {
 
 
 def _load_yaml(text: str, origin: str) -> tuple[yaml.Node | None, Any]:
-    loader = _SpecLoader(text)
+    try:
+        loader = _SpecLoader(text, origin=origin)
+    except YamlLimitError as error:
+        raise PipelineSpecError([str(error)]) from None
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
+    except YamlLimitError as error:
+        raise PipelineSpecError([str(error)]) from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{origin}:{mark.line + 1}" if mark is not None else origin
