@@ -313,11 +313,30 @@ class RegistryClient:
         return f"{'http' if registry in self.plain_http else 'https'}://{host}"
 
 
+_shared_clients: dict[tuple[object, ...], RegistryClient] = {}
+_shared_lock = threading.Lock()
+
+
 def registry_client_from_environment(environ: Mapping[str, str] | None = None) -> RegistryClient:
-    """A client with the credentials and plain-HTTP registries the settings name (``REGISTRY_*``)."""
+    """A client with the credentials and plain-HTTP registries the settings name (``REGISTRY_*``).
+
+    One client per settings and credentials file version in a process, so its answers are reused for
+    ``cache_seconds`` across the attempts of a run; a new ``docker login`` (a changed file) makes a new one.
+    """
     from ccat_dagster.settings import registry_settings
 
     auth_file, plain_http = registry_settings(environ)
-    return RegistryClient(
-        credentials=load_docker_credentials(auth_file or default_docker_config()), plain_http=plain_http
-    )
+    path = auth_file or default_docker_config()
+    try:
+        info = path.stat()
+        version: tuple[object, ...] = (info.st_mtime_ns, info.st_size, info.st_ino)
+    except OSError:
+        version = ()
+    key = (str(path), plain_http, *version)
+    with _shared_lock:
+        client = _shared_clients.get(key)
+        if client is None:
+            client = RegistryClient(credentials=load_docker_credentials(path), plain_http=plain_http)
+            _shared_clients.clear()  # only the current settings' client is kept
+            _shared_clients[key] = client
+        return client
