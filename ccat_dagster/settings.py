@@ -149,6 +149,9 @@ class Settings:
     max_products_per_attempt: int
     kubernetes: KubernetesSettings
     image_change_policy: str
+    # As given (validated by registry_settings, which is what reads them where a digest is resolved).
+    registry_auth_file: str = ""
+    registry_plain_http: str = ""
 
     @property
     def redacted_ops_db_url(self) -> str:
@@ -209,6 +212,8 @@ class Settings:
         )
         values["kubernetes"] = KubernetesSettings.from_env(env)
         registry_settings(env)  # checked at start-up; read where an image's digest is resolved
+        values["registry_auth_file"] = env.get(REGISTRY_AUTH_FILE_VAR, "").strip()
+        values["registry_plain_http"] = env.get(REGISTRY_PLAIN_HTTP_VAR, "").strip()
         if values["container_runtime"] == "oci" and values["hpc_backend"] != "kubernetes":
             raise SettingsError(
                 f"{PREFIX}CONTAINER_RUNTIME=oci runs each step's image as a Kubernetes Job's container, but "
