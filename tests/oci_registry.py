@@ -24,6 +24,10 @@ REGISTRY_BINARY = "docker-registry"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+# A test-only account for a registry started with basic authentication (htpasswd). The hash is bcrypt with the
+# lowest cost (2^4), so the registry's check of every request stays fast.
+TEST_USER, TEST_PASSWORD = "ccat-robot", "ccat-test-only-pw"
+TEST_HTPASSWD = f"{TEST_USER}:$2b$04$5thI86JVD4p87G7glj.MnujnO6gpf.qA37/F3FLBlZNfT3khrRCsS\n"
 
 
 def _free_port() -> int:
@@ -39,6 +43,7 @@ class RealRegistry:
     process: subprocess.Popen
     host: str
     root: Path
+    auth: tuple[str, str] | None = None
 
     @property
     def url(self) -> str:
@@ -46,7 +51,7 @@ class RealRegistry:
 
     def push_blob(self, repository: str, data: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        started = requests.post(f"{self.url}/v2/{repository}/blobs/uploads/", timeout=10)
+        started = requests.post(f"{self.url}/v2/{repository}/blobs/uploads/", auth=self.auth, timeout=10)
         assert started.status_code == 202, started.text
         location = started.headers["Location"]
         if location.startswith("/"):
@@ -56,6 +61,7 @@ class RealRegistry:
             f"{location}{separator}digest={digest}",
             data=data,
             headers={"Content-Type": "application/octet-stream"},
+            auth=self.auth,
             timeout=10,
         )
         assert done.status_code == 201, done.text
@@ -81,6 +87,7 @@ class RealRegistry:
             f"{self.url}/v2/{repository}/manifests/{tag}",
             data=manifest,
             headers={"Content-Type": OCI_MANIFEST},
+            auth=self.auth,
             timeout=10,
         )
         assert put.status_code == 201, put.text
@@ -96,7 +103,8 @@ class RealRegistry:
             self.process.wait()
 
 
-def start_registry(root: Path) -> RealRegistry:
+def start_registry(root: Path, *, basic_auth: bool = False) -> RealRegistry:
+    """Start a registry; with ``basic_auth`` it requires ``TEST_USER`` / ``TEST_PASSWORD`` (htpasswd)."""
     binary = shutil.which(REGISTRY_BINARY)
     if binary is None:
         pytest.skip(f"{REGISTRY_BINARY} is not installed (apt-get install docker-registry; scripts/setup.sh does)")
@@ -105,19 +113,29 @@ def start_registry(root: Path) -> RealRegistry:
         port = _free_port()
         storage = root / f"storage-{port}"
         config = root / f"config-{port}.yml"
+        auth = ""
+        if basic_auth:
+            htpasswd = root / "htpasswd"
+            htpasswd.write_text(TEST_HTPASSWD)
+            auth = f"auth:\n  htpasswd:\n    realm: ccat-test\n    path: {htpasswd}\n"
         config.write_text(
             "version: 0.1\n"
             "log:\n  level: error\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{port}\n  secret: test-only-upload-secret\n"
+            f"http:\n  addr: 127.0.0.1:{port}\n  secret: test-only-upload-secret\n" + auth
         )
         log = (root / f"registry-{port}.log").open("w")
         process = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-        registry = RealRegistry(process=process, host=f"127.0.0.1:{port}", root=root)
+        registry = RealRegistry(
+            process=process,
+            host=f"127.0.0.1:{port}",
+            root=root,
+            auth=(TEST_USER, TEST_PASSWORD) if basic_auth else None,
+        )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                if requests.get(f"{registry.url}/v2/", timeout=1).status_code == 200:
+                if requests.get(f"{registry.url}/v2/", auth=registry.auth, timeout=1).status_code == 200:
                     return registry
             except requests.ConnectionError:
                 time.sleep(0.05)

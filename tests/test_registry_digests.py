@@ -37,12 +37,13 @@ from ccat_dagster.execution.registry import (
     RegistryUnauthorizedError,
     RegistryUnreachableError,
     load_docker_credentials,
+    registry_client_from_environment,
 )
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
 from ccat_dagster.settings import SettingsError, registry_settings
 
-from .oci_registry import RealRegistry, _free_port, start_registry
+from .oci_registry import TEST_PASSWORD, TEST_USER, RealRegistry, _free_port, start_registry
 
 DIGEST_A = "sha256:" + "a" * 64
 
@@ -150,6 +151,36 @@ def test_a_moved_tag_is_refused_at_the_next_submit(engine, registry: RealRegistr
         registry=_client(registry),
     )  # fmt: skip
     assert again.digest == moved, "the new build passes; the tag is still asked (a declared digest is compared)"
+
+
+def test_real_registry_with_basic_auth_takes_the_credentials_from_a_docker_config(
+    tmp_path_factory, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """The registry's own challenge (htpasswd: ``WWW-Authenticate: Basic``) answered from a config.json named by
+    REGISTRY_AUTH_FILE, as the runner's default client reads it; wrong or no credentials are refused clearly."""
+    secured = start_registry(tmp_path_factory.mktemp("registry-auth"), basic_auth=True)
+    try:
+        pushed = secured.push_image("ccat/private", "2.0", payload=b"private layer")
+        reference = parse_oci_reference(f"docker://{secured.host}/ccat/private:2.0")
+        plain = {"CCAT_WORKFLOW_MANAGER_REGISTRY_PLAIN_HTTP": secured.host}
+        config = tmp_path / "config.json"
+        pair = base64.b64encode(f"{TEST_USER}:{TEST_PASSWORD}".encode()).decode()
+        config.write_text(json.dumps({"auths": {secured.host: {"auth": pair}}}))
+        with caplog.at_level(logging.DEBUG):
+            client = registry_client_from_environment(
+                {**plain, "CCAT_WORKFLOW_MANAGER_REGISTRY_AUTH_FILE": str(config)}
+            )
+            assert client.manifest_digest(reference) == pushed
+        assert TEST_PASSWORD not in caplog.text
+        with pytest.raises(RegistryUnauthorizedError, match="no credentials for it were found"):
+            registry_client_from_environment(
+                {**plain, "CCAT_WORKFLOW_MANAGER_REGISTRY_AUTH_FILE": str(tmp_path / "none")}
+            ).manifest_digest(reference)
+        wrong = {secured.host: RegistryCredentials(TEST_USER, "not-the-password")}
+        with pytest.raises(RegistryUnauthorizedError, match="credentials found for it were refused"):
+            RegistryClient(credentials=wrong, plain_http=frozenset({secured.host})).manifest_digest(reference)
+    finally:
+        secured.stop()
 
 
 def test_unreachable_registry_is_retried_then_a_clear_error() -> None:
