@@ -15,6 +15,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 
+from ccat_dagster.doctor import CheckStatus, check_container_runtime
 from ccat_dagster.execution.contract import ContainerContractError, attempt_layout, build_environment, build_mounts
 from ccat_dagster.execution.hpc.base import InvalidJobSpecError, JobResources, JobSpec
 from ccat_dagster.execution.hpc.kubernetes.config import KubernetesConfig, parse_volume_specs
@@ -22,6 +23,7 @@ from ccat_dagster.execution.hpc.kubernetes.job_status import parse_job_status
 from ccat_dagster.execution.hpc.kubernetes.manifest import build_job_manifest
 from ccat_dagster.execution.images import ImageKind, ResolvedImage
 from ccat_dagster.execution.runtimes import ContainerInvocation, OciRuntime, get_runtime
+from ccat_dagster.settings import Settings, SettingsError
 
 from .k8s_standin import SCHEMA_VERSIONS
 from .test_k8s_job_status import BACKOFF, NOW, job, pod, terminated
@@ -235,3 +237,39 @@ def test_cpu_hours_are_absent_without_timestamps_or_a_request():
     )
     deadline = job(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline"))
     assert parse_job_status(deadline, [], now=NOW, image_pull_grace_seconds=1).info.cpu_hours is None, "pod gone"
+
+
+# ---------------------------------------------------------------------------------------------- settings
+
+
+def _env(**values: str) -> dict[str, str]:
+    base = {
+        "CCAT_DAGSTER_DATA_DIR": "/srv/ccat",
+        "CCAT_WORKFLOW_MANAGER_HPC_BACKEND": "kubernetes",
+        "CCAT_WORKFLOW_MANAGER_CONTAINER_RUNTIME": "oci",
+        "CCAT_WORKFLOW_MANAGER_PIPELINE_BASE_DIR": "/data/pipelines",
+        "CCAT_WORKFLOW_MANAGER_K8S_VOLUMES": "pvc:ccat-pipelines:/data/pipelines",
+    }
+    return {**base, **{f"CCAT_WORKFLOW_MANAGER_{key}": value for key, value in values.items()}}
+
+
+def test_oci_settings_need_kubernetes_but_no_job_image_and_check_the_user():
+    settings = Settings.from_env(_env(K8S_RUN_AS_USER="4100:4100"))
+    config = settings.kubernetes.backend_config(namespace=settings.k8s_namespace)
+    assert (config.job_image, config.run_as_user) == ("", "4100:4100")
+    assert check_container_runtime(settings=settings).status is CheckStatus.OK
+    with pytest.raises(SettingsError, match="CONTAINER_RUNTIME=oci runs each step's image as a Kubernetes Job's"):
+        Settings.from_env(_env(HPC_BACKEND="slurm"))
+    with pytest.raises(SettingsError, match="K8S_JOB_IMAGE is empty"):
+        Settings.from_env(_env(CONTAINER_RUNTIME="apptainer"))
+    with pytest.raises(SettingsError, match="K8S_RUN_AS_USER='root' is invalid: give a numeric uid"):
+        Settings.from_env(_env(K8S_RUN_AS_USER="root"))
+
+
+def test_the_local_backend_refuses_a_job_that_brings_its_own_image(tmp_path):
+    from ccat_dagster.execution.hpc.local import LocalBackend
+
+    backend = LocalBackend(state_dir=tmp_path / "jobs", max_concurrent_jobs=1)
+    with pytest.raises(InvalidJobSpecError, match="only HPC_BACKEND=kubernetes does; set CONTAINER_RUNTIME=apptainer"):
+        backend.submit(cpu_spec())
+    assert not any((tmp_path / "jobs").glob("*.spec.json")), "nothing was queued"
