@@ -570,7 +570,11 @@ def check_container_runtime(*, settings: Settings) -> CheckResult:
     problem = runtime.check()
     if problem:
         return CheckResult("container runtime", CheckStatus.FAIL, f"{runtime.name}: {problem}")
-    how = "a test sandbox started" if runtime.name == "bubblewrap" else "apptainer --version answered"
+    how = {
+        "bubblewrap": "a test sandbox started",
+        "apptainer": "apptainer --version answered",
+        "oci": "nothing runs on this host; the cluster's nodes pull and run each step's image by digest",
+    }[runtime.name]
     return CheckResult("container runtime", CheckStatus.OK, f"{runtime.name}: {how}")
 
 

@@ -7,6 +7,7 @@ local data directory (``CCAT_DAGSTER_DATA_DIR``) that the laptop defaults live u
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,7 +20,7 @@ OPS_DB_URL_VAR = "CCAT_OPS_DB_URL"
 DATA_DIR_VAR = "CCAT_DAGSTER_DATA_DIR"
 
 HPC_BACKENDS = ("local", "slurm", "kubernetes")
-CONTAINER_RUNTIMES = ("apptainer", "bubblewrap")
+CONTAINER_RUNTIMES = ("apptainer", "bubblewrap", "oci")
 STAGERS = ("local", "external")
 IMAGE_CHANGE_POLICIES = ("refuse", "new_build")
 
@@ -174,6 +175,9 @@ class Settings:
     max_products_per_attempt: int
     kubernetes: KubernetesSettings
     image_change_policy: str
+    # As given (validated by registry_settings, which is what reads them where a digest is resolved).
+    registry_auth_file: str = ""
+    registry_plain_http: str = ""
 
     @property
     def redacted_ops_db_url(self) -> str:
@@ -225,9 +229,19 @@ class Settings:
             OPS_DB_URL_VAR, env.get(OPS_DB_URL_VAR, f"sqlite:///{data_dir / 'opsdb.sqlite'}")
         )
         values["kubernetes"] = KubernetesSettings.from_env(env)
+        registry_settings(env)  # checked at start-up; read where an image's digest is resolved
+        values["registry_auth_file"] = env.get(REGISTRY_AUTH_FILE_VAR, "").strip()
+        values["registry_plain_http"] = env.get(REGISTRY_PLAIN_HTTP_VAR, "").strip()
+        if values["container_runtime"] == "oci" and values["hpc_backend"] != "kubernetes":
+            raise SettingsError(
+                f"{PREFIX}CONTAINER_RUNTIME=oci runs each step's image as a Kubernetes Job's container, but "
+                f"{PREFIX}HPC_BACKEND={values['hpc_backend']!r}: set HPC_BACKEND=kubernetes, or use apptainer"
+            )
         if values["hpc_backend"] == "kubernetes":
             values["kubernetes"].require_usable(
-                pipeline_base_dir=values["pipeline_base_dir"], namespace=values["k8s_namespace"]
+                pipeline_base_dir=values["pipeline_base_dir"],
+                namespace=values["k8s_namespace"],
+                runtime=values["container_runtime"],
             )
         return cls(**values)
 
@@ -283,6 +297,12 @@ def variable_reference() -> list[tuple[str, str, str]]:
                 "refuse",
                 "refuse, new_build: what a changed image under one version does",
             ),
+            (
+                REGISTRY_AUTH_FILE_VAR,
+                "$DOCKER_CONFIG/config.json, else ~/.docker/config.json",
+                "a docker config.json with the registries' credentials",
+            ),
+            (REGISTRY_PLAIN_HTTP_VAR, "(empty)", "comma-separated registry host[:port] reached over HTTP, not HTTPS"),
         ]
         + [(PREFIX + key, default, allowed) for key, (default, _, allowed) in RUNNER_SETTINGS.items()]
         + kubernetes_variable_reference()
@@ -298,7 +318,10 @@ _K8S_VARIABLES: dict[str, tuple[str, str]] = {
     "K8S_AUTH": ("auto", "auto (in-cluster inside a pod, else kubeconfig), in-cluster, kubeconfig"),
     "K8S_KUBECONFIG": ("", "kubeconfig file (empty: $KUBECONFIG, else ~/.kube/config)"),
     "K8S_CONTEXT": ("", "kubeconfig context (empty: its current context)"),
-    "K8S_JOB_IMAGE": ("", "image of the Job's container, which runs the Apptainer command; required"),
+    "K8S_JOB_IMAGE": (
+        "",
+        "image of the Job's container, which runs the Apptainer command; required unless CONTAINER_RUNTIME=oci",
+    ),
     "K8S_IMAGE_PULL_POLICY": ("IfNotPresent", "IfNotPresent, Always, Never"),
     "K8S_IMAGE_PULL_CREDENTIALS": ("", "comma-separated Secret names (empty: none)"),
     "K8S_SERVICE_ACCOUNT": ("", "service account of the Job pods (empty: the namespace's default)"),
@@ -311,6 +334,10 @@ _K8S_VARIABLES: dict[str, tuple[str, str]] = {
     "K8S_IMAGE_PULL_GRACE_SECONDS": (
         "300",
         f"seconds a pod may fail to pull its image before the attempt fails, {_K8S_PULL_GRACE_SECONDS.allowed}",
+    ),
+    "K8S_RUN_AS_USER": (
+        "",
+        "CONTAINER_RUNTIME=oci: uid[:gid] the step's container runs as (empty: the image's user, never root)",
     ),
 }
 
@@ -330,6 +357,7 @@ class KubernetesSettings:
     ttl_seconds_after_finished: int
     gpu_resource: str
     image_pull_grace_seconds: int
+    run_as_user: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> KubernetesSettings:
@@ -353,6 +381,11 @@ class KubernetesSettings:
             parse_volume_specs(raw("K8S_VOLUMES"))
         except KubernetesConfigError as error:
             raise SettingsError(f"{PREFIX}K8S_VOLUMES: {error}") from None
+        run_as = raw("K8S_RUN_AS_USER")
+        if run_as and not re.fullmatch(r"[0-9]{1,10}(:[0-9]{1,10})?", run_as):
+            raise SettingsError(
+                f"{PREFIX}K8S_RUN_AS_USER={run_as!r} is invalid: give a numeric uid or uid:gid (e.g. 1000:1000)"
+            )
         return cls(
             auth=auth,
             kubeconfig=raw("K8S_KUBECONFIG"),
@@ -369,6 +402,7 @@ class KubernetesSettings:
             image_pull_grace_seconds=_K8S_PULL_GRACE_SECONDS(
                 PREFIX + "K8S_IMAGE_PULL_GRACE_SECONDS", raw("K8S_IMAGE_PULL_GRACE_SECONDS")
             ),
+            run_as_user=run_as,
         )
 
     def backend_config(self, *, namespace: str) -> Any:
@@ -390,13 +424,15 @@ class KubernetesSettings:
                 ttl_seconds_after_finished=self.ttl_seconds_after_finished,
                 gpu_resource=self.gpu_resource,
                 image_pull_grace_seconds=float(self.image_pull_grace_seconds),
+                run_as_user=self.run_as_user,
             )
         except KubernetesConfigError as error:
             raise SettingsError(f"HPC_BACKEND=kubernetes: {error} (see docs/configuration.md, Kubernetes)") from None
 
-    def require_usable(self, *, pipeline_base_dir: Path, namespace: str) -> None:
-        """With HPC_BACKEND=kubernetes: the Job image is set and PIPELINE_BASE_DIR is on one of the volumes."""
-        if not self.job_image:
+    def require_usable(self, *, pipeline_base_dir: Path, namespace: str, runtime: str = "apptainer") -> None:
+        """With HPC_BACKEND=kubernetes: the Job image is set (unless the runtime is oci: each step's image is the
+        container) and PIPELINE_BASE_DIR is on one of the volumes."""
+        if not self.job_image and runtime != "oci":
             raise SettingsError(
                 f"{PREFIX}K8S_JOB_IMAGE is empty: HPC_BACKEND=kubernetes needs the image its Jobs run the Apptainer "
                 "command in (e.g. registry.example.org/ccat/apptainer-runner:1.3)"
@@ -421,6 +457,7 @@ class KubernetesSettings:
             "K8S_TTL_SECONDS_AFTER_FINISHED": str(self.ttl_seconds_after_finished),
             "K8S_GPU_RESOURCE": self.gpu_resource,
             "K8S_IMAGE_PULL_GRACE_SECONDS": str(self.image_pull_grace_seconds),
+            "K8S_RUN_AS_USER": self.run_as_user,
         }
         return {PREFIX + key: value for key, value in values.items()}
 
@@ -434,3 +471,24 @@ def image_change_policy(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     name = PREFIX + "IMAGE_CHANGE_POLICY"
     return _choice(IMAGE_CHANGE_POLICIES)(name, env.get(name, "refuse"))
+
+
+# --------------------------------------------------------------------------------------------- registries
+REGISTRY_AUTH_FILE_VAR = PREFIX + "REGISTRY_AUTH_FILE"
+REGISTRY_PLAIN_HTTP_VAR = PREFIX + "REGISTRY_PLAIN_HTTP"
+
+
+def registry_settings(environ: Mapping[str, str] | None = None) -> tuple[Path | None, frozenset[str]]:
+    """``REGISTRY_AUTH_FILE`` (None: docker's default ``config.json``) and ``REGISTRY_PLAIN_HTTP`` (hosts).
+
+    Read on their own, as ``image_change_policy`` is, by whatever resolves an image's digest.
+    """
+    env = os.environ if environ is None else environ
+    auth_file = env.get(REGISTRY_AUTH_FILE_VAR, "").strip()
+    hosts = frozenset(h.strip().lower() for h in env.get(REGISTRY_PLAIN_HTTP_VAR, "").split(",") if h.strip())
+    for host in hosts:
+        if not re.fullmatch(r"[a-z0-9.-]+(:[0-9]{1,5})?", host):
+            raise SettingsError(
+                f"{REGISTRY_PLAIN_HTTP_VAR}: {host!r} is not a registry host[:port] (e.g. localhost:5000)"
+            )
+    return (_path(REGISTRY_AUTH_FILE_VAR, auth_file) if auth_file else None), hosts

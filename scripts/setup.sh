@@ -2,7 +2,9 @@
 # Installs everything ccat-dagster needs on a fresh Debian 12 machine (idempotent):
 #   - Debian packages: bubblewrap (container runtime used where Apptainer is absent), Debian's python3 with
 #     numpy/astropy/matplotlib (what the example reduction software imports inside the container),
-#     PostgreSQL client; with --with-browser also chromium + chromium-driver for the UI test.
+#     PostgreSQL client, docker-registry (the CNCF distribution registry that the registry-digest tests start
+#     on a free port and push to; its system service is not needed); with --with-browser also chromium +
+#     chromium-driver for the UI test.
 #   - the project's virtual environment .venv with the package and its dev dependencies.
 # Usage: scripts/setup.sh [--with-browser]
 set -euo pipefail
@@ -16,7 +18,7 @@ for arg in "$@"; do
   esac
 done
 
-packages=(bubblewrap python3 python3-numpy python3-astropy python3-matplotlib postgresql-client)
+packages=(bubblewrap python3 python3-numpy python3-astropy python3-matplotlib postgresql-client docker-registry)
 [ "$with_browser" = 1 ] && packages+=(chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do

@@ -10,6 +10,11 @@ pods in memory. It is a stand-in, not a cluster: no scheduler, no kubelet, no ad
 * ``execute=False``: the pod stays Pending until the test drives it (``run_pod``, ``finish_pod``, ``evict``,
   ``image_pull_failure``).
 
+A pod whose image the test lists in ``images`` (reference → a local sandbox or software directory) is run as a
+kubelet would run that image: in bubblewrap (the project's own bwrap command builder), with the pod's
+``volumeMounts`` (hostPath + subPath at mountPath, read-only as marked), its env and working directory, and
+nothing else of the host; an emptyDir becomes a tmpfs. The image itself is not pulled: the test names its root.
+
 It records every request (``requests``) so tests can count list calls, and can answer the next requests with
 an injected error (``fail_next``) to exercise the client's retries over real HTTP.
 """
@@ -89,6 +94,8 @@ class KubernetesStandIn:
         self.forbid_namespace_read = False
         # Job name → memory in use (a quantity such as "1536Mi"); None: no metrics-server (the API answers 404).
         self.memory_usage: dict[str, str] | None = None
+        # Image reference → local root the "kubelet" runs it from (see the module docstring).
+        self.images: dict[str, Path] = {}
         self.requests: list[tuple[str, str]] = []
         self.delete_bodies: list[dict[str, Any]] = []
         self._failures: list[tuple[int, dict[str, str]]] = []
@@ -364,13 +371,17 @@ class KubernetesStandIn:
         container = pod["spec"]["containers"][0]
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         env.update({item["name"]: item["value"] for item in container.get("env") or []})
+        command, cwd = container["command"], container.get("workingDir") or "/"
+        root = self.images.get(container["image"])
+        if root is not None:
+            command, cwd = _kubelet_command(pod["spec"], container, root), "/"
         # Started from one long-lived thread: a process asking for PR_SET_PDEATHSIG (bwrap --die-with-parent)
         # dies with the thread that started it, and request threads end with their connection.
         popen = self._launcher.submit(
             subprocess.Popen,
-            container["command"],
+            command,
             env=env,
-            cwd=container.get("workingDir") or "/",
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -480,6 +491,33 @@ class KubernetesStandIn:
     def running_processes(self) -> Iterator[int]:
         with self._lock:
             return iter([p.popen.pid for p in self._processes.values() if p.popen.poll() is None])
+
+
+def _kubelet_command(pod_spec: dict[str, Any], container: dict[str, Any], root: Path) -> list[str]:
+    """What running ``container`` of its own image rooted at ``root`` looks like here: a bwrap command line."""
+    from ccat_dagster.execution.contract import Mount
+    from ccat_dagster.execution.images import ImageKind, ResolvedImage
+    from ccat_dagster.execution.runtimes import ContainerInvocation, build_bwrap_command
+
+    volumes = {volume["name"]: volume for volume in pod_spec.get("volumes") or []}
+    mounts = []
+    for mount in container.get("volumeMounts") or []:
+        volume = volumes[mount["name"]]
+        if "emptyDir" in volume:
+            if mount["mountPath"] != "/tmp":  # bwrap gives every sandbox a tmpfs /tmp already
+                raise NotImplementedError(f"the stand-in mounts emptyDir only at /tmp, not {mount['mountPath']}")
+            continue
+        host = Path(volume["hostPath"]["path"]) / mount.get("subPath", "")
+        mounts.append(Mount(host, mount["mountPath"], read_only=bool(mount.get("readOnly"))))
+    kind = ImageKind.SANDBOX if (root / "usr").is_dir() else ImageKind.SOFTWARE_DIR
+    invocation = ContainerInvocation(
+        image=ResolvedImage(path=root, digest=None, kind=kind),
+        mounts=mounts,
+        env={item["name"]: item["value"] for item in container.get("env") or []},
+        args=list(container["command"]),
+        workdir=container.get("workingDir") or "/",
+    )
+    return build_bwrap_command(invocation)
 
 
 def _container_status(pod: dict[str, Any], **state: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from ccat_dagster.demo.seed import PROCESSING_LOCATION, seed_demo
 from ccat_dagster.execution.hpc.base import HpcBackend
 from ccat_dagster.execution.hpc.local import LocalBackend
 from ccat_dagster.execution.runner import RunnerConfig, StepRunner
-from ccat_dagster.execution.runtimes import BubblewrapRuntime
+from ccat_dagster.execution.runtimes import BubblewrapRuntime, ContainerRuntime
 from ccat_dagster.execution.staging import LocalStager
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
@@ -129,6 +129,7 @@ class RunnerWorld:
         resources: dict[str, Any] | None = None,
         max_retries: int = 0,
         extra_config: dict[str, Any] | None = None,
+        software: dict[str, Any] | None = None,
     ) -> str:
         """Apply a one-step (final) pipeline, per executed_obs_unit, whose container does ``behaviour``."""
         name = f"t_{behaviour}_{uuid.uuid4().hex[:8]}"
@@ -153,6 +154,7 @@ class RunnerWorld:
                             "version": "1.0.0",
                             "image_ref": str(self.software_dir),
                             "entrypoint": ["/usr/bin/python3", "/opt/software/bin/behave.py"],
+                            **(software or {}),
                         },
                         "config": {"behaviour": behaviour, **(extra_config or {})},
                         "group_by": ["executed_obs_unit"],
@@ -170,11 +172,13 @@ class RunnerWorld:
                 step.resources = {**step.resources, **resources}
         return name
 
-    def runner(self, backend: HpcBackend | None = None, **config: Any) -> StepRunner:
+    def runner(
+        self, backend: HpcBackend | None = None, *, runtime: ContainerRuntime | None = None, **config: Any
+    ) -> StepRunner:
         return StepRunner(
             engine=self.engine,
             backend=backend or self.local_backend(),
-            runtime=BubblewrapRuntime(),
+            runtime=runtime or BubblewrapRuntime(),
             stager=LocalStager(),
             config=RunnerConfig(
                 pipeline_base_dir=self.base_dir,

@@ -104,17 +104,40 @@ def test_remote_image_is_pulled_once_into_the_cache(tmp_path: Path) -> None:
     assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [f"sha256-{HEX}.sif"]
 
 
-def test_remote_image_needs_a_digest(tmp_path: Path) -> None:
+class FakeRegistry:
+    def __init__(self, digest: str) -> None:
+        self.digest, self.asked = digest, []
+
+    def manifest_digest(self, reference: images.OciReference) -> str:
+        self.asked.append(reference)
+        return self.digest
+
+
+def test_a_remote_tag_without_a_digest_is_asked_of_the_registry_and_pulled_by_the_answer(tmp_path: Path) -> None:
+    pull, registry = FakePull(), FakeRegistry(DIGEST)
+    resolved = resolve_image(
+        image_ref="oras://ghcr.io/ccat/chai:1",
+        image_digest=None,
+        sif_cache_dir=tmp_path,
+        runtime_name="apptainer",
+        pull=pull,
+        registry=registry,
+    )
+    assert [(r.registry, r.repository, r.tag) for r in registry.asked] == [("ghcr.io", "ccat/chai", "1")]
+    assert resolved.digest == DIGEST and [ref for ref, _ in pull.calls] == [f"oras://ghcr.io/ccat/chai@{DIGEST}"]
+
+
+def test_a_remote_reference_no_registry_can_be_asked_about_needs_a_digest(tmp_path: Path) -> None:
     pull = FakePull()
-    with pytest.raises(ImageError, match="no image_digest; set image_digest") as caught:
+    with pytest.raises(ImageError, match="names no digest; pin it .* or set image_digest") as caught:
         resolve_image(
-            image_ref="oras://ghcr.io/ccat/chai:1",
+            image_ref="library://ccat/chai:1",
             image_digest=None,
             sif_cache_dir=tmp_path,
             runtime_name="apptainer",
             pull=pull,
         )
-    assert "oras://ghcr.io/ccat/chai:1" in str(caught.value)
+    assert "library://ccat/chai:1" in str(caught.value)
     assert pull.calls == []
 
 

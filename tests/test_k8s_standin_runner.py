@@ -17,11 +17,13 @@ import pytest
 
 from ccat_dagster.execution.hpc.kubernetes import backend_from_settings
 from ccat_dagster.execution.runner import OutcomeKind
+from ccat_dagster.execution.runtimes import get_runtime
 from ccat_dagster.opsdb.enums import RunStatus
 from ccat_dagster.settings import Settings
 
 from .dagster_fixtures import require_bwrap_and_numpy
 from .k8s_standin import KubernetesStandIn
+from .oci_registry import start_registry
 from .runner_fixtures import (
     STEP,
     RunnerWorld,
@@ -183,3 +185,46 @@ def test_standin_a_restarted_runner_reattaches_to_its_job_by_label(world, standi
     assert any(f"reattached to kubernetes job {submitted.hpc_job_id}" in line for line in world.reports)
     assert [r for r in standin.requests if r[0] == "POST" and r[1].endswith("/jobs")] == creates  # no new Job
     assert world.registered_counts([attempt.id])["products"] == 1
+
+
+def test_standin_oci_runtime_runs_the_step_image_by_its_registry_digest(
+    world, standin, environment, tmp_path_factory, monkeypatch
+):
+    """CONTAINER_RUNTIME=oci end to end: the tag's digest from a real registry, the Job's container that image
+    by digest with only the contract's mounts (the stand-in's kubelet runs it in bubblewrap from the software
+    directory the test names for that digest), products collected, reserved CPU hours recorded."""
+    registry = start_registry(tmp_path_factory.mktemp("registry"))
+    try:
+        digest = registry.push_image("ccat/behave", "1.0.0", payload=b"behave 1.0.0")
+        standin.images[f"{registry.host}/ccat/behave@{digest}"] = world.software_dir
+        monkeypatch.setenv("CCAT_WORKFLOW_MANAGER_REGISTRY_PLAIN_HTTP", registry.host)
+        env = {
+            **environment,
+            "CCAT_WORKFLOW_MANAGER_CONTAINER_RUNTIME": "oci",
+            "CCAT_WORKFLOW_MANAGER_K8S_JOB_IMAGE": "",
+        }
+        settings = Settings.from_env(env)
+        pipeline = world.apply(
+            behaviour="ok",
+            software={"name": "behave-oci", "image_ref": f"docker://{registry.host}/ccat/behave:1.0.0"},
+        )
+        runner = world.runner(backend_from_settings(settings), runtime=get_runtime(settings.container_runtime), **POLL)
+        keys = world.scan_keys[:1]
+        (outcome,) = runner.run(pipeline_name=pipeline, step_name=STEP, sub_group_keys=keys, dagster_run_id="k-oci")
+    finally:
+        registry.stop()
+    assert outcome.kind is OutcomeKind.COMPLETED, outcome.detail
+    (attempt,) = world.attempts(pipeline)
+    assert attempt.image_digest == digest
+    (container,) = standin.job(attempt.hpc_job_id)["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"{registry.host}/ccat/behave@{digest}"
+    assert container["command"] == ["/usr/bin/python3", "/opt/software/bin/behave.py"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["readOnly"] for m in container["volumeMounts"]}
+    assert mounts["/workflow/config"] is True and mounts["/workflow/output"] is False
+    assert all(path.startswith("/workflow/") or path == "/tmp" for path in mounts)
+    assert world.registered_counts([attempt.id])["products"] == 1
+    # One CPU reserved for the pod's run time (the stand-in's timestamps have whole seconds).
+    assert attempt.cpu_hours is not None and attempt.cpu_hours == pytest.approx(
+        attempt.wall_time_seconds / 3600, abs=1e-9
+    )

@@ -10,12 +10,17 @@
 Every kind of image has a digest (``image_digest``): the sha256 of a SIF file; a tree hash of a sandbox or
 software directory (``tree_digest``: paths, modes, file contents and symlink targets, never following a link,
 with a per-file cache keyed by (path, mtime, ctime, size, inode) so an unchanged tree is only stat'ed); and the
-registry digest of a remote OCI reference (``oci_reference_digest``: the ``@sha256:`` it pins, else the
-declared ``image_digest``). Given a ``BuildCheck``, ``resolve_image`` records that digest for the software
+registry digest of a remote OCI reference (``remote_image_digest``: the ``@sha256:`` it pins, else the
+declared ``image_digest``, else the digest the registry gives its tag now, asked through the distribution API by
+``registry.RegistryClient``). Given a ``BuildCheck``, ``resolve_image`` records that digest for the software
 version the first time it is used (``ReductionSoftwareBuild`` build 1) and refuses a different one later,
 naming the version, both digests and the fix; under ``IMAGE_CHANGE_POLICY=new_build`` a change is registered
 as the next build and becomes the version's ``image_digest`` (so it enters every input fingerprint), and the
-attempt planned with the old build is not run.
+attempt planned with the old build is not run. A tag that moved to another image is such a change: refused, or a
+new build, before anything is pulled.
+
+With ``CONTAINER_RUNTIME=oci`` nothing is pulled on this host: the image is the reference pinned by that digest
+(``ImageKind.OCI``, ``ResolvedImage.reference``), which the Kubernetes backend runs as the Job's container.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
@@ -44,7 +50,10 @@ from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import session_scope
 from ccat_dagster.settings import image_change_policy
 
-RUNTIME_NAMES = ("apptainer", "bubblewrap")
+if TYPE_CHECKING:
+    from ccat_dagster.execution.registry import RegistryClient
+
+RUNTIME_NAMES = ("apptainer", "bubblewrap", "oci")
 REMOTE_SCHEMES = ("docker://", "oras://", "library://", "https://")
 _PULL_TIMEOUT_SECONDS = 3600
 _HASH_CHUNK_BYTES = 1 << 20
@@ -74,15 +83,23 @@ class ImageKind(enum.StrEnum):
     SIF = "sif"
     SANDBOX = "sandbox"
     SOFTWARE_DIR = "software_dir"
+    OCI = "oci"
 
 
 @dataclass(frozen=True)
 class ResolvedImage:
-    """A runnable image on this host: a SIF file, a sandbox directory or a software directory."""
+    """A runnable image: on this host a SIF file, a sandbox directory or a software directory (``path``); or,
+    for ``CONTAINER_RUNTIME=oci``, an image in a registry (``path`` None, ``reference`` pinned by digest)."""
 
-    path: Path
+    path: Path | None
     digest: str | None
     kind: ImageKind
+    reference: str | None = None
+
+    @property
+    def location(self) -> str:
+        """Where the image is, for messages and the build record: its path, or its pinned reference."""
+        return str(self.path) if self.path is not None else str(self.reference)
 
 
 def normalise_image_digest(value: str) -> str:
@@ -158,13 +175,25 @@ def resolve_image(
     pull: PullFunction | None = None,
     base_dir: Path | None = None,
     check: BuildCheck | None = None,
+    registry: RegistryClient | None = None,
 ) -> ResolvedImage:
     """Resolve ``image_ref`` for ``runtime_name``; pulls a remote image at most once per digest.
 
     Relative local paths are resolved against ``base_dir``. ``pull`` defaults to ``apptainer_pull``. With
     ``check``, the image's digest is computed and checked against the version's recorded build (see the module
-    docstring); the returned ``digest`` is then always set.
+    docstring); the returned ``digest`` is then always set. ``registry`` asks for the digest of an OCI tag
+    that neither pins nor declares one (default: a client from the ``REGISTRY_*`` settings).
     """
+    if isinstance(image_ref, str) and image_ref.startswith(REMOTE_SCHEMES) and runtime_name in RUNTIME_NAMES:
+        return _resolve_remote_checked(
+            image_ref=image_ref,
+            image_digest=image_digest,
+            sif_cache_dir=Path(sif_cache_dir),
+            runtime_name=runtime_name,
+            pull=pull,
+            check=check,
+            registry=registry,
+        )
     resolved = _resolve(
         image_ref=image_ref,
         image_digest=image_digest,
@@ -178,6 +207,56 @@ def resolve_image(
     digest = image_digest_of(resolved, image_ref=image_ref, cache_dir=Path(sif_cache_dir) / ".tree-digests")
     check_build(check, image=ResolvedImage(path=resolved.path, digest=digest, kind=resolved.kind))
     return ResolvedImage(path=resolved.path, digest=digest, kind=resolved.kind)
+
+
+def _resolve_remote_checked(
+    *,
+    image_ref: str,
+    image_digest: str | None,
+    sif_cache_dir: Path,
+    runtime_name: str,
+    pull: PullFunction | None,
+    check: BuildCheck | None,
+    registry: RegistryClient | None,
+) -> ResolvedImage:
+    """A remote image: its digest first (pin, declaration or registry), the build check, then the pull (if any).
+
+    Checking before pulling keeps a moved tag from costing a multi-gigabyte pull that is then refused.
+    """
+    if runtime_name == "bubblewrap":
+        # The same one-line refusal as before a digest is looked up: bubblewrap cannot run a remote image.
+        return _resolve_remote(
+            image_ref=image_ref, digest=None, sif_cache_dir=sif_cache_dir, runtime_name=runtime_name, pull=_no_pull
+        )
+    if runtime_name == "oci" and not image_ref.startswith("docker://"):
+        raise ImageError(
+            f"CONTAINER_RUNTIME=oci runs container images from a registry, and {image_ref!r} is not one; use a "
+            "docker://registry/repository:tag reference, or CONTAINER_RUNTIME=apptainer"
+        )
+    digest = remote_image_digest(
+        image_ref, declared=image_digest, registry=registry, ask_registry=check is not None or image_digest is None
+    )
+    kind = ImageKind.OCI if runtime_name == "oci" else ImageKind.SIF
+    if check is not None:
+        # Recorded (and named in a refusal) by the reference the pipeline file gives, e.g. the tag that moved.
+        check_build(check, image=ResolvedImage(path=None, digest=digest, kind=kind, reference=image_ref))
+    if runtime_name == "oci":
+        reference = parse_oci_reference(image_ref)
+        return ResolvedImage(
+            path=None, digest=digest, kind=kind, reference=f"{reference.registry}/{reference.repository}@{digest}"
+        )
+    resolved = _resolve_remote(
+        image_ref=image_ref,
+        digest=digest,
+        sif_cache_dir=sif_cache_dir,
+        runtime_name=runtime_name,
+        pull=pull or apptainer_pull,
+    )
+    return ResolvedImage(path=resolved.path, digest=digest, kind=resolved.kind)
+
+
+def _no_pull(image_ref: str, destination: Path) -> None:
+    raise AssertionError(f"not pulled: {image_ref}")
 
 
 def _resolve(
@@ -339,6 +418,8 @@ def image_digest_of(image: ResolvedImage, *, image_ref: str, cache_dir: Path | N
     """
     if image_ref.startswith(REMOTE_SCHEMES):
         return oci_reference_digest(image_ref, declared=image.digest)
+    if image.path is None:
+        raise ImageError(f"image {image.location} is not on this host; its digest is its registry digest")
     if image.kind is ImageKind.SIF:
         return sif_digest(image.path, cache_dir=cache_dir)
     return tree_digest(image.path, cache_dir=cache_dir)
@@ -469,6 +550,9 @@ def parse_oci_reference(image_ref: str) -> OciReference:
             "in lower case"
         )
     name, tag, digest = match.group("name"), match.group("tag"), match.group("digest")
+    if "/" not in name and ":" in name and tag is None:
+        # "debian:12": a numeric tag, not a registry port (a port is followed by a repository path).
+        name, _, tag = name.partition(":")
     first, slash, remainder = name.partition("/")
     if slash and ("." in first or ":" in first or first == "localhost"):
         registry, repository = first, remainder
@@ -513,6 +597,33 @@ def oci_reference_digest(image_ref: str, *, declared: str | None) -> str:
     return digest
 
 
+def remote_image_digest(
+    image_ref: str, *, declared: str | None, registry: RegistryClient | None = None, ask_registry: bool = True
+) -> str:
+    """The digest of a remote image: its pin; else what the registry gives its tag now; else the declared one.
+
+    An OCI reference (``docker://``, ``oras://``) that pins no digest names a tag, which can be moved: with
+    ``ask_registry`` the registry is asked, so a moved tag is seen (and ``check_build`` compares the answer
+    with the declared or recorded digest). Without it, or when the registry cannot answer but a digest is
+    declared, the declared digest is used (it names one fixed image; the warning says the tag went unchecked).
+    Other remote references need a pin or a declared digest (``oci_reference_digest``).
+    """
+    is_oci = image_ref.startswith(("docker://", "oras://"))
+    if not is_oci or parse_oci_reference(image_ref).digest is not None or not ask_registry:
+        return oci_reference_digest(image_ref, declared=declared)
+    if registry is None:
+        from ccat_dagster.execution.registry import registry_client_from_environment
+
+        registry = registry_client_from_environment()
+    try:
+        return registry.manifest_digest(parse_oci_reference(image_ref))
+    except ImageError as error:
+        if declared is None:
+            raise
+        log.warning("%s; using the declared image_digest %s without checking the tag", error, declared)
+        return normalise_image_digest(declared)
+
+
 # ---------------------------------------------------------------------------------------------- builds
 
 
@@ -525,7 +636,7 @@ def check_build(check: BuildCheck, *, image: ResolvedImage) -> int:
     record one build.
     """
     if image.digest is None:
-        raise ImageError(f"image {image.path} has no digest to check")
+        raise ImageError(f"image {image.location} has no digest to check")
     policy = check.policy or ImageChangePolicy(image_change_policy())
     label = f"{check.software} {check.version}"
     rebuilt: ImageRebuiltError | None = None
@@ -555,7 +666,7 @@ def check_build(check: BuildCheck, *, image: ResolvedImage) -> int:
             )
             if policy is ImageChangePolicy.REFUSE:
                 raise ImageChangedError(
-                    f"the image of software {label} ({image.path}) changed: it was {expected} ({was}), it is now "
+                    f"the image of software {label} ({image.location}) changed: it was {expected} ({was}), it is now "
                     f"{image.digest}. A changed image needs a new version: give it one (e.g. bump the patch "
                     "number) in the pipeline file and apply it, or restore the image; or set "
                     "CCAT_WORKFLOW_MANAGER_IMAGE_CHANGE_POLICY=new_build to register it as a new build of "
@@ -566,7 +677,7 @@ def check_build(check: BuildCheck, *, image: ResolvedImage) -> int:
             version.image_digest = image.digest
             log.warning("software %s: image changed to %s, registered as build %s", label, image.digest, number)
             rebuilt = ImageRebuiltError(
-                f"the image of software {label} ({image.path}) changed from {expected} ({was}) to {image.digest}; "
+                f"the image of software {label} ({image.location}) changed from {expected} ({was}) to {image.digest}; "
                 f"registered as build {number} (IMAGE_CHANGE_POLICY=new_build). This attempt was planned with "
                 "the earlier build and is not run; the next evaluation plans its sub-group again with the new "
                 "fingerprint"
@@ -601,7 +712,7 @@ def _add_build(session: Session, version: m.ReductionSoftwareVersion, number: in
             build=number,
             image_digest=image.digest,
             image_kind=image.kind.value,
-            image_path=str(image.path),
+            image_path=image.location,
         )
     )
     return number

@@ -253,10 +253,13 @@ class ContainerPreparation(AttemptPreparation):
             args=list(step.entrypoint),
             gpus=resources.gpus,
         )
+        container = self.runtime.job_container(invocation)
         return JobSpec(
             command=self.runtime.command(invocation),
             resources=resources,
-            env={},
+            # A host command carries its container's environment in its arguments; a Job container gets it here.
+            env=dict(invocation.env) if container is not None else {},
+            container=container,
             job_name=job_name(step, plan.sub_group_key, attempt.attempt_id),
             log_dir=layout.logs_dir,
             pre_walltime_signal_seconds=self.pre_walltime_signal_seconds,

@@ -1,4 +1,5 @@
-"""Container runtimes: the same contract as an Apptainer or a bubblewrap command line (SPEC §6).
+"""Container runtimes: the same contract as an Apptainer or a bubblewrap command line (SPEC §6), or as the
+step's own OCI image run directly by the Kubernetes backend (``oci``).
 
 Both build an argument list, never a shell string. Apptainer is the production runtime. Bubblewrap runs
 the same ``/workflow`` mounts on machines without Apptainer (the demo, the tests): its root is either a
@@ -11,6 +12,10 @@ it, and ``--die-with-parent`` then SIGKILLs the sandbox. So the bubblewrap comma
 fixed bash script (``BWRAP_SIGNAL_FORWARDER``) that receives the signals in bwrap's place and sends them to the
 sandbox's main process (the child of bwrap's init inside the PID namespace), then waits for bwrap and exits
 with its status.
+
+The ``oci`` runtime builds no host command: the Job's container is the step's image, pinned by digest, and
+``job_container`` hands the backend the contract's mounts, environment and working directory for it; the
+command is the payload's entrypoint. Only the Kubernetes backend runs such jobs.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ccat_dagster.execution.contract import (
     Mount,
     validate_env_name,
 )
+from ccat_dagster.execution.hpc.base import JobContainer, JobMount
 from ccat_dagster.execution.images import RUNTIME_NAMES, ImageKind, ResolvedImage
 
 SOFTWARE_DIR_MOUNT = "/opt/software"
@@ -119,6 +125,7 @@ def build_apptainer_command(inv: ContainerInvocation, *, apptainer: str = "appta
             f"{inv.image.path} is a software directory, which Apptainer cannot run; use a SIF or sandbox "
             "image, or the bubblewrap runtime"
         )
+    _require_local_image(inv, "apptainer")
     command = [apptainer, "exec", "--cleanenv", "--containall", "--no-home"]
     if inv.gpus > 0:
         command.append("--nv")
@@ -167,6 +174,7 @@ def build_bwrap_command(
         raise ContainerContractError(
             f"the bubblewrap runtime cannot run the SIF image {inv.image.path}; use a sandbox or software directory"
         )
+    _require_local_image(inv, "bubblewrap")
     command = [shell, "-c", BWRAP_SIGNAL_FORWARDER, BWRAP_FORWARDER_NAME]
     command += [bwrap, "--unshare-all", "--die-with-parent", "--new-session", "--clearenv"]
     env = {"PATH": DEFAULT_PATH, **inv.env}
@@ -183,6 +191,25 @@ def build_bwrap_command(
         command += ["--ro-bind" if mount.read_only else "--bind", str(mount.host), mount.container]
     command += ["--remount-ro", "/", "--chdir", inv.workdir, "--", *inv.args]
     return command
+
+
+def _require_local_image(inv: ContainerInvocation, runtime: str) -> None:
+    if inv.image.path is None:
+        raise ContainerContractError(
+            f"the {runtime} runtime runs images on this host, and {inv.image.location} is in a registry only; "
+            "set CONTAINER_RUNTIME=oci (with HPC_BACKEND=kubernetes) or point image_ref at a local image"
+        )
+
+
+def build_oci_container(inv: ContainerInvocation) -> JobContainer:
+    """The Job container of ``inv`` for the ``oci`` runtime: its image by digest and the contract's mounts."""
+    if inv.image.kind is not ImageKind.OCI or inv.image.reference is None:
+        raise ContainerContractError(
+            f"CONTAINER_RUNTIME=oci runs registry images, and {inv.image.location} is a local {inv.image.kind.value}; "
+            "set image_ref to docker://registry/repository:tag, or use CONTAINER_RUNTIME=apptainer"
+        )
+    mounts = tuple(JobMount(host=m.host, container=m.container, read_only=m.read_only) for m in inv.mounts)
+    return JobContainer(image=inv.image.reference, mounts=mounts, workdir=inv.workdir)
 
 
 def _host_base_args(host_root: Path) -> list[str]:
@@ -225,6 +252,10 @@ class ContainerRuntime(abc.ABC):
     @abc.abstractmethod
     def check(self) -> str | None:
         """None when this runtime is usable on this host, else a message naming what is missing."""
+
+    def job_container(self, inv: ContainerInvocation) -> JobContainer | None:
+        """The container the backend itself must start for ``inv``; None when ``command`` runs on the host."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -279,6 +310,27 @@ class BubblewrapRuntime(ContainerRuntime):
         return _probe(probe, what="bubblewrap")
 
 
+@dataclass(frozen=True)
+class OciRuntime(ContainerRuntime):
+    """The step's OCI image as the Kubernetes Job's container: no runtime on this host, nothing pulled here.
+
+    ``command`` is the payload's entrypoint (``args``); the environment, the ``/workflow`` mounts and the working
+    directory go with ``job_container``. GPUs are the Job's resource request (the device plugin mounts them).
+    """
+
+    name: ClassVar[str] = "oci"
+
+    def command(self, inv: ContainerInvocation) -> list[str]:
+        build_oci_container(inv)  # the same refusal as job_container, whichever is asked first
+        return list(inv.args)
+
+    def job_container(self, inv: ContainerInvocation) -> JobContainer:
+        return build_oci_container(inv)
+
+    def check(self) -> str | None:
+        return None  # the cluster's nodes pull and run the images; `doctor` checks the Kubernetes API
+
+
 def _probe(command: Sequence[str], *, what: str) -> str | None:
     try:
         result = subprocess.run(
@@ -295,11 +347,12 @@ def _probe(command: Sequence[str], *, what: str) -> str | None:
 _RUNTIMES: dict[str, type[ContainerRuntime]] = {
     ApptainerRuntime.name: ApptainerRuntime,
     BubblewrapRuntime.name: BubblewrapRuntime,
+    OciRuntime.name: OciRuntime,
 }
 
 
 def get_runtime(name: str, **opts: Any) -> ContainerRuntime:
-    """The runtime called ``name`` (``apptainer`` or ``bubblewrap``), built with ``opts``."""
+    """The runtime called ``name`` (``apptainer``, ``bubblewrap`` or ``oci``), built with ``opts``."""
     runtime_class = _RUNTIMES.get(name)
     if runtime_class is None:
         raise UnknownContainerRuntime(

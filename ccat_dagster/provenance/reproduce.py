@@ -182,7 +182,7 @@ def reproduce_product(
         )
     elif digest != recorded.recorded_image_digest:
         raise ReproduceError(
-            f"the image of {recorded.software.name} {recorded.software.version} ({image.path}) is {digest}, but "
+            f"the image of {recorded.software.name} {recorded.software.version} ({image.location}) is {digest}, but "
             f"attempt {recorded.attempt_id} ran with {recorded.recorded_image_digest}; restore that image (or "
             "re-run the step with a new software version) to reproduce the product"
         )

@@ -1,9 +1,11 @@
 """The interface every HPC backend implements, and the value types it speaks.
 
 A backend runs one command per job with given resources and environment and answers, for any job id
-it handed out, in which state the job is. It knows nothing of Dagster, containers or ops-db (it shares only
-ops-db's plain ``FailureKind`` enum, to say why a job failed): the caller builds the command (e.g. an
-`apptainer exec ...` argument list) and records the outcome.
+it handed out, in which state the job is. It knows nothing of Dagster, container runtimes or ops-db (it shares
+only ops-db's plain ``FailureKind`` enum, to say why a job failed): the caller builds the command (e.g. an
+`apptainer exec ...` argument list) and records the outcome. A backend that starts containers itself
+(Kubernetes) can instead be given the job's image and mounts (``JobSpec.container``); the command is then the
+process inside that image.
 
 Memory is counted in GiB throughout (`memory_gb`, `peak_memory_gb`), as Slurm's `--mem=<n>G` does.
 """
@@ -26,7 +28,9 @@ __all__ = [
     "HpcBackend",
     "HpcError",
     "InvalidJobSpecError",
+    "JobContainer",
     "JobInfo",
+    "JobMount",
     "JobResources",
     "JobSpec",
     "JobState",
@@ -99,6 +103,39 @@ class JobResources:
 
 
 @dataclass(frozen=True)
+class JobMount:
+    """A host directory or file (absolute) that the job's container sees at ``container`` (absolute)."""
+
+    host: Path
+    container: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class JobContainer:
+    """The image a job runs in when the backend starts the container itself (``CONTAINER_RUNTIME=oci``).
+
+    ``image`` is a registry reference pinned by digest (``registry/repository@sha256:…``); the JobSpec's
+    ``command`` is the entrypoint inside it and its ``env`` the container's environment; ``mounts`` are all
+    the container sees of the host's files, ``workdir`` its working directory. Everything else of the image's
+    file system is read-only, with an empty writable ``/tmp``.
+    """
+
+    image: str
+    mounts: tuple[JobMount, ...]
+    workdir: str
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[^\s@]+@sha256:[0-9a-f]{64}", self.image):
+            raise InvalidJobSpecError(
+                f"JobContainer.image={self.image!r}: must be pinned by digest (registry/repository@sha256:<64 hex>)"
+            )
+        targets = [mount.container for mount in self.mounts]
+        if len(set(targets)) != len(targets):
+            raise InvalidJobSpecError(f"JobContainer.mounts: several mounts target one path ({targets!r})")
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """One job: an argument list (never a shell string), its resources and its complete environment.
 
@@ -115,6 +152,7 @@ class JobSpec:
     log_dir: Path
     workdir: Path | None = None
     pre_walltime_signal_seconds: int = 120
+    container: JobContainer | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -217,6 +255,15 @@ def _tail(path: Path, count: int) -> list[str]:
             end = start
     lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
     return lines[-count:]
+
+
+def require_host_command(spec: JobSpec, *, backend: str) -> None:
+    """Refuse a JobSpec that needs the backend to start its container (``container`` set): this one cannot."""
+    if spec.container is not None:
+        raise InvalidJobSpecError(
+            f"job {spec.job_name!r} asks the {backend} backend to run the image {spec.container.image} itself, "
+            "which only HPC_BACKEND=kubernetes does; set CONTAINER_RUNTIME=apptainer (or bubblewrap) for this backend"
+        )
 
 
 class HpcBackend(ABC):

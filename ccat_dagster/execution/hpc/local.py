@@ -40,6 +40,7 @@ from ccat_dagster.execution.hpc.base import (
     JobSubmissionError,
     UnknownJobError,
     read_log_tail,
+    require_host_command,
 )
 from ccat_dagster.execution.hpc.local_wrapper import (
     ACTIVE_DIR,
@@ -128,6 +129,7 @@ class LocalBackend(HpcBackend):
         return job_ids
 
     def _queue(self, spec: JobSpec) -> str:
+        require_host_command(spec, backend=self.name)
         job_id = uuid.uuid4().hex
         record = {
             "job_id": job_id,

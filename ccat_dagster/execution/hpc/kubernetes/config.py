@@ -4,6 +4,9 @@ The Job's container runs the command the container runtime built on the orchestr
 ``apptainer exec --bind <host path>:/workflow/... ...`` line), so every host path in it must exist at the same
 path inside the Job's container. The volumes say how: each mounts a PersistentVolumeClaim or a node's host path
 at an absolute path, normally ``PIPELINE_BASE_DIR``, the staged-data directory and ``SIF_CACHE_DIR``.
+
+With ``CONTAINER_RUNTIME=oci`` the Job's container is the step's own image instead, and it mounts only the
+contract's ``/workflow`` directories, each a ``subPath`` of the volume that holds its host path.
 """
 
 from __future__ import annotations
@@ -96,7 +99,9 @@ def parse_volume_specs(raw: str) -> tuple[VolumeSpec, ...]:
 class KubernetesConfig:
     """Everything a Job manifest needs besides the JobSpec itself.
 
-    ``job_image``: the image of the Job's container, which runs the runtime's command (it carries Apptainer).
+    ``job_image``: the image of the Job's container, which runs the runtime's command (it carries Apptainer);
+    empty when every job brings its own image (``CONTAINER_RUNTIME=oci``).
+    ``run_as_user``: ``uid[:gid]`` a job's own image runs as; empty: the image's user, which must not be root.
     ``ttl_seconds_after_finished``: how long Kubernetes keeps a finished Job and its pod (and their logs).
     ``image_pull_grace_seconds``: how long a pod may fail to pull its image (Kubernetes keeps retrying)
     before the attempt is failed.
@@ -112,6 +117,7 @@ class KubernetesConfig:
     gpu_resource: str = "nvidia.com/gpu"
     image_pull_grace_seconds: float = 300.0
     extra_labels: dict[str, str] = field(default_factory=dict)
+    run_as_user: str = ""
 
     def __post_init__(self) -> None:
         if not DNS_LABEL.fullmatch(self.namespace):
@@ -119,11 +125,13 @@ class KubernetesConfig:
                 f"namespace {self.namespace!r} is not a Kubernetes namespace name: 1-63 lower-case letters, "
                 "digits and '-', starting and ending with a letter or digit"
             )
-        if not self.job_image.strip() or any(c.isspace() for c in self.job_image):
+        if self.job_image != self.job_image.strip() or any(c.isspace() for c in self.job_image):
             raise KubernetesConfigError(
-                f"Job image {self.job_image!r} is empty or holds spaces: name the image that carries Apptainer, "
+                f"Job image {self.job_image!r} holds spaces: name the image that carries Apptainer, "
                 "e.g. registry.example.org/ccat/apptainer-runner:1.3"
             )
+        if self.run_as_user and not re.fullmatch(r"[0-9]{1,10}(:[0-9]{1,10})?", self.run_as_user):
+            raise KubernetesConfigError(f"run as user {self.run_as_user!r} is not a numeric uid or uid:gid")
         if self.image_pull_policy not in PULL_POLICIES:
             raise KubernetesConfigError(
                 f"image pull policy {self.image_pull_policy!r} is invalid: use one of {', '.join(PULL_POLICIES)}"

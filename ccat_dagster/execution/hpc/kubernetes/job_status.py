@@ -12,7 +12,10 @@ Kubernetes says why a pod ended in several places; the mapping, in order of prec
 * a Job that is being deleted (``metadata.deletionTimestamp``) and has not finished: CANCELLED.
 
 Wall time is the container's ``startedAt`` → ``finishedAt`` (else the Job's ``startTime`` →
-``completionTime``). CPU hours and peak memory are not in these objects: they stay None (absent, not zero).
+``completionTime``). CPU hours are the *reserved* CPU time: the container's CPU request × its ``startedAt`` →
+``finishedAt`` (Kubernetes records no used CPU time in these objects); absent (None, not zero) when the pod or
+either timestamp is missing, e.g. a pod deleted at its deadline. Peak memory is not in these objects (see
+``metrics``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from kubernetes.utils.quantity import parse_quantity
 
 from ccat_dagster.execution.hpc.base import JobInfo, JobState, describe_exit_code
 from ccat_dagster.execution.hpc.kubernetes.manifest import CONTAINER_NAME
@@ -86,6 +91,24 @@ def _wall_time(job: Obj, terminated: Obj) -> float | None:
     return seconds
 
 
+def _cpu_hours(pod: Obj | None, terminated: Obj) -> float | None:
+    """The container's CPU request (else limit) × its run time, in hours; None when either is unknown."""
+    seconds = _seconds_between(terminated.get("startedAt"), terminated.get("finishedAt"))
+    if pod is None or seconds is None:
+        return None
+    containers = (pod.get("spec") or {}).get("containers") or []
+    container = next((c for c in containers if c.get("name") == CONTAINER_NAME), containers[0] if containers else {})
+    resources = container.get("resources") or {}
+    cpu = (resources.get("requests") or {}).get("cpu") or (resources.get("limits") or {}).get("cpu")
+    if cpu is None:
+        return None
+    try:
+        cores = float(parse_quantity(cpu))
+    except ValueError:
+        return None
+    return cores * seconds / 3600
+
+
 def _image_of(pod: Obj) -> str:
     containers = (pod.get("spec") or {}).get("containers") or []
     for container in containers:
@@ -136,6 +159,7 @@ def _failed(job_id: str, job: Obj, pod: Obj | None, failed: Obj) -> JobInfo:
     container = _container_status(pod) if pod is not None else {}
     terminated = (container.get("state") or {}).get("terminated") or {}
     wall = _wall_time(job, terminated)
+    cpu_hours = _cpu_hours(pod, terminated)
     exit_code = terminated.get("exitCode")
     if failed.get("reason") == "DeadlineExceeded":
         # The exit code of a pod stopped at its deadline (143, or 137 after the grace period) says only that;
@@ -144,6 +168,7 @@ def _failed(job_id: str, job: Obj, pod: Obj | None, failed: Obj) -> JobInfo:
             job_id=job_id,
             state=JobState.FAILED,
             wall_time_seconds=wall,
+            cpu_hours=cpu_hours,
             reason=f"TIMEOUT (DeadlineExceeded: {failed.get('message', 'active longer than its deadline')})",
             failure_kind=FailureKind.WALLTIME,
         )
@@ -153,6 +178,7 @@ def _failed(job_id: str, job: Obj, pod: Obj | None, failed: Obj) -> JobInfo:
             job_id=job_id,
             state=JobState.FAILED,
             wall_time_seconds=wall,
+            cpu_hours=cpu_hours,
             reason=f"pod evicted from its node: {pod_status.get('message', '').strip() or 'no message'}",
             failure_kind=FailureKind.NODE_FAILURE,
         )
@@ -162,6 +188,7 @@ def _failed(job_id: str, job: Obj, pod: Obj | None, failed: Obj) -> JobInfo:
             state=JobState.FAILED,
             exit_code=137 if exit_code is None else exit_code,
             wall_time_seconds=wall,
+            cpu_hours=cpu_hours,
             reason="OUT_OF_MEMORY",
             failure_kind=FailureKind.OOM,
         )
@@ -172,6 +199,7 @@ def _failed(job_id: str, job: Obj, pod: Obj | None, failed: Obj) -> JobInfo:
             state=JobState.FAILED,
             exit_code=exit_code,
             wall_time_seconds=wall,
+            cpu_hours=cpu_hours,
             reason=describe_exit_code(exit_code),
             failure_kind=FailureKind.SIGNAL if signal_number else FailureKind.EXIT_CODE,
         )
@@ -184,6 +212,7 @@ def _failed(job_id: str, job: Obj, pod: Obj | None, failed: Obj) -> JobInfo:
         state=JobState.FAILED,
         exit_code=exit_code,
         wall_time_seconds=wall,
+        cpu_hours=cpu_hours,
         reason=f"{failed.get('reason', 'Failed')}: {detail}",
         failure_kind=FailureKind.NODE_FAILURE,
     )
@@ -203,6 +232,7 @@ def parse_job_status(job: Obj, pods: Sequence[Obj], *, now: datetime, image_pull
                 state=JobState.COMPLETED,
                 exit_code=terminated.get("exitCode", 0),
                 wall_time_seconds=_wall_time(job, terminated),
+                cpu_hours=_cpu_hours(pod, terminated),
             )
         )
     if failed is not None:

@@ -5,18 +5,30 @@ lost answer finds the same Job instead of starting a second one. ``backoffLimit:
 retries belong to the step runner. The time limit is ``activeDeadlineSeconds`` minus the pre-walltime warning,
 which becomes the pod's ``terminationGracePeriodSeconds``: at the deadline Kubernetes sends SIGTERM, and SIGKILL
 that long afterwards, so the payload gets its warning and the whole attempt stays within its limit.
+
+Two shapes of container:
+
+* a host command (Apptainer): the container is ``K8S_JOB_IMAGE``, its command the runtime's command line, and it
+  mounts every configured volume at its own path, so the command's host paths exist inside it;
+* the step's own image (``JobSpec.container``, ``CONTAINER_RUNTIME=oci``): the container is that image by digest,
+  its command the payload's entrypoint, its environment the contract's; it mounts only the contract's
+  ``/workflow`` directories, each a ``subPath`` of the volume holding its host path, read-only where the contract
+  says so, and an empty ``/tmp``. It runs as a non-root user without privilege escalation or capabilities, on a
+  read-only root file system, with the runtime's default seccomp profile (the contract allows writes only to
+  its read-write mounts and ``/tmp``).
 """
 
 from __future__ import annotations
 
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
 from ccat_dagster.execution.contract import short_hash
-from ccat_dagster.execution.hpc.base import InvalidJobSpecError, JobResources, JobSpec
-from ccat_dagster.execution.hpc.kubernetes.config import KubernetesConfig
+from ccat_dagster.execution.hpc.base import InvalidJobSpecError, JobContainer, JobResources, JobSpec
+from ccat_dagster.execution.hpc.kubernetes.config import KubernetesConfig, VolumeSpec
 
 __all__ = [
     "CONTAINER_NAME",
@@ -138,13 +150,67 @@ def _volumes(spec: JobSpec, config: KubernetesConfig) -> tuple[list[dict[str, An
     mounts: list[dict[str, Any]] = []
     for index, volume in enumerate(config.volumes):
         volume_name = f"data-{index}"
-        if volume.kind == "pvc":
-            source = {"persistentVolumeClaim": {"claimName": volume.source, "readOnly": volume.read_only}}
-        else:
-            source = {"hostPath": {"path": volume.source, "type": "Directory"}}
-        volumes.append({"name": volume_name, **source})
+        volumes.append(_volume_source(volume_name, volume))
         mounts.append({"name": volume_name, "mountPath": volume.mount_path, "readOnly": volume.read_only})
     return volumes, mounts
+
+
+TMP_VOLUME = "tmp"
+
+
+def _own_image_volumes(
+    spec: JobSpec, job: JobContainer, config: KubernetesConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The contract's mounts as ``subPath`` mounts of the configured volumes, and an empty ``/tmp``."""
+    used: dict[int, VolumeSpec] = {}
+    mounts: list[dict[str, Any]] = []
+    for mount in job.mounts:
+        host = posixpath.normpath(str(mount.host))
+        volume = config.volume_for(PurePosixPath(host))
+        if volume is None:
+            raise InvalidJobSpecError(
+                f"job {spec.job_name!r}: {host} (mounted at {mount.container}) is on no volume of the Job; add "
+                "the volume that holds it to CCAT_WORKFLOW_MANAGER_K8S_VOLUMES (e.g. pvc:<claim>:<PIPELINE_BASE_DIR>)"
+            )
+        if volume.read_only and not mount.read_only:
+            raise InvalidJobSpecError(
+                f"job {spec.job_name!r}: the contract writes to {mount.container}, but its host path {host} is on "
+                f"the read-only volume {volume.source} ({volume.mount_path}); mount that volume read-write"
+            )
+        index = config.volumes.index(volume)
+        used[index] = volume
+        entry: dict[str, Any] = {"name": f"data-{index}", "mountPath": mount.container, "readOnly": mount.read_only}
+        relative = posixpath.relpath(host, volume.mount_path)
+        if relative != ".":
+            entry["subPath"] = relative
+        mounts.append(entry)
+    volumes = [_volume_source(f"data-{index}", config.volumes[index]) for index in sorted(used)]
+    volumes.append({"name": TMP_VOLUME, "emptyDir": {}})
+    mounts.append({"name": TMP_VOLUME, "mountPath": "/tmp", "readOnly": False})
+    return volumes, mounts
+
+
+def _volume_source(name: str, volume: VolumeSpec) -> dict[str, Any]:
+    if volume.kind == "pvc":
+        return {"name": name, "persistentVolumeClaim": {"claimName": volume.source, "readOnly": volume.read_only}}
+    return {"name": name, "hostPath": {"path": volume.source, "type": "Directory"}}
+
+
+def _security_context(config: KubernetesConfig) -> dict[str, Any]:
+    context: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if config.run_as_user:
+        uid, _, gid = config.run_as_user.partition(":")
+        context["runAsUser"] = int(uid)
+        if gid:
+            context["runAsGroup"] = int(gid)
+    return context
 
 
 def build_job_manifest(spec: JobSpec, config: KubernetesConfig) -> dict[str, Any]:
@@ -164,6 +230,22 @@ def build_job_manifest(spec: JobSpec, config: KubernetesConfig) -> dict[str, Any
     }
     if spec.workdir is not None:
         container["workingDir"] = str(spec.workdir)
+    if spec.container is not None:
+        volumes, container["volumeMounts"] = _own_image_volumes(spec, spec.container, config)
+        # Pinned by digest: the node's copy is the image, so it is pulled only when absent.
+        container.update(
+            image=spec.container.image,
+            imagePullPolicy="IfNotPresent",
+            workingDir=spec.container.workdir,
+            securityContext=_security_context(config),
+        )
+        annotations[f"{LABEL_PREFIX}image"] = spec.container.image
+    elif not config.job_image:
+        raise InvalidJobSpecError(
+            f"job {spec.job_name!r} is a host command (CONTAINER_RUNTIME apptainer or bubblewrap) and "
+            "CCAT_WORKFLOW_MANAGER_K8S_JOB_IMAGE is empty: set it to the image that carries Apptainer, or use "
+            "CONTAINER_RUNTIME=oci"
+        )
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": grace,

@@ -29,6 +29,7 @@ from ccat_dagster.execution.hpc.base import (
     SchedulerCommandError,
     UnknownJobError,
     read_log_tail,
+    require_host_command,
 )
 from ccat_dagster.execution.hpc.slurm.commands import (
     CommandRun,
@@ -129,6 +130,7 @@ class SlurmBackend(HpcBackend):
     # --- submission -----------------------------------------------------------------------------
 
     def submit(self, spec: JobSpec) -> str:
+        require_host_command(spec, backend=self.name)
         log_dir = spec.log_dir.absolute()
         spec = replace(spec, log_dir=log_dir, workdir=spec.workdir.absolute() if spec.workdir is not None else None)
         script = build_sbatch_script(spec=spec, partition=self.partition)
