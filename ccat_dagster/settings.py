@@ -396,3 +396,37 @@ def image_change_policy(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     name = PREFIX + "IMAGE_CHANGE_POLICY"
     return _choice(IMAGE_CHANGE_POLICIES)(name, env.get(name, "refuse"))
+
+
+# ------------------------------------------------------------------------------------------ unknown names
+
+# Prefixes ccat-dagster owns: every variable under them is a setting, so an unknown one is a typo.
+OWNED_PREFIXES = (PREFIX, "CCAT_DAGSTER_")
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """(variable, closest known name or None) for each environment variable that looks like a setting but is none.
+
+    Under ``CCAT_WORKFLOW_MANAGER_`` and ``CCAT_DAGSTER_`` every unknown name is reported; other ``CCAT_*``
+    names (tools and tests use their own) only when they are one typo away from a setting, e.g.
+    ``CCAT_OPS_DB_ULR``. Settings are read as before: this only tells the operator.
+    """
+    import difflib
+
+    env = os.environ if environ is None else environ
+    known = [name for name, _, _ in variable_reference()]
+    found = []
+    for name in sorted(env):
+        if not name.startswith("CCAT_") or name in known:
+            continue
+        owned = next((prefix for prefix in OWNED_PREFIXES if name.startswith(prefix)), None)
+        if owned is None:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+            if close:
+                found.append((name, close[0]))
+            continue
+        # Compared without the shared prefix, which would make every name look alike.
+        suffixes = {k[len(owned) :]: k for k in known if k.startswith(owned)}
+        close = difflib.get_close_matches(name[len(owned) :], list(suffixes), n=1, cutoff=0.75)
+        found.append((name, suffixes[close[0]] if close else None))
+    return found
