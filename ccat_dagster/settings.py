@@ -28,6 +28,17 @@ class SettingsError(CcatError, ValueError):
     """A setting ccat-dagster cannot use; the message names the variable and the allowed values."""
 
 
+def default_container_runtime(which: Callable[[str], str | None] | None = None) -> str:
+    """``apptainer`` (production), or ``bubblewrap`` on a machine that has ``bwrap`` but no Apptainer, so that a
+    first try (the demo) runs without settings; a machine with neither gets ``apptainer`` and its clear error."""
+    import shutil
+
+    which = which or shutil.which
+    if which("apptainer") is None and which("bwrap") is not None:
+        return "bubblewrap"
+    return "apptainer"
+
+
 def _choice(allowed: tuple[str, ...]) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip().lower()
@@ -159,7 +170,7 @@ class Settings:
         data_dir = _path(DATA_DIR_VAR, env.get(DATA_DIR_VAR, ".data"))
         defaults: dict[str, str] = {
             "HPC_BACKEND": "local",
-            "CONTAINER_RUNTIME": "apptainer",
+            "CONTAINER_RUNTIME": default_container_runtime(),
             "PIPELINE_BASE_DIR": str(data_dir / "pipelines"),
             "PROCESSING_LOCATION_ID": "",
             "SLURM_PARTITION": "",
@@ -232,7 +243,11 @@ def variable_reference() -> list[tuple[str, str, str]]:
             (DATA_DIR_VAR, "./.data", "a directory"),
             (OPS_DB_URL_VAR, "sqlite:///<data dir>/opsdb.sqlite", "postgresql://… or sqlite:///…"),
             (PREFIX + "HPC_BACKEND", "local", ", ".join(HPC_BACKENDS)),
-            (PREFIX + "CONTAINER_RUNTIME", "apptainer", ", ".join(CONTAINER_RUNTIMES)),
+            (
+                PREFIX + "CONTAINER_RUNTIME",
+                "apptainer (bubblewrap where only bwrap is installed)",
+                ", ".join(CONTAINER_RUNTIMES),
+            ),
             (PREFIX + "PIPELINE_BASE_DIR", "<data dir>/pipelines", "a writable directory"),
             (PREFIX + "PROCESSING_LOCATION_ID", "(the only processing location)", "a DataLocation id"),
             (PREFIX + "SLURM_PARTITION", "(cluster default)", "a Slurm partition name"),
