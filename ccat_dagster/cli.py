@@ -35,12 +35,13 @@ def _db_current(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo_seed(args: argparse.Namespace, settings: Settings) -> int:
+    from ccat_dagster.demo.console import progress_bar
     from ccat_dagster.demo.seed import seed_demo
     from ccat_dagster.opsdb.engine import make_engine, session_scope
 
     engine = make_engine(settings.ops_db_url)
-    with session_scope(engine) as session:
-        summary = seed_demo(session, data_dir=settings.data_dir, scans=args.scans, seed=args.seed)
+    with session_scope(engine) as session, progress_bar("seeding scans", args.scans) as update:
+        summary = seed_demo(session, data_dir=settings.data_dir, scans=args.scans, seed=args.seed, progress=update)
     engine.dispose()
     if summary.already_seeded:
         print("ops-db already holds the demo observatory; nothing changed")
@@ -65,10 +66,11 @@ def _demo_archive(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo_run(args: argparse.Namespace, settings: Settings) -> int:
+    from ccat_dagster.demo.console import progress_bar
     from ccat_dagster.demo.examples import example_pipeline
     from ccat_dagster.demo.run import run_demo
 
-    return run_demo(settings, example=example_pipeline(args.pipeline))
+    return run_demo(settings, example=example_pipeline(args.pipeline), progress=progress_bar)
 
 
 def _settings_show(args: argparse.Namespace, settings: Settings) -> int:
