@@ -295,9 +295,12 @@ def _product_report(session: Any, pipeline: str, products: list[m.DataProduct]) 
     return lines
 
 
-def ui_command(home: Path, settings: Settings) -> str:
-    """The command that opens the Dagster UI on the demo's instance and ops-db (from any directory)."""
+def ui_command(home: Path, settings: Settings, *, cwd: Path | None = None) -> str:
+    """The command that opens the Dagster UI on the demo's instance and ops-db: ``dg dev`` in a checkout (the
+    ``[tool.dg]`` project), else ``dagster dev`` on the installed module. CCAT_OPS_DB_URL, when set, is
+    already in the environment and is not repeated (it may hold a password)."""
     env = f"DAGSTER_HOME={home} CCAT_DAGSTER_DATA_DIR={settings.data_dir}"
-    if "CCAT_OPS_DB_URL" in os.environ:
-        env += " CCAT_OPS_DB_URL=<as now>"
+    pyproject = (cwd or Path.cwd()) / "pyproject.toml"
+    if pyproject.is_file() and "[tool.dg]" in pyproject.read_text(errors="replace"):
+        return f"{env} dg dev"
     return f"{env} dagster dev -m ccat_dagster.definitions"
