@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -163,9 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ops_db = settings.redacted_ops_db_url
         return args.handler(args, settings)
     except KeyboardInterrupt:
-        # A second Ctrl-C while the message is printed must not show a traceback either.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        cli_errors.print_error("interrupted; ops-db keeps what was committed (re-run the command to go on)")
+        cli_errors.print_interrupted()
         return cli_errors.EXIT_INTERRUPTED
     except BrokenPipeError:
         cli_errors.silence_stdout()

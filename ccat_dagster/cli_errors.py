@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
 
 from ccat_dagster.errors import CcatError
@@ -49,7 +50,8 @@ def describe_failure(error: BaseException, *, ops_db: str) -> tuple[int, str] | 
     from sqlalchemy import exc as sa_exc
 
     if isinstance(error, CcatError):
-        return EXIT_BAD_INPUT, one_line(error)
+        # Written for this: one line, or a deliberate list (every problem of a pipeline YAML), kept as it is.
+        return EXIT_BAD_INPUT, str(error).strip()
     if isinstance(error, sa_exc.DBAPIError | sa_exc.OperationalError):
         detail = one_line(getattr(error, "orig", None) or error)
         lowered = detail.lower()
@@ -84,6 +86,19 @@ def print_error(message: str) -> None:
 
 def print_warning(message: str) -> None:
     print(f"{PROGRAM}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def print_interrupted() -> None:
+    """The Ctrl-C line; a second Ctrl-C while it is printed must not show a traceback either."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals cannot arrive here anyway
+        previous = None
+    try:
+        print_error("interrupted; ops-db keeps what was committed (re-run the command to go on)")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def silence_stdout() -> None:
