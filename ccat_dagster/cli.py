@@ -160,7 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         settings = Settings.from_env()
         ops_db = settings.redacted_ops_db_url
-        return args.handler(args, settings)
+        code = args.handler(args, settings)
+        # Flushed here, not at exit, so that a reader that went away is handled below like any other write.
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         cli_errors.print_interrupted()
         return cli_errors.EXIT_INTERRUPTED
