@@ -1,4 +1,8 @@
-"""The ``ccat-dagster`` command line: ops-db migrations, demo data, groupings, pipelines, lineage, health."""
+"""The ``ccat-dagster`` command line: ops-db migrations, demo data, groupings, pipelines, lineage, health.
+
+Exit codes: 0 ok, 1 checked and found a problem, 2 bad input, 3 environment or connection, 130 interrupted,
+141 closed pipe (``ccat_dagster.cli_errors``).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,9 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from ccat_dagster.errors import CcatError
-from ccat_dagster.settings import Settings, SettingsError
+from ccat_dagster import cli_errors
+from ccat_dagster.settings import Settings, unknown_variables
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -32,12 +35,13 @@ def _db_current(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo_seed(args: argparse.Namespace, settings: Settings) -> int:
+    from ccat_dagster.demo.console import progress_bar
     from ccat_dagster.demo.seed import seed_demo
     from ccat_dagster.opsdb.engine import make_engine, session_scope
 
     engine = make_engine(settings.ops_db_url)
-    with session_scope(engine) as session:
-        summary = seed_demo(session, data_dir=settings.data_dir, scans=args.scans, seed=args.seed)
+    with session_scope(engine) as session, progress_bar("seeding scans", args.scans) as update:
+        summary = seed_demo(session, data_dir=settings.data_dir, scans=args.scans, seed=args.seed, progress=update)
     engine.dispose()
     if summary.already_seeded:
         print("ops-db already holds the demo observatory; nothing changed")
@@ -62,9 +66,11 @@ def _demo_archive(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo_run(args: argparse.Namespace, settings: Settings) -> int:
+    from ccat_dagster.demo.console import progress_bar
+    from ccat_dagster.demo.examples import example_pipeline
     from ccat_dagster.demo.run import run_demo
 
-    return run_demo(settings, example=args.pipeline.resolve())
+    return run_demo(settings, example=example_pipeline(args.pipeline), progress=progress_bar)
 
 
 def _settings_show(args: argparse.Namespace, settings: Settings) -> int:
@@ -117,8 +123,25 @@ def _tcp_port(raw: str) -> int:
     return int(raw)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"ccat-dagster {of('ccat-dagster')} (dagster {of('dagster')}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ccat-dagster", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ccat-dagster",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     db = commands.add_parser("db", help="ops-db schema").add_subparsers(dest="db_command", required=True)
@@ -138,9 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = demo.add_parser("run", help="apply the CHAI example and let its sensor run it end to end")
     run.add_argument(
         "--pipeline",
-        type=Path,
-        default=Path(__file__).resolve().parents[1] / "examples" / "pipelines" / "chai_ngc253_co43.yaml",
-        help="pipeline YAML to apply and run (default: the CHAI NGC253 CO(4-3) example)",
+        default=None,
+        metavar="YAML",
+        help="pipeline YAML file, or the name of a bundled example, to apply and run "
+        "(default: the bundled CHAI NGC253 CO(4-3) example)",
     )
     run.set_defaults(handler=_demo_run)
 
@@ -173,17 +197,38 @@ _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.provenance.cli", froml
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.doctor", fromlist=["_"]).register(c))
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.execution.cli", fromlist=["_"]).register(c))
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.provenance.reproduce", fromlist=["_"]).register(c))
+_EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.provenance.products", fromlist=["_"]).register(c))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run one command; every expected failure ends as one line on stderr and an exit code (cli_errors)."""
+    ops_db = "(not configured)"
     try:
+        for name, close in unknown_variables():
+            cli_errors.print_warning(
+                f"{name} is not a ccat-dagster setting and is ignored"
+                + (f": did you mean {close}?" if close else " (`ccat-dagster settings` lists them)")
+            )
+        args = build_parser().parse_args(argv)
         settings = Settings.from_env()
-        return args.handler(args, settings)
-    except (SettingsError, CcatError) as error:
-        print(f"ccat-dagster: error: {error}", file=sys.stderr)
-        return 2
+        ops_db = settings.redacted_ops_db_url
+        code = args.handler(args, settings)
+        # Flushed here, not at exit, so that a reader that went away is handled below like any other write.
+        sys.stdout.flush()
+        return code
+    except KeyboardInterrupt:
+        cli_errors.print_interrupted()
+        return cli_errors.EXIT_INTERRUPTED
+    except BrokenPipeError:
+        cli_errors.silence_stdout()
+        return cli_errors.EXIT_CLOSED_PIPE
+    except Exception as error:
+        described = cli_errors.describe_failure(error, ops_db=ops_db)
+        if described is None:
+            raise
+        code, message = described
+        cli_errors.print_error(message)
+        return code
 
 
 if __name__ == "__main__":

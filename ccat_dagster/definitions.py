@@ -4,15 +4,20 @@ For every enabled pipeline of ``PROCESSING_LOCATION_ID``: one asset per step, th
 sensor (CONTINUOUS) or a schedule (CRON). Applying a changed pipeline needs only a code-location reload. A
 pipeline row that cannot be built is skipped; its error is logged and shown in the UI as the description of a
 ``<pipeline>/load_error`` asset, so one broken row never takes the whole location down.
+
+An ops-db without a processing location (a first ``docker compose up``) or without the schema still loads: the
+location then holds one ``ccat_setup/getting_started`` asset whose description says what to run; a reload
+after that builds the real definitions.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import dagster as dg
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 
 from ccat_dagster.assets.factory import build_pipeline_assets
 from ccat_dagster.assets.partitions import build_partitions_sensor
@@ -29,9 +34,16 @@ from ccat_dagster.settings import Settings, SettingsError
 
 log = logging.getLogger("ccat_dagster")
 
+# The start of Dagster's BetaWarning for ``@asset(backfill_policy=...)`` (a regular expression).
+BACKFILL_POLICY_BETA = r"Parameter `backfill_policy` of function `asset` is currently in beta"
+
 
 class LocationError(CcatError):
     """The processing location of this code location cannot be determined."""
+
+
+class OpsDbNotReady(LocationError):
+    """ops-db has no schema or no processing location yet: the code location shows how to set it up."""
 
 
 def resolve_processing_location_id(session, settings: Settings) -> int:  # type: ignore[no-untyped-def]
@@ -46,6 +58,11 @@ def resolve_processing_location_id(session, settings: Settings) -> int:  # type:
     ids = session.scalars(
         select(m.DataLocation.id).where(m.DataLocation.location_type == LocationType.PROCESSING)
     ).all()
+    if not ids and settings.processing_location_id is None:
+        raise OpsDbNotReady(
+            "ops-db has no processing location yet: create one (the demo: `ccat-dagster demo seed`), apply a "
+            "pipeline (`ccat-dagster pipelines apply FILE.yaml`), then reload this code location"
+        )
     if len(ids) != 1:
         raise LocationError(
             f"ops-db has {len(ids)} processing locations; set CCAT_WORKFLOW_MANAGER_PROCESSING_LOCATION_ID "
@@ -75,11 +92,32 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
 
 
 def read_pipelines(settings: Settings) -> tuple[int, list[tuple[str, PipelineSnapshot | Exception]]]:
-    """Everything the code location is built from: this location's id and its enabled pipelines (one read)."""
+    """Everything the code location is built from: this location's id and its enabled pipelines (one read).
+
+    Raises ``OpsDbNotReady`` for an ops-db without schema or processing location.
+    """
     engine = shared_engine(settings.ops_db_url)
+    if not inspect(engine).has_table(m.DataLocation.__tablename__):
+        raise OpsDbNotReady(
+            f"ops-db at {settings.redacted_ops_db_url} has no ccat-dagster schema yet: run `ccat-dagster db upgrade`"
+            ", then `ccat-dagster demo seed` (or create the processing location) and reload this code location"
+        )
     with session_scope(engine) as session:
         location_id = resolve_processing_location_id(session, settings)
         return location_id, load_pipeline_snapshots(session, processing_location_id=location_id)
+
+
+def setup_hint_definitions(problem: OpsDbNotReady) -> dg.Definitions:
+    """The code location of an ops-db that is not set up yet: one asset whose description says what to do."""
+    return dg.Definitions(
+        assets=[
+            dg.AssetSpec(
+                key=dg.AssetKey(["ccat_setup", "getting_started"]),
+                group_name="ccat_setup",
+                description=f"ccat-dagster has nothing to run yet. {problem}",
+            )
+        ]
+    )
 
 
 def _definitions(
@@ -92,12 +130,16 @@ def _definitions(
         try:
             if isinstance(snapshot, Exception):
                 raise snapshot
-            pipeline_assets = build_pipeline_assets(
-                snapshot,
-                backend=settings.hpc_backend,
-                runtime=settings.container_runtime,
-                max_partitions_per_run=settings.max_partitions_per_run,
-            )
+            with warnings.catch_warnings():
+                # A step's run covers a batch of sub-groups through BackfillPolicy, which Dagster marks beta;
+                # the pinned Dagster release is tested with it, so the note is for upgrades, not for every load.
+                warnings.filterwarnings("ignore", message=BACKFILL_POLICY_BETA, category=dg.BetaWarning)
+                pipeline_assets = build_pipeline_assets(
+                    snapshot,
+                    backend=settings.hpc_backend,
+                    runtime=settings.container_runtime,
+                    max_partitions_per_run=settings.max_partitions_per_run,
+                )
             pipeline_sensors = []
             if snapshot.trigger_type == "continuous":
                 pipeline_sensors.append(build_pipeline_sensor(snapshot, settings=settings))
@@ -154,7 +196,12 @@ def defs() -> dg.Definitions:
     """
     global _built
     settings = settings_or_exit()
-    source = (settings, *read_pipelines(settings))
+    try:
+        source = (settings, *read_pipelines(settings))
+    except OpsDbNotReady as problem:
+        log.warning("%s", problem)
+        _built = None
+        return setup_hint_definitions(problem)
     if _built is None or _built[0] != source:
         _built = (source, _definitions(settings, source[1], source[2]))
     return _built[1]

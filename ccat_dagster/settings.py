@@ -29,6 +29,17 @@ class SettingsError(CcatError, ValueError):
     """A setting ccat-dagster cannot use; the message names the variable and the allowed values."""
 
 
+def default_container_runtime(which: Callable[[str], str | None] | None = None) -> str:
+    """``apptainer`` (production), or ``bubblewrap`` on a machine that has ``bwrap`` but no Apptainer, so that a
+    first try (the demo) runs without settings; a machine with neither gets ``apptainer`` and its clear error."""
+    import shutil
+
+    which = which or shutil.which
+    if which("apptainer") is None and which("bwrap") is not None:
+        return "bubblewrap"
+    return "apptainer"
+
+
 def _choice(allowed: tuple[str, ...]) -> Callable[[str, str], str]:
     def parse(name: str, raw: str) -> str:
         value = raw.strip().lower()
@@ -189,7 +200,7 @@ class Settings:
         data_dir = _path(DATA_DIR_VAR, env.get(DATA_DIR_VAR, ".data"))
         defaults: dict[str, str] = {
             "HPC_BACKEND": "local",
-            "CONTAINER_RUNTIME": "apptainer",
+            "CONTAINER_RUNTIME": default_container_runtime(),
             "PIPELINE_BASE_DIR": str(data_dir / "pipelines"),
             "PROCESSING_LOCATION_ID": "",
             "SLURM_PARTITION": "",
@@ -277,7 +288,11 @@ def variable_reference() -> list[tuple[str, str, str]]:
             (DATA_DIR_VAR, "./.data", "a directory"),
             (OPS_DB_URL_VAR, "sqlite:///<data dir>/opsdb.sqlite", "postgresql://… or sqlite:///…"),
             (PREFIX + "HPC_BACKEND", "local", ", ".join(HPC_BACKENDS)),
-            (PREFIX + "CONTAINER_RUNTIME", "apptainer", ", ".join(CONTAINER_RUNTIMES)),
+            (
+                PREFIX + "CONTAINER_RUNTIME",
+                "apptainer (bubblewrap where only bwrap is installed)",
+                ", ".join(CONTAINER_RUNTIMES),
+            ),
             (PREFIX + "PIPELINE_BASE_DIR", "<data dir>/pipelines", "a writable directory"),
             (
                 PREFIX + "PROCESSING_LOCATION_ID",
@@ -492,3 +507,37 @@ def registry_settings(environ: Mapping[str, str] | None = None) -> tuple[Path | 
                 f"{REGISTRY_PLAIN_HTTP_VAR}: {host!r} is not a registry host[:port] (e.g. localhost:5000)"
             )
     return (_path(REGISTRY_AUTH_FILE_VAR, auth_file) if auth_file else None), hosts
+
+
+# ------------------------------------------------------------------------------------------ unknown names
+
+# Prefixes ccat-dagster owns: every variable under them is a setting, so an unknown one is a typo.
+OWNED_PREFIXES = (PREFIX, "CCAT_DAGSTER_")
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """(variable, closest known name or None) for each environment variable that looks like a setting but is none.
+
+    Under ``CCAT_WORKFLOW_MANAGER_`` and ``CCAT_DAGSTER_`` every unknown name is reported; other ``CCAT_*``
+    names (tools and tests use their own) only when they are one typo away from a setting, e.g.
+    ``CCAT_OPS_DB_ULR``. Settings are read as before: this only tells the operator.
+    """
+    import difflib
+
+    env = os.environ if environ is None else environ
+    known = [name for name, _, _ in variable_reference()]
+    found = []
+    for name in sorted(env):
+        if not name.startswith("CCAT_") or name in known:
+            continue
+        owned = next((prefix for prefix in OWNED_PREFIXES if name.startswith(prefix)), None)
+        if owned is None:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+            if close:
+                found.append((name, close[0]))
+            continue
+        # Compared without the shared prefix, which would make every name look alike.
+        suffixes = {k[len(owned) :]: k for k in known if k.startswith(owned)}
+        close = difflib.get_close_matches(name[len(owned) :], list(suffixes), n=1, cutoff=0.75)
+        found.append((name, suffixes[close[0]] if close else None))
+    return found

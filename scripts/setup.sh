@@ -5,7 +5,8 @@
 #     PostgreSQL client, docker-registry (the CNCF distribution registry that the registry-digest tests start
 #     on a free port and push to; its system service is not needed); with --with-browser also chromium +
 #     chromium-driver for the UI test.
-#   - the project's virtual environment .venv with the package and its dev dependencies.
+#   - the project's virtual environment .venv with the package and its dev dependencies, pinned by
+#     constraints.txt.
 # Usage: scripts/setup.sh [--with-browser]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,8 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+# constraints.txt pins every dependency to the versions CI runs (scripts/update-constraints.sh regenerates it).
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
 # Byte-compile the package as pip does for a regular install: every run worker and local job wrapper is a fresh
 # interpreter, and without cached bytecode (PYTHONDONTWRITEBYTECODE, read-only trees) each recompiles it.
 .venv/bin/python -m compileall -q ccat_dagster >/dev/null

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -18,6 +19,9 @@ from sqlalchemy.engine import Engine
 
 from ccat_dagster.opsdb.engine import make_engine
 from ccat_dagster.opsdb.migrate import upgrade
+
+# The production Dagster instance configuration; every test that reads it goes through this one name.
+PRODUCTION_DAGSTER_YAML = Path(__file__).resolve().parents[1] / "deploy" / "dagster.yaml"
 
 PG_ADMIN_URL = os.environ.get("CCAT_TEST_PG_ADMIN_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
 

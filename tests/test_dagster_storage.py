@@ -30,11 +30,10 @@ from ccat_dagster.dagster_storage import (
     PooledPostgresStorage,
 )
 
-from .conftest import PG_ADMIN_URL, create_pg_database, drop_pg_database
+from .conftest import PG_ADMIN_URL, PRODUCTION_DAGSTER_YAML, create_pg_database, drop_pg_database
 
 pytestmark = pytest.mark.postgres
 
-REPO = Path(__file__).resolve().parents[1]
 PARTITION_KEYS = [f"p{index:03d}" for index in range(50)]
 EVENTS = 50
 # A pooled process opens about one connection per sub-storage, plus an overflow one per batch of asset events with
@@ -300,7 +299,7 @@ def test_dagster_instance_info_reads_the_file(tmp_path, dagster_pg_url):
 
 def test_the_repository_dagster_yaml_loads_with_the_pooled_storage(tmp_path, dagster_pg_url, monkeypatch):
     monkeypatch.setenv("DAGSTER_PG_URL", dagster_pg_url)
-    instance = load_instance(tmp_path / "home", (REPO / "dagster.yaml").read_text())
+    instance = load_instance(tmp_path / "home", PRODUCTION_DAGSTER_YAML.read_text())
     try:
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
         assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 16

@@ -32,7 +32,7 @@ from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import load_pipeline_spec
 from ccat_dagster.settings import Settings
 
-from .conftest import create_pg_database, drop_pg_database
+from .conftest import PRODUCTION_DAGSTER_YAML, create_pg_database, drop_pg_database
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "pipelines" / "chai_ngc253_co43.yaml"
@@ -255,7 +255,7 @@ def test_postgres_ops_db_and_the_production_dagster_yaml(tmp_path, monkeypatch):
     dagster_url = create_pg_database("ccat_test_doctor_dagster")
     try:
         env = _world(tmp_path, apply_pipeline=False, ops_db_url=ops_url)
-        shutil.copy(REPO / "dagster.yaml", Path(env["DAGSTER_HOME"]) / "dagster.yaml")
+        shutil.copy(PRODUCTION_DAGSTER_YAML, Path(env["DAGSTER_HOME"]) / "dagster.yaml")
         monkeypatch.setenv("DAGSTER_PG_URL", dagster_url.replace("+psycopg2", ""))
         results = doctor.check_ops_db(settings=Settings.from_env(env)) + doctor.check_dagster_instance(environ=env)
     finally:

@@ -25,6 +25,7 @@ from ccat_dagster.opsdb.engine import make_engine
 from ccat_dagster.opsdb.enums import RunStatus
 from ccat_dagster.sensors import reconcile as sensors
 
+from .conftest import PRODUCTION_DAGSTER_YAML
 from .dagster_fixtures import PIPELINE, demo_world  # noqa: F401 - fixture
 
 # ------------------------------------------------------------------ pure parts, milliseconds
@@ -97,9 +98,7 @@ def test_the_grpc_info_tag_is_where_dagster_records_the_code_server():
 
 
 def test_the_production_instance_frees_dead_runs_slots_and_retries_launches(tmp_path):
-    from .dagster_fixtures import REPO
-
-    text = (REPO / "dagster.yaml").read_text()
+    text = PRODUCTION_DAGSTER_YAML.read_text()
     home = tmp_path / "home"
     home.mkdir()
     # The production file with its storage replaced: everything else is loaded and validated as deployed.

@@ -17,12 +17,14 @@ import random
 import struct
 import tarfile
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from ccat_dagster.errors import CcatError
 from ccat_dagster.opsdb.enums import (
     LocationType,
     ObsStatus,
@@ -76,6 +78,10 @@ PROGRAMS = [("GEco", "Galactic Ecology"), ("Cal", "Calibration"), ("EoR", "Epoch
 INSTRUMENTS = {"CHAI": ["LFA", "HFA"], "Prime-Cam": ["PCAM280"]}
 
 
+class DemoSeedError(CcatError, ValueError):
+    """A demo seeding option that cannot be used."""
+
+
 @dataclass(frozen=True)
 class SeedSummary:
     scans: int
@@ -87,15 +93,25 @@ class SeedSummary:
     already_seeded: bool
 
 
-def seed_demo(session: Session, *, data_dir: Path, scans: int = 20, seed: int = 253) -> SeedSummary:
-    """Create the demo observatory. Running it again on a seeded ops-db changes nothing."""
+def seed_demo(
+    session: Session,
+    *,
+    data_dir: Path,
+    scans: int = 20,
+    seed: int = 253,
+    progress: Callable[[int, int], None] | None = None,
+) -> SeedSummary:
+    """Create the demo observatory. Running it again on a seeded ops-db changes nothing.
+
+    ``progress(done, total)`` is called after each scan (the CLI's progress bar).
+    """
     archive_dir = data_dir / "archive"
     processing_dir = data_dir / "processing"
     existing = session.scalar(select(DataLocation).where(DataLocation.name == ARCHIVE_LOCATION))
     if existing is not None:
         return _summary(session, Path(existing.root_path), processing_dir, already_seeded=True)
     if scans < 1:
-        raise ValueError(f"--scans {scans} is invalid: give at least 1 scan")
+        raise DemoSeedError(f"--scans {scans} is invalid: give at least 1 scan")
     rng = random.Random(seed)
     archive_dir.mkdir(parents=True, exist_ok=True)
     processing_dir.mkdir(parents=True, exist_ok=True)
@@ -202,6 +218,8 @@ def seed_demo(session: Session, *, data_dir: Path, scans: int = 20, seed: int = 
                     checksum=package.checksum,
                 )
             )
+        if progress is not None:
+            progress(index + 1, scans)
     session.flush()
     return _summary(session, archive_dir, processing_dir, already_seeded=False)
 

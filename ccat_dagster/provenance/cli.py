@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 # a tree of 20,000 attempts is neither readable nor quick to load (docs/benchmarks.md, issue 6).
 TREE_MAX_ATTEMPTS = 200
 SUMMARY_PACKAGES = 50
+# ``lineage --json`` lists the packages too; a lineage of more scans says so with ``packages_complete: false``.
+JSON_MAX_PACKAGES = 100_000
 
 
 class ProvenanceCliError(CcatError, ValueError):
@@ -48,6 +50,11 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
         "--prov-json",
         action="store_true",
         help="write W3C PROV-JSON (IVOA ProvDM naming), validated against the PROV-JSON schema",
+    )
+    output.add_argument(
+        "--json",
+        action="store_true",
+        help="the per-step summary with every raw data package as JSON (for scripts)",
     )
     output.add_argument("--packages-only", action="store_true", help="list only the raw data packages (scans)")
     output.add_argument(
@@ -130,7 +137,12 @@ def _lineage(args: argparse.Namespace, settings: Settings) -> int:
     from ccat_dagster.opsdb.engine import make_engine, session_scope
     from ccat_dagster.opsdb.lineage import ancestor_package_ids, ancestors, lineage_summary, load_packages
     from ccat_dagster.provenance.prov import DEFAULT_CCAT_NS, dumps, lineage_to_prov_json, validate_prov_json
-    from ccat_dagster.provenance.report import render_lineage, render_lineage_summary, render_packages
+    from ccat_dagster.provenance.report import (
+        lineage_summary_as_json,
+        render_lineage,
+        render_lineage_summary,
+        render_packages,
+    )
 
     if (args.namespace or args.no_derivations) and not args.prov_json:
         raise ProvenanceCliError("--namespace and --no-derivations apply to --prov-json only")
@@ -144,6 +156,9 @@ def _lineage(args: argparse.Namespace, settings: Settings) -> int:
                 text = "\n".join(
                     render_packages(packages, title=f"raw data packages (scans) of product #{args.product_id}")
                 )
+            elif args.json:
+                summary = lineage_summary(session, product_id=args.product_id, package_limit=JSON_MAX_PACKAGES)
+                text = json.dumps(lineage_summary_as_json(summary), indent=2)
             elif args.prov_json:
                 lineage = ancestors(session, product_id=args.product_id, include_files=True)
                 document = lineage_to_prov_json(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import enum
 import json
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -244,6 +247,28 @@ def impact_as_json(impact: ProductImpact) -> dict[str, object]:
             for p in impact.products.values()
         ],
     }
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def lineage_summary_as_json(summary: LineageSummary) -> dict[str, object]:
+    """``lineage --json``: the summary's records as plain JSON values (enums as values, times in ISO 8601)."""
+    document = _json_value(dataclasses.asdict(summary))
+    assert isinstance(document, dict)
+    document["packages_complete"] = summary.complete
+    return document
 
 
 def render_invalidation(result: InvalidationResult, *, dry_run: bool) -> list[str]:

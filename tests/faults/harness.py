@@ -45,6 +45,8 @@ from ccat_dagster.opsdb.migrate import upgrade
 from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import parse_pipeline_spec
 
+from ..conftest import PRODUCTION_DAGSTER_YAML
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SOFTWARE = HERE / "software"
@@ -738,7 +740,7 @@ class FaultWorld:
 
 def instance_config() -> dict[str, Any]:
     """The production dagster.yaml with the intervals of run monitoring and launch retries shortened."""
-    config = yaml.safe_load((REPO / "dagster.yaml").read_text())
+    config = yaml.safe_load(PRODUCTION_DAGSTER_YAML.read_text())
     config["run_monitoring"].update(
         {"poll_interval_seconds": 2, "free_slots_after_run_end_seconds": 2, "start_timeout_seconds": 120}
     )
