@@ -156,6 +156,11 @@ def install(app: FastAPI) -> None:
         detail = str(getattr(error, "orig", error)).strip().splitlines()[0][:300]
         return problem_response(request, 409, f"ops-db refused the change: {detail}")
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unexpected error in %s %s", request.method, request.url.path)
+        return problem_response(request, 500, "the API failed unexpectedly; the server log has the details")
+
     @app.exception_handler(OperationalError)
     async def _unavailable(request: Request, error: OperationalError) -> JSONResponse:
         log.warning("ops-db unavailable: %s", str(getattr(error, "orig", error)).splitlines()[0])

@@ -78,6 +78,7 @@ def pipeline_dashboard(
             ]
         rows = session.execute(
             select(S.pipeline_id, E.status, *columns)
+            .select_from(E)
             .join(S, S.id == E.reduction_step_id)
             .where(E.created_at >= oldest)
             .group_by(S.pipeline_id, E.status)
@@ -95,6 +96,7 @@ def pipeline_dashboard(
         in_flight = dict(
             session.execute(
                 select(S.pipeline_id, func.count())
+                .select_from(E)
                 .join(S, S.id == E.reduction_step_id)
                 .where(E.status.not_in([s.value for s in RunStatus if s.is_terminal]))
                 .group_by(S.pipeline_id)
@@ -111,6 +113,7 @@ def pipeline_dashboard(
             pid: (count, size)
             for pid, count, size in session.execute(
                 select(S.pipeline_id, func.count(), func.coalesce(func.sum(m.DataProduct.size_bytes), 0))
+                .select_from(m.DataProduct)
                 .join(S, S.id == m.DataProduct.reduction_step_id)
                 .where(m.DataProduct.superseded_by_id.is_(None))
                 .group_by(S.pipeline_id)
