@@ -358,3 +358,45 @@ def test_pipeline_dashboard_aggregates(world):
     assert day["failures"] == 1 and day["cpu_hours"] == pytest.approx(3.0)
     assert chai["in_flight"] == 1 and chai["current_products"] == 3
     assert chai["recent_failures"][0]["attempt_id"] == world.attempts["failed"]
+
+
+# ---------------------------------------------------------------------------------------------- fuzzing
+
+# Examples per operation: enough to reach every parameter's bounds and types, few enough for the CI budget.
+FUZZ_EXAMPLES = 3
+
+
+def test_schemathesis_fuzzes_every_operation_without_5xx_and_within_the_schema(world):
+    """Property-based requests built from the OpenAPI document, with the write token: no 5xx, and every
+    response (problem details included) conforms to its documented status, content type and schema. Runs last
+    in the module: its writes do not disturb the tests above."""
+    import hypothesis
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    schema = schemathesis.openapi.from_url(f"{world.base_url}/openapi.json")
+    headers = {"Authorization": f"Bearer {world.write_token}"}
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 30
+
+    for operation in operations:
+
+        @hypothesis.settings(
+            max_examples=FUZZ_EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(hypothesis.HealthCheck),
+            phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+        )
+        @hypothesis.given(case=operation.as_strategy())
+        def fuzz(case):
+            case.call_and_validate(base_url=world.base_url, headers=headers, checks=checks)
+
+        fuzz()

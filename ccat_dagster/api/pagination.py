@@ -39,7 +39,7 @@ def page_params(
 ) -> PageParams:
     after_id = None
     if cursor is not None:
-        if not cursor.isdigit():
+        if not cursor.isdigit() or int(cursor) > 2**63 - 1:
             raise ApiProblem(
                 422,
                 f"cursor {cursor!r} is invalid: pass next_cursor of the previous page",

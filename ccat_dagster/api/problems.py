@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, StatementError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ccat_dagster.errors import CcatError
@@ -156,8 +156,16 @@ def install(app: FastAPI) -> None:
         detail = str(getattr(error, "orig", error)).strip().splitlines()[0][:300]
         return problem_response(request, 409, f"ops-db refused the change: {detail}")
 
+    @app.exception_handler(DataError)
+    async def _data(request: Request, error: DataError) -> JSONResponse:
+        detail = str(getattr(error, "orig", error)).strip().splitlines()[0][:300]
+        return problem_response(request, 422, f"ops-db cannot store a value of the request: {detail}")
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        if isinstance(error, StatementError) and isinstance(error.orig, ValueError | OverflowError):
+            # The driver refused a parameter before sending it (a NUL character, an integer out of range).
+            return problem_response(request, 422, f"ops-db cannot store a value of the request: {error.orig}")
         log.exception("unexpected error in %s %s", request.method, request.url.path)
         return problem_response(request, 500, "the API failed unexpectedly; the server log has the details")
 

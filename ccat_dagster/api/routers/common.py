@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Request
+from fastapi import Path, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,6 +16,9 @@ from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import session_scope
 
 T = TypeVar("T")
+# ops-db ids are 32-bit integers on PostgreSQL: a larger one cannot name a row, so it is refused as invalid.
+MAX_ID = 2_147_483_647
+RowId = Annotated[int, Path(ge=1, le=MAX_ID, description="ops-db id")]
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from ccat_dagster.api.auth import ReadCaller, WriteCaller
 from ccat_dagster.api.pagination import Page, PageParams, keyset, page_of, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import get_or_404, transaction
+from ccat_dagster.api.routers.common import RowId, get_or_404, transaction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.pipelines.spec import sha256_of
 
@@ -86,13 +86,13 @@ def create_config(request: Request, body: ConfigIn, response: Response, caller: 
 
 
 @router.get("/{config_id}", response_model=ConfigOut, summary="one step config")
-def get_config(request: Request, config_id: int, caller: ReadCaller) -> ConfigOut:
+def get_config(request: Request, config_id: RowId, caller: ReadCaller) -> ConfigOut:
     with transaction(request) as session:
         return _out(get_or_404(session, m.ReductionStepConfig, config_id, "step config"))
 
 
 @router.delete("/{config_id}", status_code=204, summary="delete a config no step or attempt uses")
-def delete_config(request: Request, config_id: int, caller: WriteCaller) -> Response:
+def delete_config(request: Request, config_id: RowId, caller: WriteCaller) -> Response:
     with transaction(request) as session:
         row = get_or_404(session, m.ReductionStepConfig, config_id, "step config")
         steps = session.scalar(

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from ccat_dagster.api.auth import ReadCaller, WriteCaller
 from ccat_dagster.api.pagination import Page, PageParams, keyset, page_of, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import get_or_404, transaction
+from ccat_dagster.api.routers.common import MAX_ID, RowId, get_or_404, transaction
 from ccat_dagster.grouping.engine import resolve
 from ccat_dagster.grouping.presets import list_presets, save_preset
 from ccat_dagster.grouping.rules import FilterRuleError, parse_rules, rules_to_json, validate_group_by
@@ -28,7 +28,7 @@ class GroupingIn(BaseModel):
     filter_rules: list[Any] = Field(
         default_factory=list, description="rules {table, column, operator, value, json_path?}"
     )
-    instrument_module_id: int | None = None
+    instrument_module_id: int | None = Field(default=None, ge=1, le=MAX_ID)
 
 
 class GroupingOut(BaseModel):
@@ -181,13 +181,13 @@ def create_grouping(request: Request, body: GroupingIn, caller: WriteCaller) -> 
 
 
 @router.get("/{grouping_id}", response_model=GroupingOut, summary="one data grouping")
-def get_grouping(request: Request, grouping_id: int, caller: ReadCaller) -> GroupingOut:
+def get_grouping(request: Request, grouping_id: RowId, caller: ReadCaller) -> GroupingOut:
     with transaction(request) as session:
         return _out(session, get_or_404(session, m.DataGrouping, grouping_id, "data grouping"))
 
 
 @router.put("/{grouping_id}", response_model=GroupingOut, summary="replace a data grouping's rules and description")
-def update_grouping(request: Request, grouping_id: int, body: GroupingIn, caller: WriteCaller) -> GroupingOut:
+def update_grouping(request: Request, grouping_id: RowId, body: GroupingIn, caller: WriteCaller) -> GroupingOut:
     rules = _checked_rules(body.filter_rules)
     with transaction(request) as session:
         row = get_or_404(session, m.DataGrouping, grouping_id, "data grouping")
@@ -206,7 +206,7 @@ def update_grouping(request: Request, grouping_id: int, body: GroupingIn, caller
 
 
 @router.delete("/{grouping_id}", status_code=204, summary="delete a grouping no pipeline uses")
-def delete_grouping(request: Request, grouping_id: int, caller: WriteCaller) -> Response:
+def delete_grouping(request: Request, grouping_id: RowId, caller: WriteCaller) -> Response:
     with transaction(request) as session:
         row = get_or_404(session, m.DataGrouping, grouping_id, "data grouping")
         users = list(session.scalars(select(m.Pipeline.name).where(m.Pipeline.data_grouping_id == row.id)))
@@ -217,7 +217,7 @@ def delete_grouping(request: Request, grouping_id: int, caller: WriteCaller) -> 
 
 
 @router.post("/{grouping_id}/resolve", response_model=ResolveOut, summary="the sub-groups for a group_by; runs nothing")
-def resolve_grouping(request: Request, grouping_id: int, body: ResolveIn, caller: ReadCaller) -> ResolveOut:
+def resolve_grouping(request: Request, grouping_id: RowId, body: ResolveIn, caller: ReadCaller) -> ResolveOut:
     try:
         dims = validate_group_by(body.group_by)
     except FilterRuleError as error:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from ccat_dagster.api.auth import ReadCaller, WriteCaller
 from ccat_dagster.api.pagination import Page, PageParams, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import get_or_404, transaction
+from ccat_dagster.api.routers.common import RowId, get_or_404, transaction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.pipelines.apply import (
     PipelineApplyError,
@@ -60,7 +60,7 @@ class PipelineDetail(PipelineOut):
 class ApplyOut(BaseModel):
     outcome: str = Field(description="created, updated or unchanged (with dry_run: what would happen)")
     dry_run: bool
-    pipeline_id: int | None
+    pipeline_id: RowId | None
     pipeline: str
     changes: list[str]
 
@@ -193,7 +193,7 @@ def create_pipeline(
 
 
 @router.get("/{pipeline_id:int}", response_model=PipelineDetail, summary="one pipeline with its steps")
-def get_pipeline(request: Request, pipeline_id: int, caller: ReadCaller) -> PipelineDetail:
+def get_pipeline(request: Request, pipeline_id: RowId, caller: ReadCaller) -> PipelineDetail:
     with transaction(request) as session:
         summary = _summary_out(session, pipeline_id)
         definition = export_pipeline(session, summary.name)
@@ -203,7 +203,7 @@ def get_pipeline(request: Request, pipeline_id: int, caller: ReadCaller) -> Pipe
 @router.put("/{pipeline_id:int}", response_model=ApplyOut, summary="replace a pipeline's definition (all-or-nothing)")
 def update_pipeline(
     request: Request,
-    pipeline_id: int,
+    pipeline_id: RowId,
     document: PipelineDocument,
     caller: WriteCaller,
     dry_run: Annotated[bool, Query(description="check everything as apply would, write nothing")] = False,
@@ -214,7 +214,7 @@ def update_pipeline(
 
 
 @router.delete("/{pipeline_id:int}", status_code=204, summary="delete a pipeline that never ran")
-def delete_pipeline(request: Request, pipeline_id: int, caller: WriteCaller) -> Response:
+def delete_pipeline(request: Request, pipeline_id: RowId, caller: WriteCaller) -> Response:
     with transaction(request) as session:
         pipeline = get_or_404(session, m.Pipeline, pipeline_id, "pipeline")
         attempts = session.scalar(
@@ -241,12 +241,12 @@ def _toggle(request: Request, pipeline_id: int, enabled: bool) -> PipelineOut:
 
 
 @router.post("/{pipeline_id:int}/enable", response_model=PipelineOut, summary="let sensors and schedules run it")
-def enable(request: Request, pipeline_id: int, caller: WriteCaller) -> PipelineOut:
+def enable(request: Request, pipeline_id: RowId, caller: WriteCaller) -> PipelineOut:
     return _toggle(request, pipeline_id, True)
 
 
 @router.post("/{pipeline_id:int}/disable", response_model=PipelineOut, summary="stop sensors and schedules")
-def disable(request: Request, pipeline_id: int, caller: WriteCaller) -> PipelineOut:
+def disable(request: Request, pipeline_id: RowId, caller: WriteCaller) -> PipelineOut:
     return _toggle(request, pipeline_id, False)
 
 
@@ -256,7 +256,7 @@ def disable(request: Request, pipeline_id: int, caller: WriteCaller) -> Pipeline
     status_code=202,
     summary="launch the Dagster run(s) of a step now, as its sensor would",
 )
-def trigger(request: Request, pipeline_id: int, body: TriggerIn, caller: WriteCaller) -> TriggerOut:
+def trigger(request: Request, pipeline_id: RowId, body: TriggerIn, caller: WriteCaller) -> TriggerOut:
     from ccat_dagster.launch import API_TRIGGER, launch_step, plan_step_launch
 
     with transaction(request) as session:

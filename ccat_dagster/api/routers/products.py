@@ -17,7 +17,7 @@ from sqlalchemy import select
 from ccat_dagster.api.auth import ReadCaller
 from ccat_dagster.api.pagination import Page, PageParams, keyset, page_of, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import as_utc, get_or_404, step_ids_of, transaction
+from ccat_dagster.api.routers.common import RowId, as_utc, get_or_404, step_ids_of, transaction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.enums import DataProductType, PhysicalCopyStatus
 
@@ -125,7 +125,7 @@ def package_impact(request: Request, package: str, caller: ReadCaller) -> dict[s
 
 
 @router.get("/{product_id}", response_model=ProductDetail, summary="one data product with its copies")
-def get_product(request: Request, product_id: int, caller: ReadCaller) -> ProductDetail:
+def get_product(request: Request, product_id: RowId, caller: ReadCaller) -> ProductDetail:
     with transaction(request) as session:
         product = get_or_404(session, P, product_id, "data product")
         attempt = product.executed_reduction_step
@@ -148,7 +148,7 @@ def get_product(request: Request, product_id: int, caller: ReadCaller) -> Produc
 )
 def get_lineage(
     request: Request,
-    product_id: int,
+    product_id: RowId,
     caller: ReadCaller,
     view: Annotated[
         Literal["summary", "tree", "prov-json"], Query(description="summary (default), tree, prov-json")

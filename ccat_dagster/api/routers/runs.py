@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from ccat_dagster.api.auth import ReadCaller, WriteCaller
 from ccat_dagster.api.pagination import Page, PageParams, keyset, page_of, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import as_utc, get_or_404, step_ids_of, transaction
+from ccat_dagster.api.routers.common import RowId, as_utc, get_or_404, step_ids_of, transaction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.enums import RunStatus
 
@@ -78,13 +78,13 @@ class LogFile(BaseModel):
 
 
 class LogsOut(BaseModel):
-    attempt_id: int
+    attempt_id: RowId
     logs_dir: str | None
     files: list[LogFile]
 
 
 class RunActionOut(BaseModel):
-    attempt_id: int
+    attempt_id: RowId
     dagster_run_id: str
     message: str
 
@@ -147,13 +147,13 @@ def list_attempts(
         return page_of(rows, page, item_id=lambda r: r[0].id, convert=lambda r: _row(*r))
 
 
-def _attempt(session: Session, attempt_id: int) -> tuple[m.ExecutedReductionStep, str, str]:
+def _attempt(session: Session, attempt_id: RowId) -> tuple[m.ExecutedReductionStep, str, str]:
     attempt = get_or_404(session, E, attempt_id, "attempt")
     return attempt, attempt.step.pipeline.name, attempt.step.name
 
 
 @router.get("/{attempt_id}", response_model=AttemptDetail, summary="one attempt with its transitions")
-def get_attempt(request: Request, attempt_id: int, caller: ReadCaller) -> AttemptDetail:
+def get_attempt(request: Request, attempt_id: RowId, caller: ReadCaller) -> AttemptDetail:
     with transaction(request) as session:
         attempt, pipeline, step = _attempt(session, attempt_id)
         package_count = session.scalar(
@@ -181,7 +181,7 @@ def get_attempt(request: Request, attempt_id: int, caller: ReadCaller) -> Attemp
 @router.get("/{attempt_id}/logs", response_model=LogsOut, summary="the container and job logs of an attempt")
 def get_logs(
     request: Request,
-    attempt_id: int,
+    attempt_id: RowId,
     caller: ReadCaller,
     tail_bytes: Annotated[
         int, Query(ge=1, le=1_048_576, description="bytes from the end of each file")
@@ -227,7 +227,7 @@ def _read_logs(logs_dir: Path, tail_bytes: int) -> list[LogFile]:
 
 
 @router.post("/{attempt_id}/cancel", response_model=RunActionOut, status_code=202, summary="terminate its Dagster run")
-def cancel_attempt(request: Request, attempt_id: int, caller: WriteCaller) -> RunActionOut:
+def cancel_attempt(request: Request, attempt_id: RowId, caller: WriteCaller) -> RunActionOut:
     with transaction(request) as session:
         attempt = get_or_404(session, E, attempt_id, "attempt")
         status, run_id = attempt.status, attempt.dagster_run_id
@@ -245,7 +245,7 @@ def cancel_attempt(request: Request, attempt_id: int, caller: WriteCaller) -> Ru
 
 
 @router.post("/{attempt_id}/retry", response_model=RunActionOut, status_code=202, summary="run its sub-group again")
-def retry_attempt(request: Request, attempt_id: int, caller: WriteCaller) -> RunActionOut:
+def retry_attempt(request: Request, attempt_id: RowId, caller: WriteCaller) -> RunActionOut:
     from ccat_dagster.api.routers.pipelines import dagster_instance
     from ccat_dagster.launch import API_TRIGGER, launch_step, plan_step_launch
 

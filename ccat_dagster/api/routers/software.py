@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from ccat_dagster.api.auth import ReadCaller, WriteCaller
 from ccat_dagster.api.pagination import Page, PageParams, keyset, page_of, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import get_or_404, transaction
+from ccat_dagster.api.routers.common import RowId, get_or_404, transaction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.pipelines.spec import parse_semver
 
@@ -41,7 +41,7 @@ class VersionIn(BaseModel):
 
 class VersionOut(BaseModel):
     id: int
-    software_id: int
+    software_id: RowId
     version: str
     image_ref: str
     image_digest: str | None
@@ -95,13 +95,13 @@ def create_software(request: Request, body: SoftwareIn, caller: WriteCaller) -> 
 
 
 @router.get("/{software_id}", response_model=SoftwareOut, summary="one reduction software with its versions")
-def get_software(request: Request, software_id: int, caller: ReadCaller) -> SoftwareOut:
+def get_software(request: Request, software_id: RowId, caller: ReadCaller) -> SoftwareOut:
     with transaction(request) as session:
         return _out(get_or_404(session, m.ReductionSoftware, software_id, "reduction software"))
 
 
 @router.put("/{software_id}", response_model=SoftwareOut, summary="change the description")
-def update_software(request: Request, software_id: int, body: SoftwareUpdate, caller: WriteCaller) -> SoftwareOut:
+def update_software(request: Request, software_id: RowId, body: SoftwareUpdate, caller: WriteCaller) -> SoftwareOut:
     with transaction(request) as session:
         row = get_or_404(session, m.ReductionSoftware, software_id, "reduction software")
         row.description = body.description
@@ -110,7 +110,7 @@ def update_software(request: Request, software_id: int, body: SoftwareUpdate, ca
 
 
 @router.delete("/{software_id}", status_code=204, summary="delete software no step uses")
-def delete_software(request: Request, software_id: int, caller: WriteCaller) -> Response:
+def delete_software(request: Request, software_id: RowId, caller: WriteCaller) -> Response:
     with transaction(request) as session:
         row = get_or_404(session, m.ReductionSoftware, software_id, "reduction software")
         steps = session.scalar(
@@ -125,7 +125,7 @@ def delete_software(request: Request, software_id: int, caller: WriteCaller) -> 
 
 
 @router.get("/{software_id}/versions", response_model=list[VersionOut], summary="the versions of a software")
-def list_versions(request: Request, software_id: int, caller: ReadCaller) -> list[VersionOut]:
+def list_versions(request: Request, software_id: RowId, caller: ReadCaller) -> list[VersionOut]:
     with transaction(request) as session:
         return [
             _version_out(v)
@@ -134,7 +134,7 @@ def list_versions(request: Request, software_id: int, caller: ReadCaller) -> lis
 
 
 @router.post("/{software_id}/versions", response_model=VersionOut, status_code=201, summary="register a version")
-def create_version(request: Request, software_id: int, body: VersionIn, caller: WriteCaller) -> VersionOut:
+def create_version(request: Request, software_id: RowId, body: VersionIn, caller: WriteCaller) -> VersionOut:
     try:
         parse_semver(body.version)
     except ValueError as error:
@@ -160,7 +160,7 @@ def create_version(request: Request, software_id: int, body: VersionIn, caller: 
 
 
 @router.get("/{software_id}/versions/{version_id}", response_model=VersionOut, summary="one version")
-def get_version(request: Request, software_id: int, version_id: int, caller: ReadCaller) -> VersionOut:
+def get_version(request: Request, software_id: RowId, version_id: RowId, caller: ReadCaller) -> VersionOut:
     with transaction(request) as session:
         row = get_or_404(session, m.ReductionSoftwareVersion, version_id, "software version")
         if row.reduction_software_id != software_id:
@@ -169,7 +169,7 @@ def get_version(request: Request, software_id: int, version_id: int, caller: Rea
 
 
 @router.delete("/{software_id}/versions/{version_id}", status_code=204, summary="delete a version nothing used")
-def delete_version(request: Request, software_id: int, version_id: int, caller: WriteCaller) -> Response:
+def delete_version(request: Request, software_id: RowId, version_id: RowId, caller: WriteCaller) -> Response:
     with transaction(request) as session:
         row = get_or_404(session, m.ReductionSoftwareVersion, version_id, "software version")
         if row.reduction_software_id != software_id:
