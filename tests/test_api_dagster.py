@@ -147,7 +147,8 @@ def test_trigger_cancel_and_retry_through_a_real_dagster_webserver(tmp_path, mon
                 response = httpx.post(
                     f"{webserver_url}/graphql",
                     json={
-                        "query": '{ assetNodeOrError(assetKey: {path: ["%s", "calibrate"]}) { __typename } }' % SLEEPER
+                        "query": "query($k: AssetKeyInput!) { assetNodeOrError(assetKey: $k) { __typename } }",
+                        "variables": {"k": {"path": [SLEEPER, "calibrate"]}},
                     },
                     timeout=5,
                 )
