@@ -102,3 +102,22 @@ def test_the_launch_planner_names_what_it_cannot_run(shared_engine):
         with pytest.raises(LaunchError, match="is disabled"):
             plan_step_launch(session, pipeline_name=name, step_name="calibrate")
         assert session.scalar(select(m.Pipeline.enabled).where(m.Pipeline.name == name)) is False
+
+
+def test_the_tokens_cli_shows_the_secret_once(sqlite_url, monkeypatch, capsys):
+    from ccat_dagster.cli import main
+
+    monkeypatch.setenv("CCAT_OPS_DB_URL", sqlite_url)
+    assert main(["api", "tokens", "create", "ops-db-ui", "--scope", "write"]) == 0
+    secret = capsys.readouterr().out.splitlines()[-1]
+    assert secret.startswith("ccat_")
+    assert main(["api", "tokens", "list", "--json"]) == 0
+    listed = capsys.readouterr().out
+    assert '"ops-db-ui"' in listed and '"write"' in listed and secret not in listed
+    assert main(["api", "tokens", "revoke", "ops-db-ui"]) == 0
+    assert "revoked" in capsys.readouterr().out
+    assert (
+        main(["api", "tokens", "create", "x", "--scope", "read"]) == 0
+        and main(["api", "tokens", "revoke", "nope"]) == 2
+    )
+    assert "tokens list" in capsys.readouterr().err
