@@ -291,5 +291,13 @@ def dagster_instance(request: Request) -> Any:
     if request.app.state.dagster_instance is None:
         import dagster as dg
 
-        request.app.state.dagster_instance = dg.DagsterInstance.get()
+        from ccat_dagster.launch import LaunchUnavailable
+
+        try:
+            request.app.state.dagster_instance = dg.DagsterInstance.get()
+        except dg.DagsterError as error:  # DAGSTER_HOME unset, or no instance there
+            raise LaunchUnavailable(
+                f"the API cannot open the Dagster instance ({str(error).splitlines()[0]}): set DAGSTER_HOME for the "
+                "API service to the directory of the instance's dagster.yaml"
+            ) from None
     return request.app.state.dagster_instance
