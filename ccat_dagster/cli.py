@@ -198,6 +198,7 @@ _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.doctor", fromlist=["_"
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.execution.cli", fromlist=["_"]).register(c))
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.provenance.reproduce", fromlist=["_"]).register(c))
 _EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.provenance.products", fromlist=["_"]).register(c))
+_EXTRA_COMMANDS.append(lambda c: __import__("ccat_dagster.api.cli", fromlist=["_"]).register(c))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

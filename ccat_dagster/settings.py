@@ -105,6 +105,13 @@ def _db_url(name: str, raw: str) -> str:
     return value
 
 
+def _http_url(name: str, raw: str) -> str:
+    value = raw.strip().rstrip("/")
+    if not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
+        raise SettingsError(f"{name}={raw!r} is invalid: give the webserver's base URL, e.g. http://127.0.0.1:3000")
+    return value
+
+
 def _redact_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
     scheme, sep, rest = url.partition("://")
@@ -186,6 +193,8 @@ class Settings:
     max_products_per_attempt: int
     kubernetes: KubernetesSettings
     image_change_policy: str
+    api_max_body_bytes: int
+    dagster_webserver_url: str
     # As given (validated by registry_settings, which is what reads them where a digest is resolved).
     registry_auth_file: str = ""
     registry_plain_http: str = ""
@@ -217,6 +226,8 @@ class Settings:
             "WATERMARK_OVERLAP_SECONDS": "300",
             "RETENTION_DAYS": "30",
             "IMAGE_CHANGE_POLICY": "refuse",
+            "API_MAX_BODY_BYTES": "1048576",
+            "DAGSTER_WEBSERVER_URL": "http://127.0.0.1:3000",
         }
         parsers: dict[str, Callable[[str, str], Any]] = {
             "HPC_BACKEND": _choice(HPC_BACKENDS),
@@ -229,6 +240,8 @@ class Settings:
             "STAGER": _choice(STAGERS),
             **WHOLE_NUMBER_SETTINGS,
             "IMAGE_CHANGE_POLICY": _choice(IMAGE_CHANGE_POLICIES),
+            "API_MAX_BODY_BYTES": _bounded_int(1024, 1_073_741_824),
+            "DAGSTER_WEBSERVER_URL": _http_url,
         }
         defaults.update({key: default for key, (default, _, _) in RUNNER_SETTINGS.items()})
         parsers.update({key: parse for key, (_, parse, _) in RUNNER_SETTINGS.items()})
@@ -318,6 +331,12 @@ def variable_reference() -> list[tuple[str, str, str]]:
                 "a docker config.json with the registries' credentials",
             ),
             (REGISTRY_PLAIN_HTTP_VAR, "(empty)", "comma-separated registry host[:port] reached over HTTP, not HTTPS"),
+            (PREFIX + "API_MAX_BODY_BYTES", "1048576", "largest request body the REST API reads, 1024–1073741824"),
+            (
+                PREFIX + "DAGSTER_WEBSERVER_URL",
+                "http://127.0.0.1:3000",
+                "the Dagster webserver whose GraphQL launches, terminates and re-executes runs",
+            ),
         ]
         + [(PREFIX + key, default, allowed) for key, (default, _, allowed) in RUNNER_SETTINGS.items()]
         + kubernetes_variable_reference()

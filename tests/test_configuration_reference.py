@@ -112,6 +112,7 @@ def test_systemd_units_are_wired_to_one_code_server():
         "ccat-dagster-code-server.service",
         "ccat-dagster-webserver.service",
         "ccat-dagster-daemon.service",
+        "ccat-dagster-api.service",
     }
     (exec_start,) = units["ccat-dagster-code-server.service"]["Service"]["ExecStart"]
     code_server = shlex.split(exec_start)

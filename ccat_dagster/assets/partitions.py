@@ -33,6 +33,11 @@ def sync_partitions(instance: dg.DagsterInstance, session: Session, pipeline_nam
     return _add_missing(instance, wanted)
 
 
+def add_missing_partitions(instance: dg.DagsterInstance, wanted: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Add the keys of ``wanted`` (partitions definition name → keys) the instance does not hold yet."""
+    return _add_missing(instance, wanted)
+
+
 def _add_missing(instance: dg.DagsterInstance, wanted: dict[str, set[str]]) -> dict[str, list[str]]:
     added: dict[str, list[str]] = {}
     for name, keys in wanted.items():

@@ -76,6 +76,11 @@ def load_pipeline_snapshots(
     return out
 
 
+def pipeline_snapshot(pipeline: m.Pipeline) -> PipelineSnapshot:
+    """The snapshot of one loaded pipeline row (enabled or not), as the code location builds it."""
+    return _snapshot(pipeline)
+
+
 def _snapshot(pipeline: m.Pipeline) -> PipelineSnapshot:
     return PipelineSnapshot(
         id=pipeline.id,

@@ -460,6 +460,12 @@ class ExecutedReductionStep(Base):
             sqlite_where=text(_NON_TERMINAL),
         ),
         Index("ix_executed_reduction_step_step_key", "reduction_step_id", "sub_group_key", "status"),
+        # The API's attempt listing: newest first (id order) within a filter on step, status or sub-group, and
+        # time ranges on created_at; each filter walks its index in id order and stops at the page size.
+        Index("ix_executed_reduction_step_step_id", "reduction_step_id", "id"),
+        Index("ix_executed_reduction_step_status_id", "status", "id"),
+        Index("ix_executed_reduction_step_key_id", "sub_group_key", "id"),
+        Index("ix_executed_reduction_step_created_at", "created_at"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     reduction_step_id: Mapped[int] = mapped_column(ForeignKey("reduction_step.id"))
@@ -520,6 +526,9 @@ class DataProduct(Base):
     __table_args__ = (
         UniqueConstraint("executed_reduction_step_id", "relative_path"),
         Index("ix_data_product_step_key", "reduction_step_id", "sub_group_key"),
+        # The API's product listing: newest first within a filter on product type or step.
+        Index("ix_data_product_type_id", "product_type", "id"),
+        Index("ix_data_product_step_id", "reduction_step_id", "id"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     executed_reduction_step_id: Mapped[int] = mapped_column(ForeignKey("executed_reduction_step.id"))
@@ -578,3 +587,23 @@ class RunLineageTotal(Base):
     packages: Mapped[int] = mapped_column(BigInteger)
     package_bytes: Mapped[int] = mapped_column(BigInteger)
     files: Mapped[int] = mapped_column(BigInteger)
+
+
+class ApiToken(Base):
+    """A bearer token of the REST API (``ccat-dagster api tokens``). Only the sha256 of the secret is stored.
+
+    The secret is 32 random bytes (``secrets.token_urlsafe``), so a plain sha256 cannot be reversed or guessed
+    and a slow password hash (bcrypt, argon2) would only cost every request time; ``prefix`` (the first
+    characters of the token, not secret enough to use) lets an operator tell tokens apart in listings.
+    """
+
+    __tablename__ = "api_token"
+    __table_args__ = (CheckConstraint("scope IN ('read', 'write')", name="scope"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[dt.datetime | None]
+    revoked_at: Mapped[dt.datetime | None]

@@ -19,6 +19,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from ccat_dagster.errors import CcatError
 from ccat_dagster.opsdb.engine import make_engine, session_scope
 from ccat_dagster.pipelines.apply import (
     ApplyResult,
@@ -97,6 +98,23 @@ def register(commands: argparse._SubParsersAction) -> None:
     gaps.add_argument("--step", metavar="STEP", help="only this step (its upstream steps are still evaluated)")
     gaps.add_argument("--json", action="store_true", help="one JSON document instead of text")
     gaps.set_defaults(handler=_gaps)
+
+    run = sub.add_parser(
+        "run",
+        help="launch the Dagster run(s) a sensor would, now, and wait for them with progress",
+        description="Launch runs of a step through the Dagster webserver "
+        "(CCAT_WORKFLOW_MANAGER_DAGSTER_WEBSERVER_URL), "
+        "tagged like sensor runs (ccat/trigger=manual), visible in the UI. Without --sub-group: the sub-groups "
+        "with a gap; with it: exactly those, re-run even when up to date. Without --step: every step in "
+        "dependency order, each after the one before has finished. Needs DAGSTER_HOME (the instance).",
+    )
+    run.add_argument("name", metavar="NAME")
+    run.add_argument("--step", metavar="STEP", help="only this step")
+    run.add_argument(
+        "--sub-group", dest="sub_groups", action="append", default=[], metavar="KEY", help="a sub_group_key (repeat)"
+    )
+    run.add_argument("--no-wait", action="store_true", help="launch and return; do not wait for the runs")
+    run.set_defaults(handler=_run)
 
 
 # ---------------------------------------------------------------------------------------------- handlers
@@ -392,3 +410,84 @@ def _plan_json(plan) -> dict[str, object]:  # type: ignore[no-untyped-def]
 def _plan_line(plan) -> str:  # type: ignore[no-untyped-def]
     reason = f" [{plan.reason.value}]" if plan.reason else ""
     return f"{plan.readiness.value:<18} {plan.sub_group_key}{reason}: {plan.detail}".rstrip(": ")
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    import dagster as dg
+
+    from ccat_dagster.launch import (
+        MANUAL_TRIGGER,
+        GraphQLRunLauncher,
+        attempt_counts,
+        launch_step,
+        pipeline_step_order,
+        plan_step_launch,
+        wait_for_runs,
+    )
+
+    launcher = GraphQLRunLauncher(settings.dagster_webserver_url)
+    engine = make_engine(settings.ops_db_url)
+    failed = False
+    try:
+        with session_scope(engine) as session:
+            steps = [args.step] if args.step else pipeline_step_order(session, args.name)
+        if args.sub_groups and len(steps) > 1:
+            print(
+                "ccat-dagster: error: --sub-group needs --step (a sub_group_key belongs to one step)", file=sys.stderr
+            )
+            return EXIT_REJECTED
+        if args.no_wait and len(steps) > 1:
+            steps = steps[:1]
+            print(f"--no-wait: launching the first step only ({steps[0]}); later steps need its results")
+        with dg.DagsterInstance.get() as instance:
+            for step in steps:
+                with session_scope(engine) as session:
+                    plan = plan_step_launch(
+                        session, pipeline_name=args.name, step_name=step, sub_group_keys=args.sub_groups
+                    )
+                left = ", ".join(f"{n} {state}" for state, n in plan.left_out.items())
+                if not plan.plans:
+                    print(f"{args.name}/{step}: nothing to run" + (f" ({left})" if left else ""))
+                    continue
+                runs = launch_step(
+                    plan, instance=instance, launcher=launcher, settings=settings, trigger=MANUAL_TRIGGER
+                )
+                print(
+                    f"{args.name}/{step}: launched {len(runs)} run(s) for {len(plan.plans)} sub-group(s)"
+                    + (f"; not run: {left}" if left else "")
+                )
+                for run in runs:
+                    more = " …" if len(run.sub_group_keys) > 3 else ""
+                    print(f"  run {run.run_id} [{', '.join(run.sub_group_keys[:3])}{more}]")
+                if args.no_wait:
+                    continue
+                run_ids = [r.run_id for r in runs]
+
+                def progress(statuses: dict[str, str], step: str = step, run_ids: list[str] = run_ids) -> None:
+                    with session_scope(engine) as session:
+                        counts = attempt_counts(session, pipeline_name=args.name, dagster_run_ids=run_ids)
+                    runs_text = ", ".join(f"{n} {s.lower()}" for s, n in _tally(statuses.values()).items())
+                    attempts = ", ".join(f"{n} {s}" for s, n in counts.items()) or "none yet"
+                    print(f"  {step}: runs {runs_text}; attempts {attempts}", flush=True)
+
+                final = wait_for_runs(instance, run_ids, progress=progress)
+                if any(status != "SUCCESS" for status in final.values()):
+                    failed = True
+                    print(f"{args.name}/{step}: not every run succeeded; later steps are not started", file=sys.stderr)
+                    break
+    except CcatError as error:
+        print(f"ccat-dagster: error: {error}", file=sys.stderr)
+        return EXIT_REJECTED
+    finally:
+        engine.dispose()
+    return EXIT_REJECTED if failed else EXIT_OK
+
+
+def _tally(values) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return dict(sorted(counts.items()))

@@ -174,6 +174,19 @@ def _sensor_result(
     )
 
 
+def step_run_requests(
+    pipeline: PipelineSnapshot,
+    request: StepRequest,
+    *,
+    positions: dict[str, int],
+    settings: Settings,
+    trigger: str,
+) -> list[dg.RunRequest]:
+    """The runs a trigger launches for ``request`` (``trigger``: sensor, schedule, manual, api): the same
+    batching, tags and run keys for every way a run is started."""
+    return _run_requests(pipeline, request, positions=positions, settings=settings, trigger=trigger)
+
+
 def _run_requests(
     pipeline: PipelineSnapshot,
     request: StepRequest,

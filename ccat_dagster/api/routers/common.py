@@ -1,0 +1,53 @@
+"""What the routers share: the ops-db transaction of a request and lookups that answer 404."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Path, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ccat_dagster.api.problems import ApiProblem
+from ccat_dagster.opsdb import models as m
+from ccat_dagster.opsdb.engine import session_scope
+
+T = TypeVar("T")
+# ops-db ids are 32-bit integers on PostgreSQL: a larger one cannot name a row, so it is refused as invalid.
+MAX_ID = 2_147_483_647
+RowId = Annotated[int, Path(ge=1, le=MAX_ID, description="ops-db id")]
+
+
+@contextmanager
+def transaction(request: Request) -> Iterator[Session]:
+    """One ops-db transaction, committed before the endpoint returns (so a client that reads right after its
+    write sees it) and rolled back on any error."""
+    with session_scope(request.app.state.engine) as session:
+        yield session
+
+
+def get_or_404(session: Session, model: type[T], row_id: Any, what: str) -> T:
+    row = session.get(model, row_id)
+    if row is None:
+        raise ApiProblem(404, f"no {what} with id {row_id}", errors=[("path.id", f"unknown {what} id")])
+    return row
+
+
+def step_ids_of(session: Session, pipeline: str | None, step: str | None) -> list[int] | None:
+    """The ids of the steps a pipeline / step name filter selects; None when there is no such filter."""
+    if pipeline is None and step is None:
+        return None
+    query = select(m.ReductionStep.id).join(m.Pipeline, m.Pipeline.id == m.ReductionStep.pipeline_id)
+    if pipeline is not None:
+        query = query.where(m.Pipeline.name == pipeline)
+    if step is not None:
+        query = query.where(m.ReductionStep.name == step)
+    return list(session.scalars(query))
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """A query time as aware UTC (a naive time is taken as UTC)."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
