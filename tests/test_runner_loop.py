@@ -167,6 +167,17 @@ def test_staging_and_disk_full_fail_only_their_sub_groups():
     assert [key for key, _ in loop.backend.submitted] == ["a"]
 
 
+def test_a_job_that_failed_on_its_full_output_file_system_is_disk_full_and_not_retried():
+    loop = make_loop(ScriptedBackend({"b": ["exit_code", "ok"]}))  # STEP.max_retries is 2
+    loop.preparation.full_output = {"b"}
+    outcomes = loop.run(["a", "b"])
+    assert outcomes["a"].kind is OutcomeKind.COMPLETED
+    assert kinds(loop, "b") == [(S.FAILED, K.DISK_FULL)]  # a retry would find the disk as full
+    (row,) = loop.store.attempts_of("b")
+    assert row.error.startswith("no space left on device (ENOSPC): the file system of /nonexistent/")
+    assert "/output is full" in row.error and "exit code 3" in row.error
+
+
 def test_a_failure_before_the_first_try_starts_the_next_run_with_more_memory():
     store = InMemoryAttemptStore()
     store.add(plan("a"), run_id="earlier", backend="fake", status=S.FAILED, failure_kind=K.OOM)
