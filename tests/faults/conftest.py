@@ -6,45 +6,81 @@ session they are written to docs/reliability.md (rows of scenarios that did not 
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import importlib.util
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .harness import REPO, FaultWorld, Outcome, scenario_pipeline_spec
+from .harness import OUTCOMES, REPO, FaultWorld, Outcome, scenario_pipeline_spec
+
+
+def _spec(**overrides):  # type: ignore[no-untyped-def]
+    return lambda name, packages: scenario_pipeline_spec(name, packages, **overrides)
+
+
+def _per_package(work: dict, first: dict, others: dict | None = None):  # type: ignore[no-untyped-def]
+    """Work config with ``first`` for the scenario's first package (and ``others`` for the rest)."""
+
+    def build(name, packages):  # type: ignore[no-untyped-def]
+        by_package = {packages[0]: first, **{p: others for p in packages[1:] if others}}
+        return scenario_pipeline_spec(name, packages, work={**work, "by_package": by_package})
+
+    return build
+
 
 # Scenario -> (title in docs/reliability.md, pipeline spec builder, packages it uses).
 SCENARIOS: dict[str, tuple[str, object, int]] = {
     "worker_sigkill_local": ("run worker SIGKILLed mid-job (local backend)", scenario_pipeline_spec, 2),
-    "dead_runs_fill_pool": (
-        "more dead runs than the pool's slots, then new data",
-        lambda name, packages: scenario_pipeline_spec(name, packages, work={"sleep_seconds": 6}),
-        4,
-    ),
-    "two_launches": ("two launches of the same partition at once", scenario_pipeline_spec, 1),
+    "dead_runs_fill_pool": ("more dead runs than the pool's slots, then new data", _spec(work={"sleep_seconds": 6}), 4),
+    "two_launches": ("two launches of the same partition at once", _spec(work={"sleep_seconds": 1}), 1),
     "payload_killed_local": ("the payload SIGKILLed (local backend)", scenario_pipeline_spec, 2),
-    "bad_raw_tars": ("a corrupted and a missing raw tar beside a good package in one round", scenario_pipeline_spec, 3),
+    "bad_raw_tars": (
+        "a corrupted and a missing raw tar beside a good package in one round",
+        _spec(work={"sleep_seconds": 0}),
+        3,
+    ),
+    "disk_full_output_dir": (
+        "one sub-group's output directory full (its own small tmpfs)",
+        _spec(work={"sleep_seconds": 1, "write_mb": 8}),
+        2,
+    ),
+    "disk_full_base_dir": (
+        "the whole PIPELINE_BASE_DIR full (a small tmpfs) while a round runs",
+        _per_package({"sleep_seconds": 0}, {"sleep_seconds": 3, "write_mb": 16}),
+        2,
+    ),
     "daemon_sigkill": ("dagster-daemon SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
     "code_server_sigkill": ("code server SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
-    "pg_stop_sensor_tick": ("PostgreSQL stopped for 20 s during a sensor tick", scenario_pipeline_spec, 1),
+    "pg_stop_sensor_tick": ("PostgreSQL stopped for 20 s during a sensor tick", _spec(work={"sleep_seconds": 1}), 1),
     "pg_stop_collection": ("PostgreSQL stopped for 20 s during collection", scenario_pipeline_spec, 2),
     "worker_sigkill_slurm": ("run worker SIGKILLed mid-job (Slurm)", scenario_pipeline_spec, 2),
     "scancel_outside": ("a job scancelled from outside", scenario_pipeline_spec, 1),
+    "oom_escalation": (
+        "a job over its memory on Slurm (OverMemoryKill), retried with more memory",
+        _spec(work={"allocate_mb": 1400, "sleep_seconds": 3}),
+        1,
+    ),
+    "oom_cap": (
+        "a job that needs more memory than the escalation's cap (Slurm)",
+        _spec(work={"allocate_mb": 2600, "sleep_seconds": 3}, max_retries=1),
+        1,
+    ),
+    "walltime_escalation": (
+        "a job over its time limit on Slurm (pre-walltime signal), retried with more time",
+        _spec(work={"time_needed_seconds": 90, "sleep_seconds": 0}, work_resources={"time_hours": 1 / 60}),
+        1,
+    ),
     "slurmctld_outage": (
         "slurmctld restarted, then stopped for longer than one poll, during a batch",
-        lambda name, packages: scenario_pipeline_spec(name, packages, work={"sleep_seconds": 15}),
+        _spec(work={"sleep_seconds": 15}),
         2,
     ),
 }
-
-_outcomes: list[Outcome] = []
 
 
 def _require_tools() -> None:
@@ -77,41 +113,6 @@ def fault_world(tmp_path_factory) -> Iterator[FaultWorld]:
         world.stop()
 
 
-@contextlib.contextmanager
-def record(world: FaultWorld, name: str) -> Iterator[tuple[str, Outcome]]:
-    """``with record(world, name) as (pipeline, outcome):`` runs one scenario and records its figures."""
-    outcome = Outcome(name)
-    try:
-        yield world.scenarios[name], outcome
-        outcome.survived = True
-    except BaseException as error:
-        outcome.note = str(error).partition("\n")[0][:160]
-        with (world.root / "failures.txt").open("a") as out:
-            out.write(f"===== {name}\n{error}\n")
-        raise
-    finally:
-        _outcomes.append(outcome)
-
-
-class Clock:
-    """Recovery time: from the fault to the pipeline's completion."""
-
-    def __init__(self) -> None:
-        self.fault_at: float | None = None
-
-    def fault(self) -> None:
-        self.fault_at = time.monotonic()
-
-    def since_fault(self) -> float:
-        assert self.fault_at is not None
-        return time.monotonic() - self.fault_at
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
 def pytest_collection_modifyitems(session, config, items):  # type: ignore[no-untyped-def]
     """The check of all of ops-db runs after every scenario of the suite, whatever the module order."""
     last = [item for item in items if item.name == "test_ops_db_invariants_hold_after_every_scenario"]
@@ -121,8 +122,8 @@ def pytest_collection_modifyitems(session, config, items):  # type: ignore[no-un
 
 
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
-    if _outcomes:
-        write_reliability(_outcomes)
+    if OUTCOMES:
+        write_reliability(OUTCOMES)
 
 
 _ROW = re.compile(r"^\| `(?P<key>[a-z0-9_]+)` \|")
