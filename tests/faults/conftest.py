@@ -23,12 +23,11 @@ def _spec(**overrides):  # type: ignore[no-untyped-def]
     return lambda name, packages: scenario_pipeline_spec(name, packages, **overrides)
 
 
-def _per_package(work: dict, first: dict, others: dict | None = None):  # type: ignore[no-untyped-def]
-    """Work config with ``first`` for the scenario's first package (and ``others`` for the rest)."""
+def _per_package(work: dict, first: dict, **overrides):  # type: ignore[no-untyped-def]
+    """Work config with ``first`` for the scenario's first package."""
 
     def build(name, packages):  # type: ignore[no-untyped-def]
-        by_package = {packages[0]: first, **{p: others for p in packages[1:] if others}}
-        return scenario_pipeline_spec(name, packages, work={**work, "by_package": by_package})
+        return scenario_pipeline_spec(name, packages, work={**work, "by_package": {packages[0]: first}}, **overrides)
 
     return build
 
@@ -37,42 +36,48 @@ def _per_package(work: dict, first: dict, others: dict | None = None):  # type: 
 SCENARIOS: dict[str, tuple[str, object, int]] = {
     "worker_sigkill_local": ("run worker SIGKILLed mid-job (local backend)", scenario_pipeline_spec, 2),
     "dead_runs_fill_pool": ("more dead runs than the pool's slots, then new data", _spec(work={"sleep_seconds": 6}), 4),
-    "two_launches": ("two launches of the same partition at once", _spec(work={"sleep_seconds": 1}), 1),
+    "two_launches": ("two launches of the same partition at once", _spec(work={"sleep_seconds": 1}, fan_in=False), 1),
     "payload_killed_local": ("the payload SIGKILLed (local backend)", scenario_pipeline_spec, 2),
     "bad_raw_tars": (
         "a corrupted and a missing raw tar beside a good package in one round",
-        _spec(work={"sleep_seconds": 0}),
+        _spec(work={"sleep_seconds": 0}, fan_in=False),
         3,
     ),
     "disk_full_output_dir": (
         "one sub-group's output directory full (its own small tmpfs)",
-        _spec(work={"sleep_seconds": 1, "write_mb": 8}),
+        _spec(work={"sleep_seconds": 1, "write_mb": 8}, fan_in=False),
         2,
     ),
     "disk_full_base_dir": (
         "the whole PIPELINE_BASE_DIR full (a small tmpfs) while a round runs",
-        _per_package({"sleep_seconds": 0}, {"sleep_seconds": 3, "write_mb": 16}),
+        _per_package({"sleep_seconds": 0}, {"sleep_seconds": 3, "write_mb": 16}, fan_in=False),
         2,
     ),
     "daemon_sigkill": ("dagster-daemon SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
     "code_server_sigkill": ("code server SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
-    "pg_stop_sensor_tick": ("PostgreSQL stopped for 20 s during a sensor tick", _spec(work={"sleep_seconds": 1}), 1),
+    "pg_stop_sensor_tick": (
+        "PostgreSQL stopped for 20 s during a sensor tick",
+        _spec(work={"sleep_seconds": 1}, fan_in=False),
+        1,
+    ),
     "pg_stop_collection": ("PostgreSQL stopped for 20 s during collection", scenario_pipeline_spec, 2),
     "worker_sigkill_slurm": ("run worker SIGKILLed mid-job (Slurm)", scenario_pipeline_spec, 2),
     "scancel_outside": ("a job scancelled from outside", scenario_pipeline_spec, 1),
     "oom_escalation": (
         "a job over its memory on Slurm (OverMemoryKill), retried with more memory",
-        _spec(work={"allocate_mb": 1400, "sleep_seconds": 3}),
+        _spec(work={"allocate_mb": 1400, "sleep_seconds": 3}, fan_in=False),
         1,
     ),
     "oom_cap": (
         "a job that needs more memory than the escalation's cap (Slurm)",
-        _spec(work={"allocate_mb": 2600, "sleep_seconds": 3}, max_retries=1),
+        _spec(work={"allocate_mb": 2600, "sleep_seconds": 3}, max_retries=1, fan_in=False),
         1,
     ),
     "walltime_escalation": (
         "a job over its time limit on Slurm (pre-walltime signal), retried with more time",
-        _spec(work={"time_needed_seconds": 90, "sleep_seconds": 0}, work_resources={"time_hours": 1 / 60}),
+        _spec(
+            work={"time_needed_seconds": 90, "sleep_seconds": 0}, work_resources={"time_hours": 1 / 60}, fan_in=False
+        ),
         1,
     ),
     "slurmctld_outage": (
@@ -187,6 +192,16 @@ The intervals are those of the production `dagster.yaml` except run monitoring's
 before a dead run's pool slots are freed and the launch-retry delay (2 s each here), and the sensors'
 interval (`CCAT_WORKFLOW_MANAGER_SENSOR_INTERVAL_SECONDS=2`). See docs/operations.md, "Restarts", for what
 happens on each kind of restart in production and which timeouts apply.
+
+Scenarios that share nothing but the services run side by side (the local-backend ones, then the Slurm ones);
+faults of a shared service (daemon, code server, PostgreSQL, the whole `PIPELINE_BASE_DIR`) run alone, and
+one PostgreSQL outage serves both PostgreSQL scenarios. `PIPELINE_BASE_DIR` is a 256 MiB tmpfs that the
+full-disk scenario shrinks to a few MiB more than it holds; the other full-disk scenario mounts a 4 MiB tmpfs
+over one sub-group's output directory. Memory escalation is capped at 2 GiB
+(`CCAT_WORKFLOW_MANAGER_MAX_MEMORY_GB=2`) so that a scenario reaches the cap; memory is enforced by the
+single-node Slurm's `JobAcctGatherParams=OverMemoryKill` (sampled every second, `scripts/slurm-single-node.sh`).
+The walltime scenario's payload reads its limit from `WORKFLOW_TIME_LIMIT_SECONDS` and, once the retry gives
+it enough, finishes at once: the scenario costs one short (1 minute) limit, not the escalated one.
 
 Machine of the last run (the PostgreSQL line describes the machine's main server; the suite's own cluster is
 the same version with `fsync`, `synchronous_commit` and `full_page_writes` off):

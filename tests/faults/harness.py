@@ -47,6 +47,8 @@ from ccat_dagster.opsdb.migrate import upgrade
 from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import parse_pipeline_spec
 
+from ..runner_fixtures import pipeline_attempts, processes_mentioning
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SOFTWARE = HERE / "software"
@@ -228,7 +230,10 @@ def scenario_pipeline_spec(
     combine: dict[str, Any] | None = None,
     max_retries: int = 2,
     work_resources: dict[str, Any] | None = None,
+    fan_in: bool = True,
 ) -> dict[str, Any]:
+    """``work`` per scan, then (``fan_in``) ``combine`` over all scans: the fan-in a lost sub-group would block.
+    Scenarios whose fault concerns one attempt's own outcome leave the fan-in out (one run fewer)."""
     software = {
         "name": "fault-step",
         "version": "1.0.0",
@@ -265,7 +270,7 @@ def scenario_pipeline_spec(
                 "resources": {"cpu": 1, "memory_gb": 1, "time_hours": 1},
                 "max_retries": 1,
             },
-        ],
+        ][: 2 if fan_in else 1],
     }
 
 
@@ -540,16 +545,10 @@ class FaultWorld:
 
     def kill_stray_payloads(self) -> None:
         """Local jobs of the suite still running (a failed scenario): they belong to this run's data dir only."""
-        import psutil
-
-        marker = str(self.root)
-        for process in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = " ".join(process.info.get("cmdline") or [])
-            if marker in cmdline and process.pid != os.getpid():
-                try:
-                    process.kill()
-                except psutil.Error:
-                    pass
+        for pid in processes_mentioning(str(self.root)):
+            if pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------ access
 
@@ -584,7 +583,9 @@ class FaultWorld:
         """{label: sub-group key of the work step holding that package}; known before the data arrives (the work
         step groups by executed_obs_unit, one package each)."""
         with Session(self.engine) as session:
-            eou = dict(session.execute(select(m.RawDataPackage.name, m.RawDataPackage.executed_obs_unit_id)).tuples())
+            eou = dict(
+                session.execute(select(m.RawDataPackage.name, m.RawDataPackage.executed_obs_unit_id)).tuples().all()
+            )
         return {
             label: encode_sub_group_key([("executed_obs_unit", str(eou[name]))]) for label, name in packages.items()
         }
@@ -639,20 +640,7 @@ class FaultWorld:
         return names
 
     def attempts(self, pipeline: str, step: str | None = None) -> list[m.ExecutedReductionStep]:
-        with Session(self.engine, expire_on_commit=False) as session:
-            query = (
-                select(m.ExecutedReductionStep)
-                .join(m.ReductionStep)
-                .join(m.Pipeline)
-                .where(m.Pipeline.name == pipeline)
-                .order_by(m.ExecutedReductionStep.id)
-            )
-            if step is not None:
-                query = query.where(m.ReductionStep.name == step)
-            rows = list(session.scalars(query))
-            for row in rows:
-                session.expunge(row)
-            return rows
+        return pipeline_attempts(self.engine, pipeline, step=step, with_transitions=False)
 
     def runs(self, pipeline: str, statuses: Sequence[dg.DagsterRunStatus] | None = None) -> list[dg.DagsterRun]:
         filters = dg.RunsFilter(tags={"ccat/pipeline": pipeline}, statuses=list(statuses) if statuses else [])
@@ -670,7 +658,7 @@ class FaultWorld:
     # ------------------------------------------------------------------ waiting and checking
 
     def wait_for(
-        self, what: str, predicate: Callable[[], Any], timeout: float = 180, interval: float = 1.0, pipeline: str = ""
+        self, what: str, predicate: Callable[[], Any], timeout: float = 300, interval: float = 1.0, pipeline: str = ""
     ) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -732,7 +720,7 @@ class FaultWorld:
                     return False
         return True
 
-    def wait_complete(self, pipeline: str, timeout: float = 300, stuck_after: float = 90) -> None:
+    def wait_complete(self, pipeline: str, timeout: float = 600, stuck_after: float = 150) -> None:
         """Until the pipeline is complete; fails early once it has been idle (no run active, no attempt in
         flight) for ``stuck_after`` seconds without being complete: nothing would ever finish it."""
         idle_since: list[float] = []

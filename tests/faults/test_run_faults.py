@@ -67,14 +67,14 @@ def dead_runs_fill_pool(world: FaultWorld, pipeline: str, outcome: Outcome, cloc
     for batch, package in ((2, None), (1, packages[2])):
         if package is not None:
             world.arrive(pipeline, [package])
-        workers = world.wait_for(f"{batch} new run(s) with a running job", lambda b=batch: running_workers(b))
-        if not killed:
-            clock.fault()
-        for run_id, pid in workers[:batch]:
+        for _ in range(batch):  # each as soon as its job runs (the other run may still be launching)
+            ((run_id, pid), *_) = world.wait_for("a new run with a running job", lambda: running_workers(1))
+            if not killed:
+                clock.fault()
             os.kill(pid, signal.SIGKILL)
             killed.append(run_id)
     world.arrive(pipeline, packages[3:])
-    world.wait_complete(pipeline, timeout=300)
+    world.wait_complete(pipeline)
     outcome.recovery_seconds = clock.since_fault()
     assert len(killed) == 3
     assert {world.instance().get_run_by_id(r).status for r in killed} == {dg.DagsterRunStatus.FAILURE}
@@ -110,7 +110,7 @@ def two_launches(world: FaultWorld, pipeline: str, outcome: Outcome, clock: Cloc
         subprocess.Popen(argv, env=world.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
     ]
-    outputs = [p.communicate(timeout=300)[0] for p in launches]
+    outputs = [p.communicate(timeout=600)[0] for p in launches]
     world.wait_complete(pipeline)
     outcome.recovery_seconds = clock.since_fault()
     attempts = world.attempts(pipeline, "work")
@@ -192,7 +192,7 @@ def disk_full_output_dir(world: FaultWorld, pipeline: str, outcome: Outcome, clo
     world.require_tmpfs()
     victim, innocent = world.packages_of(pipeline)
     keys = world.keys_of_packages(pipeline, {"victim": victim, "innocent": innocent})
-    output_dir = world.pipeline_base_dir / pipeline / keys["victim"] / "workspace" / "work"
+    output_dir = world.pipeline_base_dir / pipeline / keys["victim"] / "output"  # work is the final step here
     small = world.mount_tmpfs(output_dir, 4)
     world.arrive(pipeline)
     first = world.wait_for(

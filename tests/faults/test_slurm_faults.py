@@ -145,7 +145,7 @@ def walltime_escalation(world: FaultWorld, pipeline: str, outcome: Outcome, cloc
     its limit from WORKFLOW_TIME_LIMIT_SECONDS and, given enough, finishes at once."""
     clock.fault()
     world.arrive(pipeline)
-    world.wait_complete(pipeline, timeout=400)
+    world.wait_complete(pipeline)
     outcome.recovery_seconds = clock.since_fault()
     attempts = world.attempts(pipeline, "work")
     assert [(a.status, a.failure_kind) for a in attempts] == [
