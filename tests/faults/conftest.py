@@ -164,6 +164,14 @@ def write_reliability(outcomes: list[Outcome]) -> None:
 
 
 def _machine() -> str:
+    load = (
+        "- load average (1, 5, 15 min) at the end of the run: {:.1f}, {:.1f}, {:.1f} (work of other processes on the "
+    )
+    load = (load + "machine lengthens the recovery times)\n").format(*os.getloadavg())
+    return _benchmark_machine() + "\n" + load.rstrip()
+
+
+def _benchmark_machine() -> str:
     try:
         spec = importlib.util.spec_from_file_location("bench_common", REPO / "benchmarks" / "bench_common.py")
         assert spec is not None and spec.loader is not None
@@ -201,7 +209,8 @@ over one sub-group's output directory. Memory escalation is capped at 2 GiB
 (`CCAT_WORKFLOW_MANAGER_MAX_MEMORY_GB=2`) so that a scenario reaches the cap; memory is enforced by the
 single-node Slurm's `JobAcctGatherParams=OverMemoryKill` (sampled every second, `scripts/slurm-single-node.sh`).
 The walltime scenario's payload reads its limit from `WORKFLOW_TIME_LIMIT_SECONDS` and, once the retry gives
-it enough, finishes at once: the scenario costs one short (1 minute) limit, not the escalated one.
+it enough, finishes at once: the scenario costs the first attempt's pre-walltime signal (with a 1-minute limit
+Slurm sends it within the first 30 s), not the escalated limit.
 
 Machine of the last run (the PostgreSQL line describes the machine's main server; the suite's own cluster is
 the same version with `fsync`, `synchronous_commit` and `full_page_writes` off):
