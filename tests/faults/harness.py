@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pytest
 import yaml
 from sqlalchemy import create_engine, delete, func, select, text
 from sqlalchemy.engine import Engine
@@ -295,16 +296,21 @@ def record(world: FaultWorld, name: str) -> Iterator[tuple[str, Outcome]]:
     """``with record(world, name) as (pipeline, outcome):`` runs one scenario and records its figures."""
     outcome = Outcome(name)
     world.set_sensors([world.scenarios[name]], running=True)
+    skipped = False
     try:
         yield world.scenarios[name], outcome
         outcome.survived = True
+    except pytest.skip.Exception:
+        skipped = True  # not run here: its row keeps its last figures
+        raise
     except BaseException as error:
         outcome.note = str(error).partition("\n")[0][:160]
         with (world.root / "failures.txt").open("a") as out:
             out.write(f"===== {name}\n{error}\n")
         raise
     finally:
-        OUTCOMES.append(outcome)
+        if not skipped:
+            OUTCOMES.append(outcome)
         with contextlib.suppress(Exception):  # only load spared; the scenario's own result stands
             world.set_sensors([world.scenarios[name]], running=False)
 
@@ -545,8 +551,6 @@ class FaultWorld:
         message = f"the full-disk scenarios need to mount a tmpfs (as root): {self.tmpfs_problem}"
         if os.environ.get("CI") or os.environ.get("CCAT_REQUIRE_ALL_BACKENDS"):
             raise AssertionError(message)
-        import pytest
-
         pytest.skip(message)
 
     def stop(self) -> None:
