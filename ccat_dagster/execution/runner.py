@@ -39,6 +39,7 @@ from ccat_dagster.execution.failures import (
     describe_resource_change,
     failure_kind_of,
     failure_message,
+    refine_with_log,
     retry_resources,
     submission_failure_kind,
 )
@@ -634,8 +635,8 @@ class StepRunner:
             # not retried inside this batch, in case whoever cancelled it had a reason.
             message = f"job {item.job_id} was cancelled outside ccat-dagster; the next evaluation plans it again"
             return self._fail(item, message, FailureKind.CANCELLED, info=info), None
-        kind = failure_kind_of(info)
         tail = _best_effort(lambda: self.backend.logs(item.job_id, tail_lines=30)) if item.job_id else ""
+        kind = refine_with_log(failure_kind_of(info), tail or "")
         error = failure_message(info, kind, tail or "")
         full = (
             preparation.full_file_system(item.layout) if kind in (FailureKind.EXIT_CODE, FailureKind.SIGNAL) else None
