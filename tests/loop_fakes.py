@@ -139,6 +139,8 @@ class FakePreparation(AttemptPreparation):
     staging_fails: set[str] = field(default_factory=set)
     disk_full: set[str] = field(default_factory=set)
     refused_output: set[str] = field(default_factory=set)
+    full_output: set[str] = field(default_factory=set)
+    """Keys whose output directory is on a full file system (their failed jobs hit ENOSPC)."""
     staged_rounds: list[list[str]] = field(default_factory=list)
 
     def layout(self, sub_group_key: str, attempt_id: int) -> contract.AttemptLayout:
@@ -172,6 +174,9 @@ class FakePreparation(AttemptPreparation):
             job_name=f"a{attempt.attempt_id}",
             log_dir=BASE,
         )
+
+    def full_file_system(self, layout):
+        return layout.products_dir if layout.sub_group_key in self.full_output else None
 
     def discover(self, layout):
         if layout.sub_group_key in self.refused_output:

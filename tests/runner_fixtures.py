@@ -194,21 +194,7 @@ class RunnerWorld:
 
     def attempts(self, pipeline: str, key: str | None = None) -> list[m.ExecutedReductionStep]:
         """The step's attempts (oldest first) with their transitions loaded, detached from any session."""
-        with Session(self.engine, expire_on_commit=False) as session:
-            query = (
-                select(m.ExecutedReductionStep)
-                .join(m.ReductionStep)
-                .join(m.Pipeline)
-                .where(m.Pipeline.name == pipeline)
-                .order_by(m.ExecutedReductionStep.id)
-            )
-            if key is not None:
-                query = query.where(m.ExecutedReductionStep.sub_group_key == key)
-            rows = session.scalars(query).all()
-            for row in rows:
-                _ = list(row.transitions)
-            session.expunge_all()
-            return list(rows)
+        return pipeline_attempts(self.engine, pipeline, key=key)
 
     def registered_counts(self, attempt_ids: list[int]) -> dict[str, int]:
         """DataProduct rows of these attempts, their PhysicalCopy rows, and the attempts' input-lineage rows
@@ -234,6 +220,35 @@ class RunnerWorld:
             for p in sorted(root.rglob("*"))
             if p.is_file() and not p.is_relative_to(self.base_dir)
         }
+
+
+def pipeline_attempts(
+    engine: Engine,
+    pipeline: str,
+    *,
+    step: str | None = None,
+    key: str | None = None,
+    with_transitions: bool = True,
+) -> list[m.ExecutedReductionStep]:
+    """A pipeline's attempts (of one step, of one sub-group), oldest first, detached from any session (with their
+    transitions loaded unless told not to): the step runner tests and the fault suite read ops-db through this."""
+    with Session(engine, expire_on_commit=False) as session:
+        query = (
+            select(m.ExecutedReductionStep)
+            .join(m.ReductionStep)
+            .join(m.Pipeline)
+            .where(m.Pipeline.name == pipeline)
+            .order_by(m.ExecutedReductionStep.id)
+        )
+        if step is not None:
+            query = query.where(m.ReductionStep.name == step)
+        if key is not None:
+            query = query.where(m.ExecutedReductionStep.sub_group_key == key)
+        rows = session.scalars(query).all()
+        for row in rows if with_transitions else ():
+            _ = list(row.transitions)
+        session.expunge_all()
+        return list(rows)
 
 
 def make_runner_world(tmp_path: Path, *, scans: int = 12) -> RunnerWorld:

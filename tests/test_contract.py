@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import os
 import re
 import stat
 import sys
@@ -182,6 +184,29 @@ def test_create_refuses_leftover_output_unless_set_aside(tmp_path: Path) -> None
     assert second.products_dir.is_dir() and not any(second.products_dir.iterdir())
 
 
+def test_leftover_output_on_a_file_system_of_its_own_is_set_aside_entry_by_entry(tmp_path: Path, monkeypatch) -> None:
+    """An output directory that is a mount point cannot be renamed (EBUSY / EXDEV): its entries move instead."""
+    first = _layout(tmp_path, attempt_id=1)
+    first.create()
+    (first.products_dir / "sub").mkdir()
+    (first.products_dir / "sub" / "partial.f32").write_bytes(b"xx")
+    (first.products_dir / "bulk.bin").write_bytes(b"yy")
+    mount_point = first.products_dir
+    rename = os.rename
+
+    def rename_except_mount_point(source, target):  # type: ignore[no-untyped-def]
+        if Path(source) == mount_point:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(source))
+        return rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename_except_mount_point)
+    second = _layout(tmp_path, attempt_id=2)
+    moved = second.create(set_aside_previous_output=True)
+    assert moved == second.attempt_dir / "previous-output"
+    assert (moved / "sub" / "partial.f32").read_bytes() == b"xx" and (moved / "bulk.bin").read_bytes() == b"yy"
+    assert second.products_dir == mount_point and not any(mount_point.iterdir())
+
+
 def test_empty_directories_are_not_leftovers(tmp_path: Path) -> None:
     first = _layout(tmp_path, attempt_id=1, is_final=True, step="grid")
     first.create()
@@ -282,6 +307,17 @@ def test_environment(tmp_path: Path) -> None:
         build_environment(layout=_layout(tmp_path), extra={"WORKFLOW_OUTPUT_DIR": "/tmp"})
     with pytest.raises(ContainerContractError, match="invalid"):
         build_environment(layout=_layout(tmp_path), extra={"BAD-NAME": "x"})
+
+
+def test_environment_gives_the_payload_its_time_limit(tmp_path: Path) -> None:
+    env = build_environment(layout=_layout(tmp_path), time_limit_seconds=3600)
+    assert env["WORKFLOW_TIME_LIMIT_SECONDS"] == "3600"
+    assert "WORKFLOW_TIME_LIMIT_SECONDS" not in build_environment(layout=_layout(tmp_path))
+    with pytest.raises(ContainerContractError, match="cannot be overridden"):
+        build_environment(layout=_layout(tmp_path), extra={"WORKFLOW_TIME_LIMIT_SECONDS": "99999"})
+    for bad in (0, -5, 1.5, True):
+        with pytest.raises(ContainerContractError, match=f"time limit {bad!r} is invalid"):
+            build_environment(layout=_layout(tmp_path), time_limit_seconds=bad)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------

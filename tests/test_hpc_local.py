@@ -586,7 +586,7 @@ def test_a_job_failing_on_a_full_output_disk_is_disk_full(small_tmpfs, tmp_path,
     info = wait_terminal(backend, job_id)
     assert (info.state, info.exit_code) == (JobState.FAILED, 2)
     assert info.failure_kind is FailureKind.DISK_FULL
-    assert f"no space left on device: the file system of {small_tmpfs / 'logs'} is full" in info.reason
+    assert f"no space left on device (ENOSPC): the file system of {small_tmpfs / 'logs'} is full" in info.reason
 
 
 def test_a_wrapper_dead_on_a_full_disk_is_disk_full_not_lost(small_tmpfs, tmp_path):
@@ -600,7 +600,7 @@ def test_a_wrapper_dead_on_a_full_disk_is_disk_full_not_lost(small_tmpfs, tmp_pa
     try:
         info = wait_terminal(backend, job_id)
         assert info.failure_kind is FailureKind.DISK_FULL
-        assert f"no space left on device: the file system of {backend.state_dir} is full" in info.reason
+        assert f"no space left on device (ENOSPC): the file system of {backend.state_dir} is full" in info.reason
     finally:
         os.killpg(record["pgid"], signal.SIGKILL)
 

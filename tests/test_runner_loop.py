@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from ccat_dagster.execution.attempts import InMemoryAttemptStore
-from ccat_dagster.execution.failures import ResourceCaps, failure_kind_of, retry_resources
+from ccat_dagster.execution.failures import ResourceCaps, failure_kind_of, refine_with_log, retry_resources
 from ccat_dagster.execution.hpc.base import JobInfo, JobResources, JobState, SchedulerCommandError
 from ccat_dagster.execution.planning import Readiness
 from ccat_dagster.execution.runner import OutcomeKind
@@ -165,6 +165,37 @@ def test_staging_and_disk_full_fail_only_their_sub_groups():
     assert kinds(loop, "b") == [(S.FAILED, K.STAGING)] and kinds(loop, "c") == [(S.FAILED, K.DISK_FULL)]
     assert "the disk is full" in outcomes["c"].detail
     assert [key for key, _ in loop.backend.submitted] == ["a"]
+
+
+def test_a_job_that_failed_on_its_full_output_file_system_is_disk_full_and_not_retried():
+    loop = make_loop(ScriptedBackend({"b": ["exit_code", "ok"]}))  # STEP.max_retries is 2
+    loop.preparation.full_output = {"b"}
+    outcomes = loop.run(["a", "b"])
+    assert outcomes["a"].kind is OutcomeKind.COMPLETED
+    assert kinds(loop, "b") == [(S.FAILED, K.DISK_FULL)]  # a retry would find the disk as full
+    (row,) = loop.store.attempts_of("b")
+    assert row.error.startswith("no space left on device (ENOSPC): the file system of /nonexistent/")
+    assert "/output is full" in row.error and "exit code 3" in row.error
+
+
+def test_a_signal_death_that_the_job_log_shows_as_a_memory_kill_is_oom_and_gets_more_memory():
+    """Slurm's OverMemoryKill leaves FAILED 0:9, and its memory samples may all be below the request."""
+
+    class MemoryKillLogs(ScriptedBackend):
+        def logs(self, job_id: str, *, tail_lines: int = 50) -> str:
+            return (
+                "slurmstepd-vm: error: StepId=7.batch exceeded memory limit (1080520704 > 1073741824), being killed\n"
+                "slurmstepd-vm: error: Exceeded job memory limit\n"
+            )
+
+    loop = make_loop(MemoryKillLogs({"a": ["signal", "ok"]}))
+    outcomes = loop.run(["a"])
+    assert outcomes["a"].kind is OutcomeKind.COMPLETED
+    assert kinds(loop, "a") == [(S.FAILED, K.OOM), (S.COMPLETED, None)]
+    assert [spec.resources.memory_gb for spec in loop.backend.specs_of("a")] == [2.0, 4.0]
+    assert refine_with_log(K.SIGNAL, "Detected 1 oom_kill event in StepId=9.batch") is K.OOM
+    assert refine_with_log(K.SIGNAL, "killed by signal 9") is K.SIGNAL
+    assert refine_with_log(K.CONTRACT, "Exceeded job memory limit") is K.CONTRACT
 
 
 def test_a_failure_before_the_first_try_starts_the_next_run_with_more_memory():

@@ -15,12 +15,14 @@ The per-attempt directories mean a retry never overwrites what an earlier attemp
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import os
 import posixpath
 import re
+import shutil
 import tempfile
 import uuid
 from collections import defaultdict
@@ -60,8 +62,11 @@ ENV_WORKSPACE_DIR = "WORKFLOW_WORKSPACE_DIR"
 ENV_CONFIG_DIR = "WORKFLOW_CONFIG_DIR"
 ENV_LOGS_DIR = "WORKFLOW_LOGS_DIR"
 ENV_MANIFEST = "WORKFLOW_MANIFEST"
+# The job's wall-time limit in seconds, where the attempt has one: a payload can plan its work or checkpoint
+# before the limit (inside a container it cannot ask the batch system).
+ENV_TIME_LIMIT = "WORKFLOW_TIME_LIMIT_SECONDS"
 CONTRACT_ENV_NAMES = frozenset(
-    {ENV_OUTPUT_DIR, ENV_INPUT_DIR, ENV_WORKSPACE_DIR, ENV_CONFIG_DIR, ENV_LOGS_DIR, ENV_MANIFEST}
+    {ENV_OUTPUT_DIR, ENV_INPUT_DIR, ENV_WORKSPACE_DIR, ENV_CONFIG_DIR, ENV_LOGS_DIR, ENV_MANIFEST, ENV_TIME_LIMIT}
 )
 
 # Linux NAME_MAX: a longer name cannot be a directory, and sub_group_key is one.
@@ -281,7 +286,7 @@ class AttemptLayout:
         set_aside: Path | None = None
         if leftovers:
             set_aside = self.attempt_dir / _ATTEMPT_SET_ASIDE_DIR
-            os.rename(self.products_dir, set_aside)
+            _move_aside(self.products_dir, set_aside)
         self.step_workspace_dir.mkdir(parents=True, exist_ok=True)
         self.products_dir.mkdir(parents=True, exist_ok=True)
         return set_aside
@@ -314,6 +319,20 @@ def attempt_layout(
         attempt_id=str(attempt_id),
         is_final=bool(is_final),
     )
+
+
+def _move_aside(directory: Path, target: Path) -> None:
+    """Move ``directory`` to ``target``. A directory that is a mount point (an output file system of its own)
+    cannot be renamed: its entries move instead, copied where they cross file systems."""
+    try:
+        os.rename(directory, target)
+        return
+    except OSError as error:
+        if error.errno not in (errno.EXDEV, errno.EBUSY):
+            raise
+    target.mkdir()
+    for entry in sorted(directory.iterdir()):
+        shutil.move(entry, target / entry.name)
 
 
 def _files_below(root: Path, *, limit: int) -> list[str]:
@@ -470,8 +489,14 @@ def missing_mount_sources(*, mounts: Sequence[Mount]) -> list[Path]:
     return [mount.host for mount in mounts if not mount.host.is_dir()]
 
 
-def build_environment(*, layout: AttemptLayout, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The container's environment: the contract variables plus ``extra`` (which may not override them)."""
+def build_environment(
+    *, layout: AttemptLayout, extra: Mapping[str, str] | None = None, time_limit_seconds: int | None = None
+) -> dict[str, str]:
+    """The container's environment: the contract variables plus ``extra`` (which may not override them).
+
+    ``time_limit_seconds``: the job's wall-time limit as submitted, given to the payload as
+    ``WORKFLOW_TIME_LIMIT_SECONDS`` (absent when the attempt runs without one, as ``reproduce`` does).
+    """
     env = {
         ENV_OUTPUT_DIR: layout.container_output_dir,
         ENV_INPUT_DIR: CONTAINER_INPUT_DIR,
@@ -480,6 +505,12 @@ def build_environment(*, layout: AttemptLayout, extra: Mapping[str, str] | None 
         ENV_LOGS_DIR: CONTAINER_LOGS_DIR,
         ENV_MANIFEST: CONTAINER_MANIFEST_PATH,
     }
+    if time_limit_seconds is not None:
+        if isinstance(time_limit_seconds, bool) or not isinstance(time_limit_seconds, int) or time_limit_seconds < 1:
+            raise ContainerContractError(
+                f"time limit {time_limit_seconds!r} is invalid: give a whole number of seconds of at least 1"
+            )
+        env[ENV_TIME_LIMIT] = str(time_limit_seconds)
     for name, value in (extra or {}).items():
         validate_env_name(name)
         if name in CONTRACT_ENV_NAMES:

@@ -2,7 +2,8 @@
 
 ``failure_kind_of`` is the one function that turns a finished job's ``JobInfo`` into a kind: the backend's own
 ``JobInfo.failure_kind`` when it set one (from sacct states, pod reasons, wait status), else a fallback read
-from the exit code and the backend's reason. The runner adds the kinds only it can know (staging, contract,
+from the exit code and the backend's reason; ``refine_with_log`` then turns a signal death that the job's log
+shows as the scheduler's memory kill into oom. The runner adds the kinds only it can know (staging, contract,
 disk_full, scheduler_unavailable, lost, cancelled).
 
 Retry policy, one table (``RETRY``): memory grows after ``oom`` and time after ``walltime`` (by the step's
@@ -14,6 +15,7 @@ are never retried inside a batch (a retry cannot fix them, or a job may still be
 from __future__ import annotations
 
 import enum
+import re
 import subprocess
 from dataclasses import dataclass, replace
 
@@ -69,6 +71,20 @@ def failure_kind_of(info: JobInfo) -> FailureKind:
     if signal_of(info.exit_code) is not None:
         return K.SIGNAL
     return K.EXIT_CODE
+
+
+# What a scheduler's step daemon writes into the job's own log when it kills the job for its memory: Slurm's
+# OverMemoryKill ("StepId=7.batch exceeded memory limit (1080520704 > 1073741824), being killed", "Exceeded job
+# memory limit") and its cgroup plugin ("Detected 1 oom_kill event in StepId=7.batch").
+_MEMORY_KILL_IN_LOG = re.compile(r"exceeded (?:job |step )?memory limit|detected \d+ oom[-_]kill event", re.IGNORECASE)
+
+
+def refine_with_log(kind: FailureKind, log_tail: str) -> FailureKind:
+    """``kind`` corrected by the job's log: a signal or exit-code death that the scheduler's step daemon logged as a
+    memory kill is oom. Accounting alone cannot always tell (its memory samples may all be below the request)."""
+    if kind in (K.SIGNAL, K.EXIT_CODE) and _MEMORY_KILL_IN_LOG.search(log_tail or ""):
+        return K.OOM
+    return kind
 
 
 def failure_message(info: JobInfo, kind: FailureKind, log_tail: str = "") -> str:

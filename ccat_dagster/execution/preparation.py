@@ -23,6 +23,7 @@ from ccat_dagster.execution import contract
 from ccat_dagster.execution.attempts import AttemptRef
 from ccat_dagster.execution.discovery import DiscoveredProduct, discover_products
 from ccat_dagster.execution.hpc.base import JobResources, JobSpec
+from ccat_dagster.execution.hpc.local_wrapper import file_system_full
 from ccat_dagster.execution.images import BuildCheck, resolve_image
 from ccat_dagster.execution.planning import SubGroupPlan
 from ccat_dagster.execution.runtimes import ContainerInvocation, ContainerRuntime
@@ -82,6 +83,10 @@ class AttemptPreparation(abc.ABC):
     @abc.abstractmethod
     def discover(self, layout: contract.AttemptLayout) -> list[DiscoveredProduct]:
         """The attempt's products; raises ``PreparationFailure`` (kind contract) for refused output."""
+
+    def full_file_system(self, layout: contract.AttemptLayout) -> Path | None:
+        """The first of the attempt's writable directories whose file system is full, or None (for a failed job)."""
+        return None
 
 
 class ContainerPreparation(AttemptPreparation):
@@ -249,7 +254,7 @@ class ContainerPreparation(AttemptPreparation):
         invocation = ContainerInvocation(
             image=image,
             mounts=mounts,
-            env=contract.build_environment(layout=layout),
+            env=contract.build_environment(layout=layout, time_limit_seconds=resources.time_limit_seconds),
             args=list(step.entrypoint),
             gpus=resources.gpus,
         )
@@ -291,6 +296,12 @@ class ContainerPreparation(AttemptPreparation):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source.rename(target)
                 copy.path = str(target)
+
+    def full_file_system(self, layout):
+        for directory in (layout.products_dir, layout.step_workspace_dir, layout.logs_dir):
+            if file_system_full(directory):
+                return directory
+        return None
 
     # ------------------------------------------------------------------ collection
 

@@ -39,6 +39,7 @@ from ccat_dagster.execution.failures import (
     describe_resource_change,
     failure_kind_of,
     failure_message,
+    refine_with_log,
     retry_resources,
     submission_failure_kind,
 )
@@ -596,7 +597,7 @@ class StepRunner:
             results.extend((outcome, None) for outcome in self._collect(succeeded, step, preparation))
         for item, info in finished:
             if not (info.state is JobState.COMPLETED and info.exit_code in (0, None)):
-                results.append(self._finish_failed(item, info, step))
+                results.append(self._finish_failed(item, info, step, preparation))
         return results
 
     def _collect(
@@ -625,7 +626,7 @@ class StepRunner:
         return outcomes
 
     def _finish_failed(
-        self, item: _Active, info: JobInfo, step: StepDefinition
+        self, item: _Active, info: JobInfo, step: StepDefinition, preparation: AttemptPreparation
     ) -> tuple[SubGroupOutcome, _Queued | None]:
         """A job that did not succeed: fail the attempt with its kind and say whether (and how) to retry."""
         if info.state is JobState.CANCELLED:
@@ -634,9 +635,17 @@ class StepRunner:
             # not retried inside this batch, in case whoever cancelled it had a reason.
             message = f"job {item.job_id} was cancelled outside ccat-dagster; the next evaluation plans it again"
             return self._fail(item, message, FailureKind.CANCELLED, info=info), None
-        kind = failure_kind_of(info)
         tail = _best_effort(lambda: self.backend.logs(item.job_id, tail_lines=30)) if item.job_id else ""
+        kind = refine_with_log(failure_kind_of(info), tail or "")
         error = failure_message(info, kind, tail or "")
+        full = (
+            preparation.full_file_system(item.layout) if kind in (FailureKind.EXIT_CODE, FailureKind.SIGNAL) else None
+        )
+        if full is not None:
+            # The payload's own write failed (its output directory may be a file system of its own): the exit code
+            # is only the payload's reaction, the full disk is the cause, and a retry finds it as full.
+            kind = FailureKind.DISK_FULL
+            error = f"no space left on device (ENOSPC): the file system of {full} is full; {error}"
         outcome = self._fail(item, error, kind, info=info)
         retry = item.ref.retry
         resources = retry_resources(item.resources, kind, base=step.resources, caps=self.caps)

@@ -6,46 +6,87 @@ session they are written to docs/reliability.md (rows of scenarios that did not 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import importlib.util
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .harness import REPO, FaultWorld, Outcome, scenario_pipeline_spec
+from .harness import OUTCOMES, REPO, FaultWorld, Outcome, scenario_pipeline_spec
+
+
+def _spec(**overrides):  # type: ignore[no-untyped-def]
+    return lambda name, packages: scenario_pipeline_spec(name, packages, **overrides)
+
+
+def _per_package(work: dict, first: dict, **overrides):  # type: ignore[no-untyped-def]
+    """Work config with ``first`` for the scenario's first package."""
+
+    def build(name, packages):  # type: ignore[no-untyped-def]
+        return scenario_pipeline_spec(name, packages, work={**work, "by_package": {packages[0]: first}}, **overrides)
+
+    return build
+
 
 # Scenario -> (title in docs/reliability.md, pipeline spec builder, packages it uses).
 SCENARIOS: dict[str, tuple[str, object, int]] = {
     "worker_sigkill_local": ("run worker SIGKILLed mid-job (local backend)", scenario_pipeline_spec, 2),
-    "dead_runs_fill_pool": (
-        "more dead runs than the pool's slots, then new data",
-        lambda name, packages: scenario_pipeline_spec(name, packages, work={"sleep_seconds": 6}),
-        4,
-    ),
-    "two_launches": ("two launches of the same partition at once", scenario_pipeline_spec, 1),
+    "dead_runs_fill_pool": ("more dead runs than the pool's slots, then new data", _spec(work={"sleep_seconds": 6}), 4),
+    "two_launches": ("two launches of the same partition at once", _spec(work={"sleep_seconds": 1}, fan_in=False), 1),
     "payload_killed_local": ("the payload SIGKILLed (local backend)", scenario_pipeline_spec, 2),
-    "bad_raw_tars": ("a corrupted and a missing raw tar beside a good package in one round", scenario_pipeline_spec, 3),
+    "bad_raw_tars": (
+        "a corrupted and a missing raw tar beside a good package in one round",
+        _spec(work={"sleep_seconds": 0}, fan_in=False),
+        3,
+    ),
+    "disk_full_output_dir": (
+        "one sub-group's output directory full (its own small tmpfs)",
+        _spec(work={"sleep_seconds": 1, "write_mb": 8}, fan_in=False),
+        2,
+    ),
+    "disk_full_base_dir": (
+        "the whole PIPELINE_BASE_DIR full (a small tmpfs) while a round runs",
+        _per_package({"sleep_seconds": 0}, {"sleep_seconds": 3, "write_mb": 16}, fan_in=False),
+        2,
+    ),
     "daemon_sigkill": ("dagster-daemon SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
     "code_server_sigkill": ("code server SIGKILLed with runs in flight, restarted", scenario_pipeline_spec, 2),
-    "pg_stop_sensor_tick": ("PostgreSQL stopped for 20 s during a sensor tick", scenario_pipeline_spec, 1),
+    "pg_stop_sensor_tick": (
+        "PostgreSQL stopped for 20 s during a sensor tick",
+        _spec(work={"sleep_seconds": 1}, fan_in=False),
+        1,
+    ),
     "pg_stop_collection": ("PostgreSQL stopped for 20 s during collection", scenario_pipeline_spec, 2),
     "worker_sigkill_slurm": ("run worker SIGKILLed mid-job (Slurm)", scenario_pipeline_spec, 2),
     "scancel_outside": ("a job scancelled from outside", scenario_pipeline_spec, 1),
+    "oom_escalation": (
+        "a job over its memory on Slurm (OverMemoryKill), retried with more memory",
+        _spec(work={"allocate_mb": 1400, "sleep_seconds": 3}, fan_in=False),
+        1,
+    ),
+    "oom_cap": (
+        "a job that needs more memory than the escalation's cap (Slurm)",
+        _spec(work={"allocate_mb": 2600, "sleep_seconds": 3}, max_retries=1, fan_in=False),
+        1,
+    ),
+    "walltime_escalation": (
+        "a job over its time limit on Slurm (pre-walltime signal), retried with more time",
+        _spec(
+            work={"time_needed_seconds": 90, "sleep_seconds": 0}, work_resources={"time_hours": 1 / 60}, fan_in=False
+        ),
+        1,
+    ),
     "slurmctld_outage": (
         "slurmctld restarted, then stopped for longer than one poll, during a batch",
-        lambda name, packages: scenario_pipeline_spec(name, packages, work={"sleep_seconds": 15}),
+        _spec(work={"sleep_seconds": 15}),
         2,
     ),
 }
-
-_outcomes: list[Outcome] = []
 
 
 def _require_tools() -> None:
@@ -78,41 +119,6 @@ def fault_world(tmp_path_factory) -> Iterator[FaultWorld]:
         world.stop()
 
 
-@contextlib.contextmanager
-def record(world: FaultWorld, name: str) -> Iterator[tuple[str, Outcome]]:
-    """``with record(world, name) as (pipeline, outcome):`` runs one scenario and records its figures."""
-    outcome = Outcome(name)
-    try:
-        yield world.scenarios[name], outcome
-        outcome.survived = True
-    except BaseException as error:
-        outcome.note = str(error).partition("\n")[0][:160]
-        with (world.root / "failures.txt").open("a") as out:
-            out.write(f"===== {name}\n{error}\n")
-        raise
-    finally:
-        _outcomes.append(outcome)
-
-
-class Clock:
-    """Recovery time: from the fault to the pipeline's completion."""
-
-    def __init__(self) -> None:
-        self.fault_at: float | None = None
-
-    def fault(self) -> None:
-        self.fault_at = time.monotonic()
-
-    def since_fault(self) -> float:
-        assert self.fault_at is not None
-        return time.monotonic() - self.fault_at
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
 def pytest_collection_modifyitems(session, config, items):  # type: ignore[no-untyped-def]
     """The check of all of ops-db runs after every scenario of the suite, whatever the module order."""
     last = [item for item in items if item.name == "test_ops_db_invariants_hold_after_every_scenario"]
@@ -129,10 +135,10 @@ def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
     """
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
-        workeroutput["fault_outcomes"] = [dataclasses.asdict(outcome) for outcome in _outcomes]
+        workeroutput["faultOUTCOMES"] = [dataclasses.asdict(outcome) for outcome in OUTCOMES]
         return
-    if _outcomes:
-        write_reliability(_outcomes)
+    if OUTCOMES:
+        write_reliability(OUTCOMES)
 
 
 _ROW = re.compile(r"^\| `(?P<key>[a-z0-9_]+)` \|")
@@ -168,6 +174,14 @@ def write_reliability(outcomes: list[Outcome]) -> None:
 
 
 def _machine() -> str:
+    load = (
+        "- load average (1, 5, 15 min) at the end of the run: {:.1f}, {:.1f}, {:.1f} (work of other processes on the "
+    )
+    load = (load + "machine lengthens the recovery times)\n").format(*os.getloadavg())
+    return _benchmark_machine() + "\n" + load.rstrip()
+
+
+def _benchmark_machine() -> str:
     try:
         spec = importlib.util.spec_from_file_location("bench_common", REPO / "benchmarks" / "bench_common.py")
         assert spec is not None and spec.loader is not None
@@ -196,6 +210,17 @@ The intervals are those of the production `dagster.yaml` except run monitoring's
 before a dead run's pool slots are freed and the launch-retry delay (2 s each here), and the sensors'
 interval (`CCAT_WORKFLOW_MANAGER_SENSOR_INTERVAL_SECONDS=2`). See docs/operations.md, "Restarts", for what
 happens on each kind of restart in production and which timeouts apply.
+
+Scenarios that share nothing but the services run side by side (the local-backend ones, then the Slurm ones);
+faults of a shared service (daemon, code server, PostgreSQL, the whole `PIPELINE_BASE_DIR`) run alone, and
+one PostgreSQL outage serves both PostgreSQL scenarios. `PIPELINE_BASE_DIR` is a 256 MiB tmpfs that the
+full-disk scenario shrinks to a few MiB more than it holds; the other full-disk scenario mounts a 4 MiB tmpfs
+over one sub-group's output directory. Memory escalation is capped at 2 GiB
+(`CCAT_WORKFLOW_MANAGER_MAX_MEMORY_GB=2`) so that a scenario reaches the cap; memory is enforced by the
+single-node Slurm's `JobAcctGatherParams=OverMemoryKill` (sampled every second, `scripts/slurm-single-node.sh`).
+The walltime scenario's payload reads its limit from `WORKFLOW_TIME_LIMIT_SECONDS` and, once the retry gives
+it enough, finishes at once: the scenario costs the first attempt's pre-walltime signal (with a 1-minute limit
+Slurm sends it within the first 30 s), not the escalated limit.
 
 Machine of the last run (the PostgreSQL line describes the machine's main server; the suite's own cluster is
 the same version with `fsync`, `synchronous_commit` and `full_page_writes` off):

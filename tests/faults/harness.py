@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -24,12 +25,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pytest
 import yaml
 from sqlalchemy import create_engine, delete, func, select, text
 from sqlalchemy.engine import Engine
@@ -37,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from ccat_dagster.demo.seed import ARCHIVE_LOCATION, PROCESSING_LOCATION, seed_demo
 from ccat_dagster.execution.planning import Planner, Readiness, load_pipeline
+from ccat_dagster.grouping.keys import encode_sub_group_key
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
 from ccat_dagster.opsdb.enums import PackageState, PhysicalCopyStatus, RunStatus
@@ -46,12 +49,17 @@ from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import parse_pipeline_spec
 
 from ..conftest import PRODUCTION_DAGSTER_YAML
+from ..runner_fixtures import pipeline_attempts, processes_mentioning
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SOFTWARE = HERE / "software"
 LOCATION = "ccat_dagster"
 PG_BIN = Path("/usr/lib/postgresql")
+SEED_SCANS = 32
+MEMORY_CAP_GB = 2
+# PIPELINE_BASE_DIR's tmpfs: room for every scenario's attempts (a few KiB each) and the full-disk payloads.
+BASE_TMPFS_MB = 256
 ACTIVE_RUN_STATUSES = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -202,6 +210,36 @@ class Supervised:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
+class Tmpfs:
+    """A tmpfs mounted over a directory (root only): a file system of a size the scenario chooses."""
+
+    def __init__(self, path: Path, size_mb: float) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        _mount("-t", "tmpfs", "-o", f"size={_kib(size_mb)}k,mode=0755", "tmpfs", str(path))
+
+    def resize(self, size_mb: float) -> None:
+        """Shrink (down to what is in use) or grow the file system; its files stay."""
+        _mount("-o", f"remount,size={_kib(size_mb)}k", str(self.path))
+
+    def used_mb(self) -> float:
+        stats = os.statvfs(self.path)
+        return (stats.f_blocks - stats.f_bfree) * stats.f_frsize / 2**20
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", "-l", str(self.path)], capture_output=True, timeout=60, check=False)
+
+
+def _kib(size_mb: float) -> int:
+    return max(64, int(size_mb * 1024))
+
+
+def _mount(*argv: str) -> None:
+    done = subprocess.run(["mount", *argv], capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        raise OSError(f"mount {' '.join(argv)} failed: {(done.stderr or done.stdout).strip()}")
+
+
 def scenario_pipeline_spec(
     name: str,
     packages: Sequence[str],
@@ -210,7 +248,10 @@ def scenario_pipeline_spec(
     combine: dict[str, Any] | None = None,
     max_retries: int = 2,
     work_resources: dict[str, Any] | None = None,
+    fan_in: bool = True,
 ) -> dict[str, Any]:
+    """``work`` per scan, then (``fan_in``) ``combine`` over all scans: the fan-in a lost sub-group would block.
+    Scenarios whose fault concerns one attempt's own outcome leave the fan-in out (one run fewer)."""
     software = {
         "name": "fault-step",
         "version": "1.0.0",
@@ -247,7 +288,7 @@ def scenario_pipeline_spec(
                 "resources": {"cpu": 1, "memory_gb": 1, "time_hours": 1},
                 "max_retries": 1,
             },
-        ],
+        ][: 2 if fan_in else 1],
     }
 
 
@@ -261,6 +302,92 @@ class Outcome:
     duplicated: int = 0
     recovery_seconds: float | None = None
     note: str = ""
+
+
+# Every scenario's figures, in the order they ended; conftest writes docs/reliability.md from them.
+OUTCOMES: list[Outcome] = []
+
+
+@contextlib.contextmanager
+def record(world: FaultWorld, name: str) -> Iterator[tuple[str, Outcome]]:
+    """``with record(world, name) as (pipeline, outcome):`` runs one scenario and records its figures."""
+    outcome = Outcome(name)
+    world.set_sensors([world.scenarios[name]], running=True)
+    skipped = False
+    try:
+        yield world.scenarios[name], outcome
+        outcome.survived = True
+    except pytest.skip.Exception:
+        skipped = True  # not run here: its row keeps its last figures
+        raise
+    except BaseException as error:
+        outcome.note = str(error).partition("\n")[0][:160]
+        with (world.root / "failures.txt").open("a") as out:
+            out.write(f"===== {name}\n{error}\n")
+        raise
+    finally:
+        if not skipped:
+            OUTCOMES.append(outcome)
+        with contextlib.suppress(Exception):  # only load spared; the scenario's own result stands
+            world.set_sensors([world.scenarios[name]], running=False)
+
+
+class Clock:
+    """Recovery time: from the fault to the pipeline's completion."""
+
+    def __init__(self) -> None:
+        self.fault_at: float | None = None
+
+    def fault(self) -> None:
+        self.fault_at = time.monotonic()
+
+    def since_fault(self) -> float:
+        assert self.fault_at is not None
+        return time.monotonic() - self.fault_at
+
+
+Scenario = Callable[["FaultWorld", str, Outcome, Clock], None]
+
+
+class SideBySide:
+    """Scenarios that share nothing but the services, started together in threads; each test joins its own.
+
+    Most of a scenario is waiting (for a payload, a sensor tick, a run launch, run monitoring): side by side, a
+    group costs about its longest scenario instead of their sum.
+    """
+
+    def __init__(self, world: FaultWorld, scenarios: dict[str, Scenario]) -> None:
+        self.world = world
+        self.errors: dict[str, BaseException | None] = {}
+        self.threads = {
+            name: threading.Thread(target=self._run, args=(name, scenario), name=f"scenario-{name}", daemon=True)
+            for name, scenario in scenarios.items()
+        }
+        for thread in self.threads.values():
+            thread.start()
+
+    def _run(self, name: str, scenario: Scenario) -> None:
+        try:
+            with record(self.world, name) as (pipeline, outcome):
+                scenario(self.world, pipeline, outcome, Clock())
+            self.errors[name] = None
+        except BaseException as error:  # noqa: BLE001 - handed to the scenario's test
+            self.errors[name] = error
+
+    def result(self, name: str, timeout: float = 900) -> None:
+        """Wait for scenario ``name``; raise what it raised."""
+        self.threads[name].join(timeout)
+        if self.threads[name].is_alive():
+            raise AssertionError(f"scenario {name} did not end within {timeout:.0f} s")
+        error = self.errors[name]
+        if error is not None:
+            raise error
+
+    def join(self) -> None:
+        self.world.stopping.set()
+        for thread in self.threads.values():
+            thread.join(60)
+        self.world.stopping.clear()
 
 
 @dataclass
@@ -282,6 +409,10 @@ class FaultWorld:
     active_statuses: tuple[dg.DagsterRunStatus, ...] = tuple(ACTIVE_RUN_STATUSES)
     # Set when the session ends: scenarios still waiting in their threads give up at once.
     stopping: threading.Event = field(default_factory=threading.Event)
+    # PIPELINE_BASE_DIR is a tmpfs of its own, so that a scenario may fill it (None: mounting failed, see why).
+    base_tmpfs: Tmpfs | None = None
+    tmpfs_problem: str = ""
+    mounts: list[Tmpfs] = field(default_factory=list)
 
     # ------------------------------------------------------------------ set-up
 
@@ -299,7 +430,7 @@ class FaultWorld:
         data_dir = root / "data"
         engine = make_engine(ops_url)
         with Session(engine) as session, session.begin():
-            seed_demo(session, data_dir=data_dir, scans=24)
+            seed_demo(session, data_dir=data_dir, scans=SEED_SCANS)
             # Nothing has arrived yet: each scenario starts by archiving its own packages ("new data").
             session.execute(delete(m.PhysicalCopy).where(m.PhysicalCopy.raw_data_package_id.is_not(None)))
             session.execute(m.RawDataPackage.__table__.update().values(state=PackageState.WAITING.value))
@@ -315,7 +446,9 @@ class FaultWorld:
             "CCAT_WORKFLOW_MANAGER_HPC_BACKEND": "local",
             "CCAT_WORKFLOW_MANAGER_POLL_INTERVAL_SECONDS": "1",
             "CCAT_WORKFLOW_MANAGER_SENSOR_INTERVAL_SECONDS": "2",
-            "CCAT_WORKFLOW_MANAGER_LOCAL_MAX_RUNNING": "4",
+            "CCAT_WORKFLOW_MANAGER_LOCAL_MAX_RUNNING": "8",
+            # The memory escalation's cap, low enough that a scenario reaches it (the payloads ask for 1 GiB).
+            "CCAT_WORKFLOW_MANAGER_MAX_MEMORY_GB": str(MEMORY_CAP_GB),
             "DAGSTER_HOME": str(home),
             "DAGSTER_PG_URL": dagster_url,
         }
@@ -332,10 +465,15 @@ class FaultWorld:
                 apply_pipeline_spec(session, parse_pipeline_spec(build(name, chosen), origin=scenario))
                 world.scenarios[scenario] = name
         engine.dispose()
+        try:
+            world.base_tmpfs = world.mount_tmpfs(world.pipeline_base_dir, BASE_TMPFS_MB)
+        except OSError as error:
+            world.tmpfs_problem = str(error)
         return world
 
     def start_services(self) -> None:
-        port = _free_port(24100)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+        port = _free_port(24100 + 20 * (int(worker) if worker.isdigit() else 0))
         self.workspace.write_text(
             yaml.safe_dump(
                 {"load_from": [{"grpc_server": {"host": "localhost", "port": port, "location_name": LOCATION}}]}
@@ -383,6 +521,21 @@ class FaultWorld:
         )
         if started.returncode != 0:
             raise RuntimeError(f"dagster sensor start --start-all failed:\n{started.stdout}{started.stderr}")
+        # Each scenario turns its own pipeline's sensor on while it runs (``record``).
+        self.set_sensors(self.scenarios.values(), running=False)
+
+    def set_sensors(self, pipelines: Iterable[str], *, running: bool) -> None:
+        """Turn the pipelines' new-data sensors on or off in the instance (the daemon reads the state every loop).
+
+        Every running sensor costs the code server an evaluation per interval (2 s here); with every scenario's
+        sensor on, the code server spent its time on idle ticks and launches waited behind them.
+        """
+        names = {f"{pipeline}__new_data" for pipeline in pipelines}
+        instance = self.instance()
+        for state in instance.all_instigator_state():
+            if state.name in names:
+                status = type(state.status)
+                instance.update_instigator_state(state.with_status(status.RUNNING if running else status.STOPPED))
 
     def wait_for_code_server(self, timeout: float = 120) -> None:
         assert self.code_server is not None
@@ -404,28 +557,38 @@ class FaultWorld:
             time.sleep(1)
         raise RuntimeError(f"the code server did not serve within {timeout} s:\n{self.code_server.tail()}")
 
+    def mount_tmpfs(self, path: Path, size_mb: float) -> Tmpfs:
+        mount = Tmpfs(path, size_mb)
+        self.mounts.append(mount)
+        return mount
+
+    def require_tmpfs(self) -> Tmpfs:
+        """The tmpfs under PIPELINE_BASE_DIR, or fail (in CI) / skip saying why."""
+        if self.base_tmpfs is not None:
+            return self.base_tmpfs
+        message = f"the full-disk scenarios need to mount a tmpfs (as root): {self.tmpfs_problem}"
+        if os.environ.get("CI") or os.environ.get("CCAT_REQUIRE_ALL_BACKENDS"):
+            raise AssertionError(message)
+        pytest.skip(message)
+
     def stop(self) -> None:
         self.stopping.set()
         for service in (self.daemon, self.code_server):
             if service is not None:
                 service.kill(signal.SIGTERM)
         self.kill_stray_payloads()
+        for mount in reversed(self.mounts):
+            mount.unmount()
         if self._engine is not None:
             self._engine.dispose()
         self.pg.remove()
 
     def kill_stray_payloads(self) -> None:
         """Local jobs of the suite still running (a failed scenario): they belong to this run's data dir only."""
-        import psutil
-
-        marker = str(self.root)
-        for process in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = " ".join(process.info.get("cmdline") or [])
-            if marker in cmdline and process.pid != os.getpid():
-                try:
-                    process.kill()
-                except psutil.Error:
-                    pass
+        for pid in processes_mentioning(str(self.root)):
+            if pid != os.getpid():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     # ------------------------------------------------------------------ access
 
@@ -457,13 +620,24 @@ class FaultWorld:
         return self.wait_for(f"the status record of local job {job_id}", lambda: _read_json(path))
 
     def keys_of_packages(self, pipeline: str, packages: dict[str, str]) -> dict[str, str]:
-        """{label: sub-group key of the work step holding that package}."""
+        """{label: sub-group key of the work step holding that package}; known before the data arrives (the work
+        step groups by executed_obs_unit, one package each)."""
         with Session(self.engine) as session:
-            ids = dict(session.execute(select(m.RawDataPackage.name, m.RawDataPackage.id)).tuples().all())
-            spec = load_pipeline(session, pipeline)
-            groups = Planner(session, spec, now=m.utcnow()).sub_groups("work")
-        owner = {pid: key for key, group in groups.items() for pid in group.package_ids}
-        return {label: owner[ids[name]] for label, name in packages.items()}
+            eou = dict(
+                session.execute(select(m.RawDataPackage.name, m.RawDataPackage.executed_obs_unit_id)).tuples().all()
+            )
+        return {
+            label: encode_sub_group_key([("executed_obs_unit", str(eou[name]))]) for label, name in packages.items()
+        }
+
+    def readiness(self, pipeline: str, step: str) -> dict[str, str]:
+        """{sub-group key: what the planner says of it now} for the step's current sub-groups."""
+        with Session(self.engine) as session:
+            planner = Planner(session, load_pipeline(session, pipeline), now=m.utcnow())
+            groups = planner.sub_groups(step)
+            return {
+                p.sub_group_key: p.readiness.value for p in planner.plan(step, groups.values(), respect_cooldown=False)
+            }
 
     def attempts_by_key(self, pipeline: str, step: str) -> dict[str, list[m.ExecutedReductionStep]]:
         by_key: dict[str, list[m.ExecutedReductionStep]] = {}
@@ -506,20 +680,7 @@ class FaultWorld:
         return names
 
     def attempts(self, pipeline: str, step: str | None = None) -> list[m.ExecutedReductionStep]:
-        with Session(self.engine, expire_on_commit=False) as session:
-            query = (
-                select(m.ExecutedReductionStep)
-                .join(m.ReductionStep)
-                .join(m.Pipeline)
-                .where(m.Pipeline.name == pipeline)
-                .order_by(m.ExecutedReductionStep.id)
-            )
-            if step is not None:
-                query = query.where(m.ReductionStep.name == step)
-            rows = list(session.scalars(query))
-            for row in rows:
-                session.expunge(row)
-            return rows
+        return pipeline_attempts(self.engine, pipeline, step=step, with_transitions=False)
 
     def runs(self, pipeline: str, statuses: Sequence[dg.DagsterRunStatus] | None = None) -> list[dg.DagsterRun]:
         filters = dg.RunsFilter(tags={"ccat/pipeline": pipeline}, statuses=list(statuses) if statuses else [])
@@ -537,7 +698,7 @@ class FaultWorld:
     # ------------------------------------------------------------------ waiting and checking
 
     def wait_for(
-        self, what: str, predicate: Callable[[], Any], timeout: float = 180, interval: float = 0.5, pipeline: str = ""
+        self, what: str, predicate: Callable[[], Any], timeout: float = 300, interval: float = 1.0, pipeline: str = ""
     ) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -599,7 +760,7 @@ class FaultWorld:
                     return False
         return True
 
-    def wait_complete(self, pipeline: str, timeout: float = 300, stuck_after: float = 90) -> None:
+    def wait_complete(self, pipeline: str, timeout: float = 600, stuck_after: float = 150) -> None:
         """Until the pipeline is complete; fails early once it has been idle (no run active, no attempt in
         flight) for ``stuck_after`` seconds without being complete: nothing would ever finish it."""
         idle_since: list[float] = []

@@ -1,9 +1,9 @@
 """Faults that leave the shared services up: each scenario has its own pipeline and packages.
 
-They run one after the other on the shared world (side by side on a loaded 2-core machine, Dagster's run
-launches became the bottleneck and every scenario timed out). Each asserts afterwards that its pipeline
-completed (or, where its data is bad, that exactly the bad sub-groups failed with a clear error), that nothing
-was lost or duplicated, and that the ops-db invariants hold on its rows."""
+They run side by side on the shared world (``SideBySide``: most of a scenario is waiting), each test joining
+its own. Each asserts afterwards that its pipeline completed (or, where its data is bad, that exactly the bad
+sub-groups failed with a clear error), that nothing was lost or duplicated, and that the ops-db invariants hold
+on its rows."""
 
 from __future__ import annotations
 
@@ -17,10 +17,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from ccat_dagster.opsdb.enums import RunStatus
+from ccat_dagster.opsdb.enums import FailureKind, RunStatus
 
-from .conftest import Clock, record
-from .harness import FaultWorld, Outcome
+from .harness import Clock, FaultWorld, Outcome, SideBySide
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.bwrap]
 
@@ -41,30 +40,43 @@ def worker_sigkill_local(world: FaultWorld, pipeline: str, outcome: Outcome, clo
 def dead_runs_fill_pool(world: FaultWorld, pipeline: str, outcome: Outcome, clock: Clock) -> None:
     packages = world.packages_of(pipeline)
     killed: list[str] = []
-    # Two slots in this pipeline's pool (as `dagster instance concurrency set` would), then one run per arrival,
-    # each killed as soon as its job runs: three dead runs, one more than the pool's slots; then new data.
+    # Two slots in this pipeline's pool (as `dagster instance concurrency set` would). Two arrivals, one tick
+    # apart, make two runs; both are killed once their jobs run, holding both slots. A third run (the third
+    # arrival) can only start once run monitoring has given the slots back; it is killed too: three dead runs,
+    # one more than the pool's slots. Then new data.
     world.set_pool_limit(f"ccat/{pipeline}", 2)
-    for package in packages[:3]:
+
+    def work_runs() -> list[dg.DagsterRun]:
+        return [r for r in world.runs(pipeline) if r.tags.get("ccat/step") == "work" and r.run_id not in killed]
+
+    def running_workers(count: int) -> list[tuple[str, int]] | None:
+        found = []
+        for run in world.runs(pipeline, [dg.DagsterRunStatus.STARTED]):
+            if run.run_id in killed or run.tags.get("ccat/step") != "work" or run.tags.get("ccat/adoption"):
+                continue
+            busy = [a for a in world.attempts(pipeline, "work") if a.dagster_run_id == run.run_id]
+            pid = world.worker_pid(run.run_id)
+            if pid and any(a.status is RunStatus.RUNNING for a in busy):
+                found.append((run.run_id, pid))
+        return found if len(found) >= count else None
+
+    for package in packages[:2]:
+        before = len(work_runs())
         world.arrive(pipeline, [package])
-
-        def fresh_worker() -> tuple[str, int] | None:
-            for run in world.runs(pipeline, [dg.DagsterRunStatus.STARTED]):
-                if run.run_id in killed or run.tags.get("ccat/step") != "work":
-                    continue
-                busy = [a for a in world.attempts(pipeline, "work") if a.dagster_run_id == run.run_id]
-                pid = world.worker_pid(run.run_id)
-                if pid and any(a.status is RunStatus.RUNNING for a in busy):
-                    return run.run_id, pid
-            return None
-
-        run_id, pid = world.wait_for("a new run with a running job", fresh_worker)
-        if not killed:
-            clock.fault()
-        os.kill(pid, signal.SIGKILL)
-        killed.append(run_id)
+        world.wait_for("the arrival's run", lambda before=before: len(work_runs()) > before, pipeline=pipeline)
+    for batch, package in ((2, None), (1, packages[2])):
+        if package is not None:
+            world.arrive(pipeline, [package])
+        for _ in range(batch):  # each as soon as its job runs (the other run may still be launching)
+            ((run_id, pid), *_) = world.wait_for("a new run with a running job", lambda: running_workers(1))
+            if not killed:
+                clock.fault()
+            os.kill(pid, signal.SIGKILL)
+            killed.append(run_id)
     world.arrive(pipeline, packages[3:])
-    world.wait_complete(pipeline, timeout=300)
+    world.wait_complete(pipeline)
     outcome.recovery_seconds = clock.since_fault()
+    assert len(killed) == 3
     assert {world.instance().get_run_by_id(r).status for r in killed} == {dg.DagsterRunStatus.FAILURE}
     assert set(world.completed_per_key(pipeline, "work").values()) == {1}
     world.measure(outcome, pipeline)
@@ -98,7 +110,7 @@ def two_launches(world: FaultWorld, pipeline: str, outcome: Outcome, clock: Cloc
         subprocess.Popen(argv, env=world.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for _ in range(2)
     ]
-    outputs = [p.communicate(timeout=300)[0] for p in launches]
+    outputs = [p.communicate(timeout=600)[0] for p in launches]
     world.wait_complete(pipeline)
     outcome.recovery_seconds = clock.since_fault()
     attempts = world.attempts(pipeline, "work")
@@ -172,17 +184,59 @@ def _bad_raw_tars(  # type: ignore[no-untyped-def]
     outcome.note = "the bad scans fail alone, naming their package"
 
 
+def disk_full_output_dir(world: FaultWorld, pipeline: str, outcome: Outcome, clock: Clock) -> None:
+    """One sub-group's output directory is a file system of its own, smaller than what the payload writes (every
+    sub-group writes 8 MiB): that attempt fails disk_full naming the directory; the other sub-group completes
+    in the same round; once the file system has room, the next tick runs the sub-group again and the pipeline
+    completes."""
+    world.require_tmpfs()
+    victim, innocent = world.packages_of(pipeline)
+    keys = world.keys_of_packages(pipeline, {"victim": victim, "innocent": innocent})
+    output_dir = world.pipeline_base_dir / pipeline / keys["victim"] / "output"  # work is the final step here
+    small = world.mount_tmpfs(output_dir, 4)
+    world.arrive(pipeline)
+    first = world.wait_for(
+        "the victim's attempt to fail",
+        lambda: next(
+            (
+                a
+                for a in world.attempts(pipeline, "work")
+                if a.sub_group_key == keys["victim"] and a.status is RunStatus.FAILED
+            ),
+            None,
+        ),
+        pipeline=pipeline,
+    )
+    clock.fault()
+    small.resize(64)  # the operator makes room
+    world.wait_complete(pipeline)
+    outcome.recovery_seconds = clock.since_fault()
+    assert first.failure_kind is FailureKind.DISK_FULL, (first.failure_kind, first.error)
+    assert f"ENOSPC): the file system of {output_dir} is full" in (first.error or ""), first.error
+    by_key = world.attempts_by_key(pipeline, "work")
+    assert [a.status for a in by_key[keys["innocent"]]] == [RunStatus.COMPLETED]
+    assert first.dagster_run_id == by_key[keys["innocent"]][0].dagster_run_id, "not one round"
+    assert [a.status for a in by_key[keys["victim"]]] == [RunStatus.FAILED, RunStatus.COMPLETED]
+    world.measure(outcome, pipeline)
+
+
 SCENARIOS = {
-    "worker_sigkill_local": worker_sigkill_local,
     "dead_runs_fill_pool": dead_runs_fill_pool,
-    "two_launches": two_launches,
+    "worker_sigkill_local": worker_sigkill_local,
     "payload_killed_local": payload_killed_local,
     "bad_raw_tars": bad_raw_tars,
+    "disk_full_output_dir": disk_full_output_dir,
+    "two_launches": two_launches,
 }
 
 
+@pytest.fixture(scope="module")
+def side_by_side(fault_world):  # type: ignore[no-untyped-def]
+    group = SideBySide(fault_world, SCENARIOS)
+    yield group
+    group.join()
+
+
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_scenario(fault_world, name):
-    clock = Clock()
-    with record(fault_world, name) as (pipeline, outcome):
-        SCENARIOS[name](fault_world, pipeline, outcome, clock)
+def test_scenario(side_by_side, name):
+    side_by_side.result(name)

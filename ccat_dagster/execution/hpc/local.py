@@ -231,7 +231,8 @@ class LocalBackend(HpcBackend):
                 job_id=files.job_id,
                 state=JobState.FAILED,
                 reason=(
-                    f"no space left on device: the file system of {full} is full, and the wrapper process (pid {pid}) "
+                    f"no space left on device (ENOSPC): the file system of {full} is full, and the wrapper process "
+                    f"(pid {pid}) "
                     "ended without recording an exit status (it could not write it)"
                 ),
                 failure_kind=FailureKind.DISK_FULL,

@@ -198,7 +198,9 @@ class _Job:
                 return
             error = exc
         record["disk_full"] = str(path)
-        record["reason"] = f"no space left on device: cannot write {path}; the job: {record.get('reason') or 'done'}"
+        record["reason"] = (
+            f"no space left on device (ENOSPC): cannot write {path}; the job: {record.get('reason') or 'done'}"
+        )
         try:
             write_json_in_place(path, record)
         except OSError as exc:
@@ -345,7 +347,7 @@ class _Wrapper:
             reason = f"{described}; the kernel's OOM killer ran meanwhile: out of memory"
         elif exit_code != 0 and file_system_full(spec["log_dir"]):
             disk_full = spec["log_dir"]
-            reason = f"{described}; no space left on device: the file system of {disk_full} is full"
+            reason = f"{described}; no space left on device (ENOSPC): the file system of {disk_full} is full"
         else:
             reason = described
         job.record(
