@@ -102,6 +102,11 @@ RUNNER_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         _bounded_int(0, 86_400),
         "seconds status queries may fail before waiting attempts fail as scheduler_unavailable, 0–86400",
     ),
+    "SCHEDULER_QUERIES_PER_MINUTE": (
+        "20",
+        _bounded_int(1, 6_000),
+        "Slurm status calls (squeue, sacct) per minute all runs of this location may send together, 1–6000",
+    ),
     "OPS_DB_TOLERANCE_SECONDS": (
         "300",
         _bounded_int(0, 86_400),
@@ -142,6 +147,7 @@ class Settings:
     retention_days: int
     # The step runner's tolerances and bounds (RUNNER_SETTINGS below).
     scheduler_tolerance_seconds: int
+    scheduler_queries_per_minute: int
     ops_db_tolerance_seconds: int
     max_memory_gb: int
     max_time_hours: int

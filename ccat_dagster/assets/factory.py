@@ -190,6 +190,9 @@ def run_step(
             poll_interval_seconds=execution.poll_interval_seconds,
             staging_timeout_seconds=execution.staging_timeout_seconds,
             scheduler_tolerance_seconds=execution.scheduler_tolerance_seconds,
+            scheduler_queries_per_minute=execution.scheduler_queries_per_minute,
+            # The runs of this location share one status query per poll through the pipeline file system.
+            status_cache_dir=_path(execution.pipeline_base_dir) / ".status-cache",
             opsdb_tolerance_seconds=execution.ops_db_tolerance_seconds,
             max_memory_gb=execution.max_memory_gb,
             max_time_hours=execution.max_time_hours,

@@ -86,6 +86,7 @@ class ExecutionSettingsResource(dg.ConfigurableResource):
     poll_interval_seconds: float = 2.0
     staging_timeout_seconds: float = 3600.0
     scheduler_tolerance_seconds: float = 900.0
+    scheduler_queries_per_minute: float = 20.0
     ops_db_tolerance_seconds: float = 300.0
     max_memory_gb: float = 512.0
     max_time_hours: float = 48.0
@@ -114,6 +115,7 @@ def resources_from_settings(settings: Settings, *, processing_location_id: int) 
             poll_interval_seconds=float(settings.poll_interval_seconds),
             staging_timeout_seconds=float(settings.staging_timeout_seconds),
             scheduler_tolerance_seconds=float(settings.scheduler_tolerance_seconds),
+            scheduler_queries_per_minute=float(settings.scheduler_queries_per_minute),
             ops_db_tolerance_seconds=float(settings.ops_db_tolerance_seconds),
             max_memory_gb=float(settings.max_memory_gb),
             max_time_hours=float(settings.max_time_hours),
