@@ -69,6 +69,7 @@ class StatusPoller:
         """Scheduler calls a query is expected to cost (squeue alone 1, with sacct 2): the most of the last
         minute's queries, what the pacing budgets for."""
         self.queries_sent = 0
+        self.polls = 0
         self._sent: deque[tuple[float, int]] = deque()  # (when, calls) of this poller's queries, the last minute
         self._wait = self.floor
 
@@ -118,6 +119,7 @@ class StatusPoller:
         about in the next one): a missing job is no news, not a lost one."""
         if not job_ids:
             return {}
+        self.polls += 1
         began = self.clock()
         try:
             infos = self._ask(list(job_ids))
