@@ -278,3 +278,6 @@ class HpcBackend(ABC):
     @abstractmethod
     def logs(self, job_id: str, *, tail_lines: int = 50) -> str:
         """The last lines of the job's stdout and stderr."""
+
+    def close(self) -> None:  # noqa: B027 - an optional hook, a no-op for backends that hold nothing
+        """The batch is over: release what the backend holds for it (the packed backend's allocations)."""

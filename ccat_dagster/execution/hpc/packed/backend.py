@@ -173,7 +173,7 @@ class PackedBackend(HpcBackend):
         log_dir = Path(spec["log_dir"])
         return read_log_tail([log_dir / "job.out", log_dir / "job.err"], tail_lines=tail_lines)
 
-    def shutdown(self) -> None:
+    def close(self) -> None:
         """Release the engine's allocations (the batch is over, or was cancelled)."""
         self.engine.shutdown()
 

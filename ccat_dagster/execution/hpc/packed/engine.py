@@ -18,7 +18,9 @@ changes for it.
 from __future__ import annotations
 
 import logging
+import shlex
 import subprocess
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -46,6 +48,8 @@ class PilotSettings:
     walltime_minutes: int = 60
     idle_seconds: int = 60
     partition: str = ""
+    address: str = ""
+    """The address the allocations reach the run worker's interchange at (empty: Parsl picks one)."""
     run_dir: Path = Path(".")
     worker_init: str = ""
     """Shell lines run in the allocation before the workers start (e.g. activating the site's environment)."""
@@ -84,6 +88,7 @@ class ParslEngine(PilotEngine):
         self._dfk = None
         self._app = None
         self._shape: tuple[int, float] | None = None
+        self._allocations: set[str] = set()
 
     def _ensure_started(self, cpu: int, memory_gb: float) -> None:
         if self._dfk is not None:
@@ -98,6 +103,7 @@ class ParslEngine(PilotEngine):
             from parsl.config import Config
             from parsl.dataflow.dflow import DataFlowKernel
             from parsl.executors import HighThroughputExecutor
+            from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
             from parsl.launchers import SingleNodeLauncher
             from parsl.providers import SlurmProvider
         except ImportError as error:
@@ -124,20 +130,29 @@ class ParslEngine(PilotEngine):
             launcher=SingleNodeLauncher(),
             cmd_timeout=60,
         )
+        # Interchange and workers run by this interpreter, not found on PATH (a run worker's PATH may lack the
+        # venv); the allocation inherits this process's environment, as sbatch does by default.
+        python = shlex.quote(sys.executable)
         executor = HighThroughputExecutor(
             label="ccat_packed",
-            address="127.0.0.1" if not self.settings.partition else None,
+            address=self.settings.address or None,
             cores_per_worker=cpu,
             max_workers_per_node=workers,
             provider=provider,
+            # Workers whose interchange is gone (the run worker was killed) end, and their allocation with them.
+            heartbeat_threshold=30,
+            interchange_launch_cmd=[sys.executable, "-m", "parsl.executors.high_throughput.interchange"],
+            launch_cmd=DEFAULT_LAUNCH_CMD.replace(
+                "process_worker_pool.py", f"{python} -m parsl.executors.high_throughput.process_worker_pool", 1
+            ),
         )
         config = Config(
             executors=[executor],
             strategy="htex_auto_scale",
             max_idletime=float(self.settings.idle_seconds),
             run_dir=str(self.settings.run_dir),
+            strategy_period=1.0,  # how soon a first allocation is asked for; squeue is polled on its own clock
             initialize_logging=False,
-            app_cache=False,
             retries=0,
         )
         self._dfk = DataFlowKernel(config=config)  # not parsl.load: several engines may live in one process
@@ -148,6 +163,15 @@ class ParslEngine(PilotEngine):
         with self._lock:
             self._ensure_started(cpu, memory_gb)
             self._futures[task_id] = self._app(list(argv))
+
+    def allocation_ids(self) -> list[str]:
+        """The Slurm job ids of the allocations this engine asked for so far (running or ended)."""
+        if self._dfk is None and not self._allocations:
+            return []
+        if self._dfk is not None:
+            executor = self._dfk.executors["ccat_packed"]
+            self._allocations.update(str(job_id) for job_id in executor.blocks_to_job_id.values())
+        return sorted(self._allocations)
 
     def holds(self, task_id: str) -> bool:
         future = self._futures.get(task_id)
@@ -161,5 +185,6 @@ class ParslEngine(PilotEngine):
     def shutdown(self) -> None:
         with self._lock:
             if self._dfk is not None:
+                self.allocation_ids()
                 self._dfk.cleanup()  # cancels the blocks: scancel of every allocation
                 self._dfk = None
