@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ccat_dagster.execution import contract
 from ccat_dagster.execution.attempts import InMemoryAttemptStore
@@ -30,9 +31,15 @@ from ccat_dagster.execution.hpc.packed.engine import (
     run_task,
 )
 from ccat_dagster.execution.runner import OutcomeKind, RunnerConfig, StepRunner
+from ccat_dagster.execution.step import ExecutionMode, chooses_packing
 from ccat_dagster.opsdb.enums import FailureKind, RunStatus
+from ccat_dagster.pipelines.apply import stored_resources
+from ccat_dagster.pipelines.spec import parse_pipeline_spec, spec_to_dict
+from ccat_dagster.resources.ccat import HpcBackendResource
 
 from .loop_fakes import STEP, FakePreparation, plan
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pipelines" / "chai_ngc253_co43.yaml"
 
 
 class ThreadEngine(PilotEngine):
@@ -190,3 +197,61 @@ def test_a_site_without_parsl_gets_the_extra_named(tmp_path, monkeypatch):
     with pytest.raises(PackedEngineMissing, match=r"ccat-dagster\[packed\]"):
         backend.submit(spec(tmp_path, "a", ["/bin/true"]))
     assert list((tmp_path / "tasks").glob("*.spec.json")) == []
+
+
+def test_auto_packs_short_cpu_steps_only_where_the_site_enables_it():
+    short, long_ = JobResources(time_hours=0.25), JobResources(time_hours=2)
+    assert chooses_packing(ExecutionMode.AUTO, short, enabled=True, max_task_minutes=30)
+    assert not chooses_packing(ExecutionMode.AUTO, long_, enabled=True, max_task_minutes=30)
+    assert not chooses_packing(
+        ExecutionMode.AUTO, JobResources(time_hours=0.25, gpus=1), enabled=True, max_task_minutes=30
+    )
+    assert not chooses_packing(ExecutionMode.AUTO, short, enabled=False, max_task_minutes=30)
+    assert chooses_packing(ExecutionMode.PACKED, long_, enabled=False, max_task_minutes=30)
+    assert not chooses_packing(ExecutionMode.JOB_PER_SUB_GROUP, short, enabled=True, max_task_minutes=30)
+
+
+def test_the_hpc_resource_packs_on_slurm_and_keeps_one_job_per_sub_group_elsewhere(tmp_path):
+    step = STEP.__class__(**{**STEP.__dict__, "resources": JobResources(time_hours=0.25)})
+    slurm = HpcBackendResource(kind="slurm", packed_state_dir=str(tmp_path))
+    packed = slurm.for_step(step)
+    assert isinstance(packed, PackedBackend) and packed.state_dir == tmp_path / "tasks"
+    assert (
+        slurm.for_step(STEP.__class__(**{**step.__dict__, "execution_mode": ExecutionMode.JOB_PER_SUB_GROUP})) is None
+    )
+    assert HpcBackendResource(kind="slurm", packed_execution="off").for_step(step) is None
+    assert HpcBackendResource(kind="local", state_dir=str(tmp_path)).for_step(step) is None
+
+
+def test_a_step_that_packs_runs_on_the_packed_backend_and_releases_it(tmp_path):
+    engine = ThreadEngine()
+    packed = PackedBackend(tmp_path / "tasks", engine, max_task_hours=1)
+    closed = []
+    packed.close = lambda: closed.append(True) or engine.shutdown()
+    runner = StepRunner(
+        engine=None,
+        backend=HpcBackendResource(kind="local", state_dir=str(tmp_path / "local")).get(),
+        runtime=None,
+        stager=None,
+        config=RunnerConfig(pipeline_base_dir=tmp_path, processing_location_id=0, sif_cache_dir=tmp_path),
+        store=InMemoryAttemptStore(),
+        preparation=ShellPreparation(base=tmp_path),
+        backend_for_step=lambda step: packed,
+    )
+    outcomes = runner.execute(step=STEP, plans=[plan("scan-1")], dagster_run_id="run-1")
+    assert outcomes["scan-1"].metadata["hpc_backend"] == "packed" and closed == [True]
+
+
+def test_the_execution_mode_round_trips_through_the_pipeline_yaml():
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["steps"][0]["execution"] = {"mode": "packed"}
+    spec = parse_pipeline_spec(data, base_dir=EXAMPLE.parent)
+    calibrate, baseline = spec.steps[0], spec.steps[1]
+    assert (calibrate.execution_mode, baseline.execution_mode) == ("packed", "auto")
+    assert stored_resources(calibrate)["execution_mode"] == "packed"
+    assert "execution_mode" not in stored_resources(baseline)  # unchanged definition for steps that leave it
+    assert spec_to_dict(spec)["steps"][0]["execution"] == {"mode": "packed"}
+    assert "execution" not in spec_to_dict(spec)["steps"][1]
+    data["steps"][0]["execution"] = {"mode": "pilot"}
+    with pytest.raises(Exception, match=r"steps\[0\]\.execution\.mode.*auto, packed, job_per_sub_group"):
+        parse_pipeline_spec(data, base_dir=EXAMPLE.parent)

@@ -180,6 +180,7 @@ def run_step(
     runner = StepRunner(
         engine=res.opsdb.engine(),
         backend=res.hpc.get(),
+        backend_for_step=res.hpc.for_step,
         runtime=res.container_runtime.get(),
         stager=res.stager.get(),
         config=RunnerConfig(

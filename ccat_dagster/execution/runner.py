@@ -161,9 +161,10 @@ class StepRunner:
         preparation: AttemptPreparation | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
+        backend_for_step: Callable[[StepDefinition], HpcBackend | None] = lambda _step: None,
     ) -> None:
         self.engine = engine
-        self.backend = backend
+        self.backend_for_step = backend_for_step
         self.runtime = runtime
         self.stager = stager
         self.config = config
@@ -194,6 +195,13 @@ class StepRunner:
         self.submit_seconds = 0.0
         self._run_id = ""
         self.log = RunLog(report, every_seconds=config.progress_report_seconds, clock=clock)
+        self._submitted = 0
+        self._use_backend(backend)
+
+    def _use_backend(self, backend: HpcBackend) -> None:
+        """Jobs go to ``backend``, polled at its pace (a step may choose another backend, e.g. packed)."""
+        self.backend = backend
+        config, clock = self.config, self.clock
         shared = None
         if config.status_cache_dir is not None and backend.shares_a_scheduler:
             shared = SharedStatusCache(
@@ -217,7 +225,6 @@ class StepRunner:
             queries_per_minute=config.scheduler_queries_per_minute,
             shared=shared,
         )
-        self._submitted = 0
 
     def cancel(self) -> None:
         """Ask the batch to stop: jobs in flight are cancelled and their attempts end CANCELLED."""
@@ -258,6 +265,19 @@ class StepRunner:
     ) -> dict[str, SubGroupOutcome]:
         """The loop for planned sub-groups: start the gaps, adopt the in-flight ones, skip the rest."""
         self._run_id = dagster_run_id
+        chosen = self.backend_for_step(step)
+        if chosen is None:
+            return self._execute(step, plans, dagster_run_id, retry_failed)
+        self.report(f"{step.asset_label}: sub-groups run packed ({chosen.name} backend, {step.execution_mode.value})")
+        self._use_backend(chosen)
+        try:
+            return self._execute(step, plans, dagster_run_id, retry_failed)
+        finally:
+            _best_effort(chosen.close)  # the batch's allocations are released, however it ended
+
+    def _execute(
+        self, step: StepDefinition, plans: Sequence[SubGroupPlan], dagster_run_id: str, retry_failed: bool
+    ) -> dict[str, SubGroupOutcome]:
         preparation = self.preparation or self._container_preparation(step)
         outcomes: dict[str, SubGroupOutcome] = {}
         starts: list[SubGroupPlan] = []

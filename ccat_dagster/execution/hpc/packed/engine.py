@@ -66,7 +66,7 @@ class PilotEngine(ABC):
 
     @abstractmethod
     def cancel(self, task_id: str) -> None:
-        """Drop a queued task (a running one ends through its cancel marker, see the job wrapper)."""
+        """Forget the task (its cancel marker, written first by the backend, is what ends it)."""
 
     @abstractmethod
     def shutdown(self) -> None:
@@ -139,8 +139,10 @@ class ParslEngine(PilotEngine):
             cores_per_worker=cpu,
             max_workers_per_node=workers,
             provider=provider,
-            # Workers whose interchange is gone (the run worker was killed) end, and their allocation with them.
-            heartbeat_threshold=30,
+            # Workers whose interchange is gone (the run worker was killed) end within ~25 s, and their
+            # allocation with them; a heartbeat is a few bytes.
+            heartbeat_period=5,
+            heartbeat_threshold=20,
             interchange_launch_cmd=[sys.executable, "-m", "parsl.executors.high_throughput.interchange"],
             launch_cmd=DEFAULT_LAUNCH_CMD.replace(
                 "process_worker_pool.py", f"{python} -m parsl.executors.high_throughput.process_worker_pool", 1
@@ -178,9 +180,9 @@ class ParslEngine(PilotEngine):
         return future is not None and not future.done()
 
     def cancel(self, task_id: str) -> None:
-        future = self._futures.get(task_id)
-        if future is not None:
-            future.cancel()
+        # Parsl's app futures cannot be cancelled (NotImplementedError): the task's cancel marker, which the job
+        # wrapper reads before it starts the payload and about once a second while it runs, ends it instead.
+        self._futures.pop(task_id, None)
 
     def shutdown(self) -> None:
         with self._lock:
