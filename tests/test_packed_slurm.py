@@ -2,10 +2,10 @@
 
 Sub-groups run as tasks inside one allocation through the real StepRunner (in-memory attempt store; the
 container contract is tested with the one-job backends): one failing sub-group fails alone and is retried,
-each has its own exit code, wall time and peak memory; all ran in at most the allowed allocations, which are
-released at the end. A cancelled batch ends its running tasks and releases its allocation. Then a run worker
-killed with SIGKILL in the middle of a batch: a new backend collects the task whose result was written and
-reports the unfinished one lost, and the dead worker's allocation ends by itself.
+each has its own exit code, wall time and peak memory, all in one allocation; a second batch on the same engine
+is cancelled while its tasks run and they end; closing releases the allocation. Then a run worker killed with
+SIGKILL in the middle of a batch: a new backend collects the task whose result was written and reports the
+unfinished one lost (its allocation ends by the heartbeat threshold; the test scancels it rather than wait).
 """
 
 from __future__ import annotations
@@ -128,66 +128,59 @@ def wait_released(job_ids: list[str], seconds: float) -> list[str]:
     return left
 
 
-def test_packed_sub_groups_fail_alone_are_retried_and_share_one_allocation(tmp_path):
+def test_packed_sub_groups_fail_alone_retry_share_one_allocation_and_cancel(tmp_path):
+    """One engine for two batches (as the allocation outlives a batch until its idle timeout): the first completes
+    with one retried failure, the second is cancelled while its tasks run; closing releases the allocation."""
     _require_slurm_and_parsl()
     engine = ParslEngine(settings(tmp_path))
-    backend = PackedBackend(tmp_path / "tasks", engine, max_task_hours=10 / 60)
+    backend = PackedBackend(tmp_path / "tasks", engine, max_task_hours=10 / 60, kill_grace_seconds=1)
     store = InMemoryAttemptStore()
     keys = [f"scan-{i}" for i in range(7)] + ["fail-once"]
     try:
         outcomes = runner_for(tmp_path, backend, store).execute(
             step=SMALL, plans=[plan(k) for k in keys], dagster_run_id="run-1"
         )
-    finally:
-        backend.close()
-    assert {k: o.kind for k, o in outcomes.items()} == {k: OutcomeKind.COMPLETED for k in keys}, outcomes
-    first, second = store.attempts_of("fail-once")
-    assert (first.status, first.failure_kind, second.status) == (
-        RunStatus.FAILED,
-        FailureKind.EXIT_CODE,
-        RunStatus.COMPLETED,
-    )
-    for key in keys:
-        assert outcomes[key].metadata["peak_memory_gb"] > 0 and outcomes[key].metadata["wall_time_seconds"] >= 0
-    assert "scan-3" in backend.logs(outcomes["scan-3"].metadata["hpc_job_id"])
-    allocations = engine.allocation_ids()
-    assert 1 <= len(allocations) <= 1, allocations  # nine tasks, one allocation
-    assert wait_released(allocations, 15) == []
+        assert {k: o.kind for k, o in outcomes.items()} == {k: OutcomeKind.COMPLETED for k in keys}, outcomes
+        first, second = store.attempts_of("fail-once")
+        assert (first.status, first.failure_kind) == (RunStatus.FAILED, FailureKind.EXIT_CODE)
+        assert second.status is RunStatus.COMPLETED
+        for key in keys:
+            assert outcomes[key].metadata["peak_memory_gb"] > 0 and outcomes[key].metadata["wall_time_seconds"] >= 0
+        assert "scan-3" in backend.logs(outcomes["scan-3"].metadata["hpc_job_id"])
+        assert len(engine.allocation_ids()) == 1, engine.allocation_ids()  # nine tasks, one allocation
 
-
-def test_a_cancelled_packed_batch_ends_its_tasks_and_releases_the_allocation(tmp_path):
-    _require_slurm_and_parsl()
-    engine = ParslEngine(settings(tmp_path))
-    backend = PackedBackend(tmp_path / "tasks", engine, max_task_hours=10 / 60, kill_grace_seconds=1)
-    store = InMemoryAttemptStore()
-    runner = runner_for(tmp_path, backend, store)
-    outcomes = {}
-
-    def run() -> None:
-        outcomes.update(runner.execute(step=SMALL, plans=[plan("long-1"), plan("long-2")], dagster_run_id="run-c"))
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while (
-        time.monotonic() < deadline
-        and not all(row.status is RunStatus.RUNNING for key in ("long-1", "long-2") for row in store.attempts_of(key))
-        or not store.rows
-    ):
-        time.sleep(0.2)
-    runner.cancel()
-    thread.join(timeout=30)
-    try:
-        assert not thread.is_alive()
-        assert {o.kind for o in outcomes.values()} == {OutcomeKind.CANCELLED}
-        job_ids = [o_row.job_id for o_row in store.rows.values()]
+        runner = runner_for(tmp_path, backend, store)
+        cancelled: dict = {}
+        thread = threading.Thread(
+            target=lambda: cancelled.update(
+                runner.execute(step=SMALL, plans=[plan("long-1"), plan("long-2")], dagster_run_id="run-c")
+            )
+        )
+        thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(
+            rows and rows[0].status is RunStatus.RUNNING
+            for rows in (store.attempts_of("long-1"), store.attempts_of("long-2"))
+        ):
+            time.sleep(0.2)
+        runner.cancel()
+        thread.join(timeout=30)
+        assert not thread.is_alive() and {o.kind for o in cancelled.values()} == {OutcomeKind.CANCELLED}
+        job_ids = [store.attempts_of(k)[0].job_id for k in ("long-1", "long-2")]
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not all(backend.status(j).is_terminal for j in job_ids):
             time.sleep(0.2)
         assert {backend.status(j).state for j in job_ids} == {JobState.CANCELLED}
+        assert all(read_status(tmp_path, j).get("cancel_requested") for j in job_ids), "the payloads were not ended"
     finally:
         backend.close()
     assert wait_released(engine.allocation_ids(), 15) == []
+
+
+def read_status(tmp_path: Path, job_id: str) -> dict:
+    import json
+
+    return json.loads((tmp_path / "tasks" / f"{job_id}.json").read_text())
 
 
 WORKER = textwrap.dedent(
@@ -230,5 +223,6 @@ def test_a_killed_run_worker_loses_no_written_result_and_its_unfinished_task_is_
     infos = restarted.status_many([quick, slow])
     assert infos[quick].state is JobState.COMPLETED and "written" in restarted.logs(quick)
     assert (infos[slow].state, infos[slow].failure_kind) == (JobState.FAILED, FailureKind.LOST)
-    # Its workers lose the interchange and end within the heartbeat threshold, and the allocation with them.
-    assert wait_released(allocations, 60) == [], "the dead run worker's allocation was not released"
+    # Its workers lose the interchange and end within the heartbeat threshold (about 25 s), and the allocation
+    # with them; the test does not wait for that: it releases the allocation it made.
+    subprocess.run(["scancel", *allocations], check=False)
