@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import subprocess
 import sys
 import threading
 from abc import ABC, abstractmethod
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ccat_dagster.execution.hpc.base import HpcError
+from ccat_dagster.execution.hpc.packed.task import run_task
 
 __all__ = ["PackedEngineMissing", "ParslEngine", "PilotEngine", "PilotSettings", "run_task"]
 
@@ -71,11 +71,6 @@ class PilotEngine(ABC):
     @abstractmethod
     def shutdown(self) -> None:
         """Stop taking tasks and release every allocation."""
-
-
-def run_task(argv: list[str]) -> int:
-    """The body of every task, run in an allocation: the job wrapper, which records the task's outcome itself."""
-    return subprocess.run(argv, check=False, stdin=subprocess.DEVNULL).returncode
 
 
 class ParslEngine(PilotEngine):
