@@ -147,6 +147,37 @@ RUNNER_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         _bounded_int(0, 86_400),
         "seconds status queries may fail before waiting attempts fail as scheduler_unavailable, 0–86400",
     ),
+    "SCHEDULER_QUERIES_PER_MINUTE": (
+        "20",
+        _bounded_int(1, 6_000),
+        "Slurm status calls (squeue, sacct) per minute all runs of this location may send together, 1–6000",
+    ),
+    "PACKED_EXECUTION": (
+        "auto",
+        _choice(("auto", "off")),
+        "auto (steps with execution mode auto pack when short and Parsl is installed; HPC_BACKEND=slurm), off",
+    ),
+    "PACKED_MAX_TASK_MINUTES": (
+        "30",
+        _bounded_int(1, 10_080),
+        "steps of execution mode auto whose time_hours is at most this many minutes run packed, 1–10080",
+    ),
+    "PACKED_MAX_ALLOCATIONS": ("2", _bounded_int(1, 1_000), "Slurm allocations one packed batch may hold, 1–1000"),
+    "PACKED_CORES_PER_ALLOCATION": (
+        "2",
+        _bounded_int(1, 4_096),
+        "cores of one packed allocation (tasks of `cpu` cores each share it), 1–4096",
+    ),
+    "PACKED_WALLTIME_MINUTES": (
+        "60",
+        _bounded_int(1, 10_080),
+        "time limit of one packed allocation; longer tasks are refused, 1–10080",
+    ),
+    "PACKED_IDLE_SECONDS": (
+        "60",
+        _bounded_int(1, 86_400),
+        "an allocation without work for this long is released, 1–86400",
+    ),
     "OPS_DB_TOLERANCE_SECONDS": (
         "300",
         _bounded_int(0, 86_400),
@@ -187,6 +218,13 @@ class Settings:
     retention_days: int
     # The step runner's tolerances and bounds (RUNNER_SETTINGS below).
     scheduler_tolerance_seconds: int
+    scheduler_queries_per_minute: int
+    packed_execution: str
+    packed_max_task_minutes: int
+    packed_max_allocations: int
+    packed_cores_per_allocation: int
+    packed_walltime_minutes: int
+    packed_idle_seconds: int
     ops_db_tolerance_seconds: int
     max_memory_gb: int
     max_time_hours: int

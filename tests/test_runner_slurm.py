@@ -36,8 +36,9 @@ from .test_runner_failures import assert_nothing_registered, assert_path
 
 pytestmark = [pytest.mark.slurm, pytest.mark.postgres, pytest.mark.bwrap]
 
-# Job ends are seen within a second; accounting is waited for by the backend itself.
-POLL = {"poll_interval_seconds": 1.0, "min_poll_interval_seconds": 0.2}
+# Job ends are seen within a second here (accounting is waited for by the backend itself); the production
+# budget of scheduler calls is tested in test_slurm_polling.py.
+POLL = {"poll_interval_seconds": 1.0, "min_poll_interval_seconds": 0.2, "scheduler_queries_per_minute": 600}
 
 
 def _require_slurm() -> None:

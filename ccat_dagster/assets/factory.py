@@ -180,6 +180,7 @@ def run_step(
     runner = StepRunner(
         engine=res.opsdb.engine(),
         backend=res.hpc.get(),
+        backend_for_step=res.hpc.for_step,
         runtime=res.container_runtime.get(),
         stager=res.stager.get(),
         config=RunnerConfig(
@@ -190,6 +191,9 @@ def run_step(
             poll_interval_seconds=execution.poll_interval_seconds,
             staging_timeout_seconds=execution.staging_timeout_seconds,
             scheduler_tolerance_seconds=execution.scheduler_tolerance_seconds,
+            scheduler_queries_per_minute=execution.scheduler_queries_per_minute,
+            # The runs of this location share one status query per poll through the pipeline file system.
+            status_cache_dir=_path(execution.pipeline_base_dir) / ".status-cache",
             opsdb_tolerance_seconds=execution.ops_db_tolerance_seconds,
             max_memory_gb=execution.max_memory_gb,
             max_time_hours=execution.max_time_hours,

@@ -63,6 +63,7 @@ from ccat_dagster.execution.preparation import (
 from ccat_dagster.execution.resilience import ResilientAttemptStore
 from ccat_dagster.execution.runtimes import ContainerRuntime
 from ccat_dagster.execution.staging import Stager
+from ccat_dagster.execution.status_cache import SharedStatusCache, cache_directory
 from ccat_dagster.execution.step import StepDefinition
 from ccat_dagster.opsdb.engine import session_scope
 from ccat_dagster.opsdb.enums import FailureKind, RunStatus
@@ -88,6 +89,11 @@ class RunnerConfig:
     """The longest pause between two status polls (the back-off ceiling)."""
     min_poll_interval_seconds: float = 0.2
     """The first pause after a submission or a finished job; grows ×1.5 per poll that sees nothing end."""
+    scheduler_queries_per_minute: float = 20.0
+    """Against a shared scheduler (Slurm): the status calls per minute all runs of this location may send; the
+    pause after a change is what keeps within it (see ``execution.polling``)."""
+    status_cache_dir: Path | None = None
+    """Where the runs of this location share one status query per poll (None: each run asks alone)."""
     staging_timeout_seconds: float = 3600.0
     pre_walltime_signal_seconds: int = 120
     progress_report_seconds: float = 10.0
@@ -156,9 +162,10 @@ class StepRunner:
         preparation: AttemptPreparation | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
+        backend_for_step: Callable[[StepDefinition], HpcBackend | None] = lambda _step: None,
     ) -> None:
         self.engine = engine
-        self.backend = backend
+        self.backend_for_step = backend_for_step
         self.runtime = runtime
         self.stager = stager
         self.config = config
@@ -189,10 +196,36 @@ class StepRunner:
         self.submit_seconds = 0.0
         self._run_id = ""
         self.log = RunLog(report, every_seconds=config.progress_report_seconds, clock=clock)
-        self.poller = StatusPoller(
-            backend, tolerance_seconds=config.scheduler_tolerance_seconds, clock=clock, log=self.log
-        )
         self._submitted = 0
+        self._use_backend(backend)
+
+    def _use_backend(self, backend: HpcBackend) -> None:
+        """Jobs go to ``backend``, polled at its pace (a step may choose another backend, e.g. packed)."""
+        self.backend = backend
+        config, clock = self.config, self.clock
+        shared = None
+        if config.status_cache_dir is not None and backend.shares_a_scheduler:
+            shared = SharedStatusCache(
+                cache_directory(
+                    config.status_cache_dir,
+                    backend=backend.name,
+                    processing_location_id=config.processing_location_id,
+                ),
+                # Shared by processes (and hosts) that do not share a monotonic clock; a fake clock in tests.
+                clock=time.time if clock is time.monotonic else clock,
+                queries_per_minute=config.scheduler_queries_per_minute,
+                count_calls=lambda: backend.scheduler_queries,
+            )
+        self.poller = StatusPoller(
+            backend,
+            tolerance_seconds=config.scheduler_tolerance_seconds,
+            clock=clock,
+            log=self.log,
+            min_interval=config.min_poll_interval_seconds,
+            max_interval=config.poll_interval_seconds,
+            queries_per_minute=config.scheduler_queries_per_minute,
+            shared=shared,
+        )
 
     def cancel(self) -> None:
         """Ask the batch to stop: jobs in flight are cancelled and their attempts end CANCELLED."""
@@ -233,6 +266,19 @@ class StepRunner:
     ) -> dict[str, SubGroupOutcome]:
         """The loop for planned sub-groups: start the gaps, adopt the in-flight ones, skip the rest."""
         self._run_id = dagster_run_id
+        chosen = self.backend_for_step(step)
+        if chosen is None:
+            return self._execute(step, plans, dagster_run_id, retry_failed)
+        self.report(f"{step.asset_label}: sub-groups run packed ({chosen.name} backend, {step.execution_mode.value})")
+        self._use_backend(chosen)
+        try:
+            return self._execute(step, plans, dagster_run_id, retry_failed)
+        finally:
+            _best_effort(chosen.close)  # the batch's allocations are released, however it ended
+
+    def _execute(
+        self, step: StepDefinition, plans: Sequence[SubGroupPlan], dagster_run_id: str, retry_failed: bool
+    ) -> dict[str, SubGroupOutcome]:
         preparation = self.preparation or self._container_preparation(step)
         outcomes: dict[str, SubGroupOutcome] = {}
         starts: list[SubGroupPlan] = []
@@ -318,7 +364,7 @@ class StepRunner:
     ) -> dict[str, SubGroupOutcome]:
         outcomes: dict[str, SubGroupOutcome] = {}
         progress = Progress(total, self.log)
-        wait = self.config.min_poll_interval_seconds
+        wait = self.poller.floor
 
         def settle(outcome: SubGroupOutcome) -> None:
             outcomes[outcome.sub_group_key] = outcome
@@ -334,18 +380,23 @@ class StepRunner:
                 exited = [(a, JobInfo(a.job_id or "", JobState.COMPLETED, exit_code=0)) for a in collecting]
                 for outcome in self._collect(exited, step, preparation):
                     settle(outcome)
+            next_poll = self.clock()  # the first poll right after the first submissions
             while queue or active:
                 if self._cancel.is_set():
                     raise _Cancelled()
                 free = self._free_slots(active) if queue else 0
+                refilled = False
                 if free > 0:
                     batch, queue = queue[:free], queue[free:]
                     started, failed = self._start(batch, step, preparation)
                     active.extend(started)
                     for outcome in failed:
                         settle(outcome)
-                    wait = self.config.min_poll_interval_seconds
-                if active:
+                    refilled = bool(started)
+                ended = False
+                if active and self.clock() >= next_poll and (hold := self.poller.budget_wait()) > 0:
+                    next_poll = self.clock() + hold  # this minute's scheduler calls are spent
+                elif active and self.clock() >= next_poll:
                     infos = self._poll(active)
                     if infos is None:  # the scheduler did not answer: wait longer, or give up on these jobs
                         gone = self._scheduler_gone(active)
@@ -353,7 +404,7 @@ class StepRunner:
                             settle(outcome)
                         if gone:
                             active = []
-                        wait = min(max(wait * 2, self.config.min_poll_interval_seconds), self._trouble_backoff)
+                        wait = min(max(wait * 2, self.poller.floor), self._trouble_backoff)
                     else:
                         self.log.waiting(self.backend.name, [a.job_id for a in active], infos)
                         self._note_running([a for a in active if a.job_id in infos], infos)
@@ -361,31 +412,37 @@ class StepRunner:
                             (a, infos[a.job_id]) for a in active if a.job_id in infos and infos[a.job_id].is_terminal
                         ]
                         if finished:
-                            ended = {id(a) for a, _ in finished}
-                            active = [a for a in active if id(a) not in ended]
+                            done = {id(a) for a, _ in finished}
+                            active = [a for a in active if id(a) not in done]
                             for outcome, retry in self._finish(finished, step, preparation):
                                 if retry is not None:
                                     queue.append(retry)
                                 else:
                                     settle(outcome)
-                            wait = self.config.min_poll_interval_seconds
-                            if queue:
-                                self.on_round_end()
-                                continue  # slots were freed: refill them before waiting
-                        else:
-                            wait = min(wait * 1.5, self.config.poll_interval_seconds)
+                            ended = True
+                        wait = self.poller.next_wait(changed=ended or refilled)
+                    next_poll = self.clock() + wait
+                elif refilled:
+                    # New jobs: the next poll comes no later than the floor after them, never at once.
+                    next_poll = min(next_poll, self.clock() + self.poller.next_wait(changed=True))
                 self.on_round_end()
+                if ended and queue:
+                    continue  # slots were freed: refill them now; the next poll still waits its turn
                 if active or queue:
                     # Nothing ended, or this location's slots are held by other runs: wait, then look again.
-                    began = self.clock()
-                    self.sleep(wait)
-                    self.waited_seconds += self.clock() - began
+                    pause = max(next_poll - self.clock(), 0.0) if active else wait
+                    if pause > 0:
+                        began = self.clock()
+                        self.sleep(pause)
+                        self.waited_seconds += self.clock() - began
         except BaseException as error:  # Dagster's run termination arrives as a BaseException
             terminated = not isinstance(error, Exception) or isinstance(error, _Cancelled) or self._cancel.is_set()
             outcomes.update(self._stop(active, queue, error, terminated=terminated))
             _best_effort(self.on_round_end)
+            _best_effort(self.poller.close)
             if not isinstance(error, _Cancelled):
                 raise
+        self.poller.close()
         progress.finish()
         self.on_round_end()
         return outcomes

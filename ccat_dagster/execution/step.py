@@ -8,6 +8,7 @@ object, so a loop that runs for hours never touches a closed session. ``resource
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,6 +17,24 @@ from ccat_dagster.execution.hpc.base import JobResources
 from ccat_dagster.opsdb import models as m
 
 _RESOURCE_DEFAULTS = {f.name: f.default for f in fields(JobResources)}
+# The pipeline YAML's ``execution: {mode: ...}``, stored in ``ReductionStep.resources`` when it is not auto.
+EXECUTION_MODE_KEY = "execution_mode"
+
+
+class ExecutionMode(enum.StrEnum):
+    AUTO = "auto"
+    PACKED = "packed"
+    JOB_PER_SUB_GROUP = "job_per_sub_group"
+
+
+def chooses_packing(mode: ExecutionMode, resources: JobResources, *, enabled: bool, max_task_minutes: float) -> bool:
+    """Whether a step's sub-groups run packed: asked for (``packed``), or ``auto`` with packing enabled at the
+    site and a step short enough (``time_hours`` ≤ ``max_task_minutes``) and without GPUs."""
+    if mode is ExecutionMode.PACKED:
+        return True
+    if mode is ExecutionMode.JOB_PER_SUB_GROUP or not enabled:
+        return False
+    return resources.gpus == 0 and resources.time_hours * 60 <= max_task_minutes
 
 
 def resources_of(raw: Mapping[str, Any] | None) -> JobResources:
@@ -45,6 +64,7 @@ class StepDefinition:
     config: Mapping[str, Any] = field(default_factory=dict)
     resources: JobResources = JobResources()
     max_retries: int = 0
+    execution_mode: ExecutionMode = ExecutionMode.AUTO
 
     @property
     def asset_label(self) -> str:
@@ -70,4 +90,5 @@ class StepDefinition:
             config=dict(step.config.parameters or {}),
             resources=resources_of(step.resources),
             max_retries=step.max_retries,
+            execution_mode=ExecutionMode((step.resources or {}).get(EXECUTION_MODE_KEY, "auto")),
         )

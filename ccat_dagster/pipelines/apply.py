@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from ccat_dagster.errors import CcatError
+from ccat_dagster.execution.step import EXECUTION_MODE_KEY
 from ccat_dagster.grouping.presets import PresetError, ensure_builtin_presets, get_preset
 from ccat_dagster.grouping.rules import FilterRuleError, parse_rules, rules_to_json
 from ccat_dagster.opsdb.enums import LocationType, StepRetention
@@ -338,7 +339,7 @@ def _write(session: Session, spec: PipelineSpec, plan: _Plan) -> ApplyResult:
         _set(row, "version_policy", step.software.version_policy, step_label, step_changes)
         _set(row, "version_spec", step.software.version, step_label, step_changes)
         _set(row, "config", config, step_label, step_changes, show=_show_config)
-        _set(row, "resources", step.resources.to_dict(), step_label, step_changes)
+        _set(row, "resources", stored_resources(step), step_label, step_changes)
         _set(row, "max_retries", step.max_retries, step_label, step_changes)
         _set(row, "retention", StepRetention(step.retention), step_label, step_changes)
         step_rows[step.name] = row
@@ -560,9 +561,14 @@ def export_pipeline(session: Session, name: str) -> dict[str, Any]:
                 "config": dict(step.config.parameters),
                 "group_by": list(step.group_by),
                 "cooldown_seconds": step.cooldown_seconds,
-                "resources": dict(step.resources),
+                "resources": {k: v for k, v in step.resources.items() if k != EXECUTION_MODE_KEY},
                 "max_retries": step.max_retries,
                 **({"retention": step.retention.value} if step.retention is not StepRetention.AUTO else {}),
+                **(
+                    {"execution": {"mode": step.resources[EXECUTION_MODE_KEY]}}
+                    if step.resources.get(EXECUTION_MODE_KEY, "auto") != "auto"
+                    else {}
+                ),
             }
         )
     return {
@@ -632,3 +638,14 @@ def disable_pipeline(session: Session, name: str) -> bool:
 
 def enable_pipeline(session: Session, name: str) -> bool:
     return set_pipeline_enabled(session, name, enabled=True)
+
+
+def stored_resources(step: StepSpec) -> dict[str, Any]:
+    """``ReductionStep.resources``: what the step asks for, and how it runs when that is not left to ``auto``.
+
+    The execution mode rides in the resources JSON (read by ``execution.step.StepDefinition``), written only
+    when set, so the stored definitions of steps without it stay as they were."""
+    resources: dict[str, Any] = step.resources.to_dict()
+    if step.execution_mode != "auto":
+        resources[EXECUTION_MODE_KEY] = step.execution_mode
+    return resources

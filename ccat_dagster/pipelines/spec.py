@@ -154,6 +154,8 @@ class StepSpec:
     max_retries: int = 0
     # What retention may do with the step's intermediates: auto, keep or recreate (opsdb.enums.StepRetention).
     retention: str = "auto"
+    # How the sub-groups reach the cluster: auto, packed or job_per_sub_group (execution.step.ExecutionMode).
+    execution_mode: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -537,6 +539,7 @@ def _build_step(index: int, data: Mapping[str, Any], problems: _Problems, *, bas
         ),
         max_retries=int(data.get("max_retries", 0)),
         retention=str(data.get("retention", "auto")),
+        execution_mode=str(data.get("execution", {}).get("mode", "auto")),
     )
 
 
@@ -870,6 +873,7 @@ def _step_to_dict(step: StepSpec) -> dict[str, Any]:
         "max_retries": step.max_retries,
         # Only when set, so that the stored definition hash of pipelines without it stays what it was.
         **({"retention": step.retention} if step.retention != "auto" else {}),
+        **({"execution": {"mode": step.execution_mode}} if step.execution_mode != "auto" else {}),
     }
 
 

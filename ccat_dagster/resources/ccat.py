@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from sqlalchemy import Engine
 from ccat_dagster.execution.hpc.base import HpcBackend
 from ccat_dagster.execution.runtimes import ContainerRuntime, get_runtime
 from ccat_dagster.execution.staging import ExternalStager, LocalStager, Stager
+from ccat_dagster.execution.step import StepDefinition, chooses_packing
 from ccat_dagster.opsdb.engine import shared_engine
 from ccat_dagster.settings import OPS_DB_URL_VAR, Settings
 
@@ -34,6 +36,39 @@ class HpcBackendResource(dg.ConfigurableResource):
     state_dir: str = ""
     max_concurrent_jobs: int = 2
     slurm_partition: str = ""
+    packed_execution: str = "auto"
+    packed_state_dir: str = ""
+    packed_max_task_minutes: int = 30
+    packed_max_allocations: int = 2
+    packed_cores_per_allocation: int = 2
+    packed_walltime_minutes: int = 60
+    packed_idle_seconds: int = 60
+
+    def for_step(self, step: StepDefinition) -> HpcBackend | None:
+        """The packed backend when the step's sub-groups run packed here (see docs/pipeline-yaml.md), else None
+        (the step runs one job per sub-group on ``get()``). Packing needs Slurm; ``auto`` also needs Parsl."""
+        if self.kind != "slurm":
+            return None
+        enabled = self.packed_execution == "auto" and importlib.util.find_spec("parsl") is not None
+        if not chooses_packing(
+            step.execution_mode, step.resources, enabled=enabled, max_task_minutes=self.packed_max_task_minutes
+        ):
+            return None
+        from ccat_dagster.execution.hpc.packed.backend import PackedBackend
+        from ccat_dagster.execution.hpc.packed.engine import ParslEngine, PilotSettings
+
+        state_dir = Path(self.packed_state_dir)
+        engine = ParslEngine(
+            PilotSettings(
+                max_allocations=self.packed_max_allocations,
+                cores_per_allocation=self.packed_cores_per_allocation,
+                walltime_minutes=self.packed_walltime_minutes,
+                idle_seconds=self.packed_idle_seconds,
+                partition=self.slurm_partition,
+                run_dir=state_dir / "runinfo",
+            )
+        )
+        return PackedBackend(state_dir / "tasks", engine, max_task_hours=self.packed_walltime_minutes / 60)
 
     def get(self) -> HpcBackend:
         if self.kind == "local":
@@ -86,6 +121,7 @@ class ExecutionSettingsResource(dg.ConfigurableResource):
     poll_interval_seconds: float = 2.0
     staging_timeout_seconds: float = 3600.0
     scheduler_tolerance_seconds: float = 900.0
+    scheduler_queries_per_minute: float = 20.0
     ops_db_tolerance_seconds: float = 300.0
     max_memory_gb: float = 512.0
     max_time_hours: float = 48.0
@@ -103,6 +139,13 @@ def resources_from_settings(settings: Settings, *, processing_location_id: int) 
             state_dir=str(settings.pipeline_base_dir / ".local-jobs"),
             max_concurrent_jobs=settings.local_max_running,
             slurm_partition=settings.slurm_partition,
+            packed_execution=settings.packed_execution,
+            packed_state_dir=str(settings.pipeline_base_dir / ".packed"),
+            packed_max_task_minutes=settings.packed_max_task_minutes,
+            packed_max_allocations=settings.packed_max_allocations,
+            packed_cores_per_allocation=settings.packed_cores_per_allocation,
+            packed_walltime_minutes=settings.packed_walltime_minutes,
+            packed_idle_seconds=settings.packed_idle_seconds,
         ),
         "container_runtime": ContainerRuntimeResource(kind=settings.container_runtime),
         "stager": StagerResource(kind=settings.stager),
@@ -114,6 +157,7 @@ def resources_from_settings(settings: Settings, *, processing_location_id: int) 
             poll_interval_seconds=float(settings.poll_interval_seconds),
             staging_timeout_seconds=float(settings.staging_timeout_seconds),
             scheduler_tolerance_seconds=float(settings.scheduler_tolerance_seconds),
+            scheduler_queries_per_minute=float(settings.scheduler_queries_per_minute),
             ops_db_tolerance_seconds=float(settings.ops_db_tolerance_seconds),
             max_memory_gb=float(settings.max_memory_gb),
             max_time_hours=float(settings.max_time_hours),

@@ -445,6 +445,9 @@ class FaultWorld:
             "CCAT_WORKFLOW_MANAGER_CONTAINER_RUNTIME": "bubblewrap",
             "CCAT_WORKFLOW_MANAGER_HPC_BACKEND": "local",
             "CCAT_WORKFLOW_MANAGER_POLL_INTERVAL_SECONDS": "1",
+            # Slurm's pacing (20 queries a minute in production, tests/test_slurm_polling.py) would stretch every
+            # Slurm scenario by its 3-6 s pauses; the scenarios are about recovery, not about pacing.
+            "CCAT_WORKFLOW_MANAGER_SCHEDULER_QUERIES_PER_MINUTE": "600",
             "CCAT_WORKFLOW_MANAGER_SENSOR_INTERVAL_SECONDS": "2",
             "CCAT_WORKFLOW_MANAGER_LOCAL_MAX_RUNNING": "8",
             # The memory escalation's cap, low enough that a scenario reaches it (the payloads ask for 1 GiB).

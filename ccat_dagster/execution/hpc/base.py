@@ -271,6 +271,17 @@ class HpcBackend(ABC):
     the one that submitted the job (a restarted orchestrator re-attaches by job id)."""
 
     name: str
+    shares_a_scheduler: bool = False
+    """True when status queries load a scheduler other users share (Slurm's controller): the runner then paces
+    its polls to a budget of calls per minute and shares one query among all runs of a location."""
+
+    @property
+    def scheduler_queries(self) -> int:
+        """Status queries this backend has sent to a shared scheduler so far (each retry counted).
+
+        The runner paces its polls by it (``execution.polling``); 0 for a backend whose status costs no shared
+        scheduler anything (the local backend asks its own process table)."""
+        return 0
 
     @abstractmethod
     def submit(self, spec: JobSpec) -> str:
@@ -314,3 +325,6 @@ class HpcBackend(ABC):
     @abstractmethod
     def logs(self, job_id: str, *, tail_lines: int = 50) -> str:
         """The last lines of the job's stdout and stderr."""
+
+    def close(self) -> None:  # noqa: B027 - an optional hook, a no-op for backends that hold nothing
+        """The batch is over: release what the backend holds for it (the packed backend's allocations)."""

@@ -63,7 +63,7 @@ from ccat_dagster.execution.hpc.local_wrapper import (
 )
 from ccat_dagster.opsdb.enums import FailureKind
 
-__all__ = ["LocalBackend", "local_failure_kind"]
+__all__ = ["LocalBackend", "finished_job_info", "job_record", "local_failure_kind"]
 
 _KIB_PER_GIB = 1024 * 1024
 
@@ -131,34 +131,9 @@ class LocalBackend(HpcBackend):
     def _queue(self, spec: JobSpec) -> str:
         require_host_command(spec, backend=self.name)
         job_id = uuid.uuid4().hex
-        record = {
-            "job_id": job_id,
-            "job_name": spec.job_name,
-            "command": list(spec.command),
-            "env": dict(spec.env),
-            "path": os.environ.get("PATH", os.defpath),
-            "log_dir": str(spec.log_dir.absolute()),
-            # Like sbatch: without a workdir the job runs where it was submitted from.
-            "workdir": str((spec.workdir or Path.cwd()).absolute()),
-            "time_limit_seconds": spec.resources.time_limit_seconds,
-            "pre_walltime_signal_seconds": min(
-                spec.pre_walltime_signal_seconds, spec.resources.time_limit_seconds // 2
-            ),
-            "kill_grace_seconds": self.kill_grace_seconds,
-            # The wrapper starts the next queued jobs when this one ends, within this limit.
-            "max_concurrent_jobs": self.max_concurrent_jobs,
-            "resources": {
-                "cpu": spec.resources.cpu,
-                "memory_gb": spec.resources.memory_gb,
-                "time_hours": spec.resources.time_hours,
-                "gpus": spec.resources.gpus,
-            },
-            "submitted_at": time.time(),
-            # Queue order; time_ns alone could tie between two quick submissions.
-            "sequence": f"{time.time_ns():020d}-{job_id}",
-        }
-        if spec.workdir is not None and not spec.workdir.is_dir():
-            raise InvalidJobSpecError(f"workdir={str(spec.workdir)!r} does not exist: create it before submitting")
+        record = job_record(spec, job_id, kill_grace_seconds=self.kill_grace_seconds)
+        # The wrapper starts the next queued jobs when this one ends, within this limit.
+        record["max_concurrent_jobs"] = self.max_concurrent_jobs
         try:
             write_json_atomically(spec_path(self.state_dir, job_id), record)
             # After the spec: a scheduler that sees a marker can always read what to run.
@@ -206,7 +181,7 @@ class LocalBackend(HpcBackend):
                 failure_kind=FailureKind.CANCELLED,
             )
         if files.finished:
-            return _finished_info(files.job_id, status)
+            return finished_job_info(files.job_id, status)
         if files.launch is None:
             return JobInfo(
                 job_id=files.job_id,
@@ -223,7 +198,7 @@ class LocalBackend(HpcBackend):
         # The wrapper is gone; it may have written its final record since we read the files.
         status = read_json(status_path(self.state_dir, files.job_id)) or {}
         if status.get("state") == "finished":
-            return _finished_info(files.job_id, status)
+            return finished_job_info(files.job_id, status)
         pid = wrapper_pid(files.launch, files.status)
         full = self._full_file_system(files.job_id)
         if full is not None:
@@ -319,13 +294,42 @@ class LocalBackend(HpcBackend):
         )
 
 
+def job_record(spec: JobSpec, job_id: str, *, kill_grace_seconds: float) -> dict[str, Any]:
+    """What the job wrapper runs (``<job_id>.spec.json``); the packed backend's tasks use the same record."""
+    if spec.workdir is not None and not spec.workdir.is_dir():
+        raise InvalidJobSpecError(f"workdir={str(spec.workdir)!r} does not exist: create it before submitting")
+    return {
+        "job_id": job_id,
+        "job_name": spec.job_name,
+        "command": list(spec.command),
+        "env": dict(spec.env),
+        "path": os.environ.get("PATH", os.defpath),
+        "log_dir": str(spec.log_dir.absolute()),
+        # Like sbatch: without a workdir the job runs where it was submitted from.
+        "workdir": str((spec.workdir or Path.cwd()).absolute()),
+        "time_limit_seconds": spec.resources.time_limit_seconds,
+        "pre_walltime_signal_seconds": min(spec.pre_walltime_signal_seconds, spec.resources.time_limit_seconds // 2),
+        "kill_grace_seconds": kill_grace_seconds,
+        "resources": {
+            "cpu": spec.resources.cpu,
+            "memory_gb": spec.resources.memory_gb,
+            "time_hours": spec.resources.time_hours,
+            "gpus": spec.resources.gpus,
+        },
+        "submitted_at": time.time(),
+        # Queue order; time_ns alone could tie between two quick submissions.
+        "sequence": f"{time.time_ns():020d}-{job_id}",
+    }
+
+
 def _check_job_ids(job_ids: Sequence[str]) -> None:
     invalid = [job_id for job_id in job_ids if not JOB_ID_PATTERN.fullmatch(job_id)]
     if invalid:
         raise UnknownJobError(f"{invalid!r} are not local job ids (32 hex digits)", job_ids=invalid)
 
 
-def _finished_info(job_id: str, status: dict[str, Any]) -> JobInfo:
+def finished_job_info(job_id: str, status: dict[str, Any]) -> JobInfo:
+    """The JobInfo of a job whose wrapper recorded its end."""
     exit_code = status.get("exit_code")
     completed = exit_code == 0 and not status.get("disk_full")
     return JobInfo(

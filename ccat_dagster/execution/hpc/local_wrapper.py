@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 POLL_SECONDS = 0.2
+CANCEL_MARKER_POLL_SECONDS = 1.0
 # LocalBackend's cancel of a job a wrapper runs (see _Wrapper); launch records of such wrappers say so.
 CANCEL_SIGNAL = signal.SIGUSR1
 CANCEL_BY = {"cancel_signal": "SIGUSR1"}
@@ -302,9 +303,17 @@ class _Wrapper:
 
         time_limit = float(spec["time_limit_seconds"])
         warning_lead = float(spec["pre_walltime_signal_seconds"])
+        # A job run on another node (a packed task in a pilot allocation) cannot be signalled by its submitter:
+        # its cancel is the marker file alone, looked for about once a second.
+        watch_cancel_marker = bool(spec.get("cancel_by_marker"))
+        next_marker_look = 0.0
         pause = FIRST_POLL_SECONDS
         while not _exit_observed(pid):
             elapsed = time.monotonic() - job.started_monotonic
+            if watch_cancel_marker and not job.terminate_requested and elapsed >= next_marker_look:
+                next_marker_look = elapsed + CANCEL_MARKER_POLL_SECONDS
+                if cancel_marker_path(state_dir, job_id).exists():
+                    job.terminate()
             if warning_lead > 0 and job.warning_sent_at is None and elapsed >= time_limit - warning_lead:
                 # Like Slurm's --signal=B:TERM@<s>: the payload's main process only, so it can save its work.
                 job.warning_sent_at = time.time()

@@ -81,6 +81,7 @@ class SlurmBackend(HpcBackend):
     """
 
     name = "slurm"
+    shares_a_scheduler = True
 
     def __init__(
         self,
@@ -126,6 +127,12 @@ class SlurmBackend(HpcBackend):
         # job id -> monotonic time it was first seen finished by scontrol but not yet by sacct.
         self._awaiting_accounting: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    @property
+    def scheduler_queries(self) -> int:
+        """squeue, sacct and scontrol calls so far (sbatch and scancel are not status queries)."""
+        tries = self._commands.tries
+        return sum(tries[command] for command in {self.squeue, self.sacct, self.scontrol})
 
     # --- submission -----------------------------------------------------------------------------
 

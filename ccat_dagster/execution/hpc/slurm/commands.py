@@ -18,8 +18,9 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import tenacity
 
@@ -84,6 +85,8 @@ class SlurmCommandRunner:
     backoff_max_seconds: float = 8.0
     run: CommandRun = subprocess.run
     sleep: Callable[[float], None] = time.sleep
+    tries: Counter[str] = field(default_factory=Counter)
+    """How often each command (by its first argument) was run, every retry included: what the controller felt."""
 
     def __post_init__(self) -> None:
         if self.retry_attempts < 1:
@@ -142,6 +145,7 @@ class SlurmCommandRunner:
         """One try: the finished process, or TransientCommandError when it timed out. A missing command raises
         SchedulerCommandError at once. `env`: the command's whole environment (None: this process's)."""
         command = list(command)
+        self.tries[command[0]] += 1
         try:
             return self.run(
                 command,

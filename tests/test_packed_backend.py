@@ -1,0 +1,257 @@
+"""The packed backend with a pilot engine of threads on this machine: the task records, not the engine, decide.
+
+``ThreadEngine`` runs each task (the real job wrapper, a real payload) in a thread, as an allocation's worker
+would; "killing the run worker" is dropping the engine, so a new backend with a new engine must find every task
+from its records alone. Through the real StepRunner (in-memory attempt store): one failing sub-group fails alone
+and is retried; each completed one has its exit code, wall time and peak memory. Then reattach (a finished
+task collected, an unfinished one lost and re-run), cancel, and a site without Parsl.
+The same on the real Slurm with Parsl's HighThroughputExecutor: tests/test_packed_slurm.py.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ccat_dagster.execution import contract
+from ccat_dagster.execution.attempts import InMemoryAttemptStore
+from ccat_dagster.execution.hpc.base import JobResources, JobSpec, JobState
+from ccat_dagster.execution.hpc.packed.backend import PackedBackend
+from ccat_dagster.execution.hpc.packed.engine import (
+    PackedEngineMissing,
+    ParslEngine,
+    PilotEngine,
+    PilotSettings,
+    run_task,
+)
+from ccat_dagster.execution.runner import OutcomeKind, RunnerConfig, StepRunner
+from ccat_dagster.execution.step import ExecutionMode, chooses_packing
+from ccat_dagster.opsdb.enums import FailureKind, RunStatus
+from ccat_dagster.pipelines.apply import stored_resources
+from ccat_dagster.pipelines.spec import parse_pipeline_spec, spec_to_dict
+from ccat_dagster.resources.ccat import HpcBackendResource
+
+from .loop_fakes import STEP, FakePreparation, plan
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pipelines" / "chai_ngc253_co43.yaml"
+
+
+class ThreadEngine(PilotEngine):
+    def __init__(self, workers: int = 4) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self.futures: dict[str, Future] = {}
+        self.started: list[tuple[str, int, float]] = []
+
+    def start(self, task_id, argv, *, cpu, memory_gb):
+        self.started.append((task_id, cpu, memory_gb))
+        self.futures[task_id] = self.pool.submit(run_task, list(argv))
+
+    def holds(self, task_id):
+        future = self.futures.get(task_id)
+        return future is not None and not future.done()
+
+    def cancel(self, task_id):
+        if task_id in self.futures:
+            self.futures[task_id].cancel()
+
+    def shutdown(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def spec(tmp_path: Path, name: str, command: list[str], **resources) -> JobSpec:
+    return JobSpec(
+        command=command,
+        resources=JobResources(**{"cpu": 1, "memory_gb": 0.5, "time_hours": 0.1, **resources}),
+        env={},
+        job_name=name,
+        log_dir=tmp_path / name,
+    )
+
+
+def wait_for(backend: PackedBackend, job_id: str, *, seconds: float = 20.0):
+    deadline = time.monotonic() + seconds
+    while True:
+        info = backend.status(job_id)
+        if info.is_terminal or time.monotonic() > deadline:
+            return info
+        time.sleep(0.05)
+
+
+@dataclass
+class ShellPreparation(FakePreparation):
+    """Sub-group ``fail-once`` exits 3 on its first attempt; every other attempt prints and exits 0."""
+
+    base: Path = Path("/nonexistent")
+
+    def layout(self, sub_group_key, attempt_id):
+        return contract.attempt_layout(
+            base_dir=self.base,
+            pipeline="p",
+            sub_group_key=sub_group_key,
+            step="reduce",
+            attempt_id=attempt_id,
+            is_final=True,
+        )
+
+    def prepare(self, plan, attempt, *, resources, staged, run_id):
+        marker = self.base / f"{plan.sub_group_key}.tried"
+        script = (
+            f"if [ ! -e {marker} ] && [ {plan.sub_group_key} = fail-once ]; then touch {marker}; exit 3; fi; echo ok"
+        )
+        return JobSpec(
+            command=["/bin/sh", "-c", script],
+            resources=resources,
+            env={},
+            job_name=f"a{attempt.attempt_id}",
+            log_dir=self.layout(plan.sub_group_key, attempt.attempt_id).attempt_dir / "logs",
+        )
+
+
+def test_each_packed_sub_group_has_its_own_outcome_failure_and_retry(tmp_path):
+    engine = ThreadEngine()
+    backend = PackedBackend(tmp_path / "tasks", engine, max_task_hours=1)
+    store = InMemoryAttemptStore()
+    runner = StepRunner(
+        engine=None,
+        backend=backend,
+        runtime=None,
+        stager=None,
+        config=RunnerConfig(
+            pipeline_base_dir=tmp_path, processing_location_id=0, sif_cache_dir=tmp_path, max_in_flight=20
+        ),
+        store=store,
+        preparation=ShellPreparation(base=tmp_path),
+    )
+    keys = ["scan-1", "scan-2", "fail-once", "scan-3"]
+    outcomes = runner.execute(step=STEP, plans=[plan(k) for k in keys], dagster_run_id="run-1")
+    engine.shutdown()
+    assert {k: o.kind for k, o in outcomes.items()} == {k: OutcomeKind.COMPLETED for k in keys}
+    first, second = store.attempts_of("fail-once")
+    assert (first.status, first.failure_kind) == (RunStatus.FAILED, FailureKind.EXIT_CODE)
+    assert second.status is RunStatus.COMPLETED and second.job_id != first.job_id
+    for key in keys:
+        assert len(store.attempts_of(key)) == (2 if key == "fail-once" else 1)
+        metadata = outcomes[key].metadata
+        assert metadata["hpc_backend"] == "packed" and metadata["wall_time_seconds"] is not None
+        assert metadata["peak_memory_gb"] and metadata["peak_memory_gb"] > 0
+    assert len(engine.started) == 5 and {cpu for _, cpu, _ in engine.started} == {1}
+
+
+def test_a_restart_collects_written_results_once_and_reports_unfinished_tasks_lost(tmp_path):
+    engine = ThreadEngine()
+    backend = PackedBackend(tmp_path / "tasks", engine, max_task_hours=1)
+    done = backend.submit(spec(tmp_path, "done", ["/bin/sh", "-c", "echo result; exit 0"]))
+    assert wait_for(backend, done).state is JobState.COMPLETED
+    # The run worker dies before its engine ran this task: the engine and its queue are gone.
+    dying = ThreadEngine()
+    dying.start = lambda task_id, argv, *, cpu, memory_gb: None
+    queued = PackedBackend(tmp_path / "tasks", dying, max_task_hours=1).submit(
+        spec(tmp_path, "never-ran", ["/bin/true"])
+    )
+    restarted = PackedBackend(tmp_path / "tasks", ThreadEngine(), max_task_hours=1)
+    infos = restarted.status_many([done, queued])
+    assert infos[done].state is JobState.COMPLETED and infos[done].exit_code == 0
+    assert (infos[queued].state, infos[queued].failure_kind) == (JobState.FAILED, FailureKind.LOST)
+    assert "result" in restarted.logs(done)
+    engine.shutdown()
+
+
+def test_cancel_ends_a_running_task_through_its_marker(tmp_path):
+    engine = ThreadEngine()
+    backend = PackedBackend(tmp_path / "tasks", engine, max_task_hours=1, kill_grace_seconds=1)
+    job_id = backend.submit(spec(tmp_path, "long", ["/bin/sleep", "60"]))
+    deadline = time.monotonic() + 10
+    while backend.status(job_id).state is not JobState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    began = time.monotonic()
+    backend.cancel(job_id)
+    info = wait_for(backend, job_id)
+    assert info.state is JobState.CANCELLED and time.monotonic() - began < 5
+    engine.shutdown()
+
+
+def test_steps_that_do_not_fit_an_allocation_are_refused_with_the_fix(tmp_path):
+    backend = PackedBackend(tmp_path / "tasks", ThreadEngine(), max_task_hours=1)
+    with pytest.raises(Exception, match=r"time_hours=2.*job_per_sub_group"):
+        backend.submit(spec(tmp_path, "long", ["/bin/true"], time_hours=2))
+    with pytest.raises(Exception, match=r"gpus=1.*job_per_sub_group"):
+        backend.submit(spec(tmp_path, "gpu", ["/bin/true"], gpus=1))
+
+
+def test_a_site_without_parsl_gets_the_extra_named(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_parsl(name, *args, **kwargs):
+        if name == "parsl" or name.startswith("parsl."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_parsl)
+    backend = PackedBackend(tmp_path / "tasks", ParslEngine(PilotSettings(run_dir=tmp_path)), max_task_hours=1)
+    with pytest.raises(PackedEngineMissing, match=r"ccat-dagster\[packed\]"):
+        backend.submit(spec(tmp_path, "a", ["/bin/true"]))
+    assert list((tmp_path / "tasks").glob("*.spec.json")) == []
+
+
+def test_auto_packs_short_cpu_steps_only_where_the_site_enables_it():
+    short, long_ = JobResources(time_hours=0.25), JobResources(time_hours=2)
+    assert chooses_packing(ExecutionMode.AUTO, short, enabled=True, max_task_minutes=30)
+    assert not chooses_packing(ExecutionMode.AUTO, long_, enabled=True, max_task_minutes=30)
+    assert not chooses_packing(
+        ExecutionMode.AUTO, JobResources(time_hours=0.25, gpus=1), enabled=True, max_task_minutes=30
+    )
+    assert not chooses_packing(ExecutionMode.AUTO, short, enabled=False, max_task_minutes=30)
+    assert chooses_packing(ExecutionMode.PACKED, long_, enabled=False, max_task_minutes=30)
+    assert not chooses_packing(ExecutionMode.JOB_PER_SUB_GROUP, short, enabled=True, max_task_minutes=30)
+
+
+def test_the_hpc_resource_packs_on_slurm_and_keeps_one_job_per_sub_group_elsewhere(tmp_path):
+    step = STEP.__class__(**{**STEP.__dict__, "resources": JobResources(time_hours=0.25)})
+    slurm = HpcBackendResource(kind="slurm", packed_state_dir=str(tmp_path))
+    packed = slurm.for_step(step)
+    assert isinstance(packed, PackedBackend) and packed.state_dir == tmp_path / "tasks"
+    assert (
+        slurm.for_step(STEP.__class__(**{**step.__dict__, "execution_mode": ExecutionMode.JOB_PER_SUB_GROUP})) is None
+    )
+    assert HpcBackendResource(kind="slurm", packed_execution="off").for_step(step) is None
+    assert HpcBackendResource(kind="local", state_dir=str(tmp_path)).for_step(step) is None
+
+
+def test_a_step_that_packs_runs_on_the_packed_backend_and_releases_it(tmp_path):
+    engine = ThreadEngine()
+    packed = PackedBackend(tmp_path / "tasks", engine, max_task_hours=1)
+    closed = []
+    packed.close = lambda: closed.append(True) or engine.shutdown()
+    runner = StepRunner(
+        engine=None,
+        backend=HpcBackendResource(kind="local", state_dir=str(tmp_path / "local")).get(),
+        runtime=None,
+        stager=None,
+        config=RunnerConfig(pipeline_base_dir=tmp_path, processing_location_id=0, sif_cache_dir=tmp_path),
+        store=InMemoryAttemptStore(),
+        preparation=ShellPreparation(base=tmp_path),
+        backend_for_step=lambda step: packed,
+    )
+    outcomes = runner.execute(step=STEP, plans=[plan("scan-1")], dagster_run_id="run-1")
+    assert outcomes["scan-1"].metadata["hpc_backend"] == "packed" and closed == [True]
+
+
+def test_the_execution_mode_round_trips_through_the_pipeline_yaml():
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data["steps"][0]["execution"] = {"mode": "packed"}
+    spec = parse_pipeline_spec(data, base_dir=EXAMPLE.parent)
+    calibrate, baseline = spec.steps[0], spec.steps[1]
+    assert (calibrate.execution_mode, baseline.execution_mode) == ("packed", "auto")
+    assert stored_resources(calibrate)["execution_mode"] == "packed"
+    assert "execution_mode" not in stored_resources(baseline)  # unchanged definition for steps that leave it
+    assert spec_to_dict(spec)["steps"][0]["execution"] == {"mode": "packed"}
+    assert "execution" not in spec_to_dict(spec)["steps"][1]
+    data["steps"][0]["execution"] = {"mode": "pilot"}
+    with pytest.raises(Exception, match=r"steps\[0\]\.execution\.mode.*auto, packed, job_per_sub_group"):
+        parse_pipeline_spec(data, base_dir=EXAMPLE.parent)
