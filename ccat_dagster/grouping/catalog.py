@@ -178,6 +178,14 @@ DIMENSIONS: MappingProxyType[str, Dimension] = MappingProxyType(
                 transform="uuid_text",
             ),
             Dimension(
+                "scan",
+                "one sub-group per scan (ExecutedObsUnit), named <obs unit>_<UTC start YYYYMMDDTHHMMSS>_<first 8 "
+                "hex digits of its id>, e.g. ngc253-co43_20261001T010000_094daaf8",
+                group=("RawDataPackage", "executed_obs_unit_id"),
+                label_root="ExecutedObsUnit",
+                labels=(("ObsUnit", "name"), ("ExecutedObsUnit", "start_time"), ("ExecutedObsUnit", "id")),
+            ),
+            Dimension(
                 "obs_unit",
                 "one sub-group per ObsUnit (its unique name)",
                 group=("ExecutedObsUnit", "obs_unit_id"),

@@ -453,6 +453,40 @@ def _instrument_module_label(instrument: str, module: str) -> str:
     return f"{instrument.replace('%', '%25').replace('.', '%2E')}.{module}"
 
 
+def scan_label(obs_unit: str, start_time: dt.datetime | None, executed_obs_unit_id: Any) -> str:
+    """A scan as people recognise it: ``<obs unit>_<UTC start>_<id prefix>``.
+
+    The obs unit and the second it started name the scan; the first 8 hex digits of the ExecutedObsUnit id keep
+    two rows with the same start apart (a telescope starts one execution of an obs unit per second at most).
+    """
+    identifier = (
+        executed_obs_unit_id if isinstance(executed_obs_unit_id, uuid.UUID) else uuid.UUID(str(executed_obs_unit_id))
+    )
+    if start_time is None:
+        start = "nostart"
+    else:
+        if start_time.tzinfo is not None:
+            start_time = start_time.astimezone(dt.UTC)
+        start = start_time.strftime("%Y%m%dT%H%M%S")
+    return f"{obs_unit}_{start}_{identifier.hex[:8]}"
+
+
+def _dimension_value(name: str, row: Sequence[Any], at: int) -> str | None:
+    if name == "instrument_module":
+        return _instrument_module_label(row[at], row[at + 1])
+    if name == "scan":
+        return scan_label(row[at], _datetime(row[at + 1]), row[at + 2])
+    return _label(row[at])
+
+
+def _datetime(value: Any) -> dt.datetime | None:
+    # A label column read through a subquery may come back as text on SQLite.
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    parsed = dt.datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
+
+
 def _label(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -477,13 +511,7 @@ def _sub_groups(session: Session, statement: Select[Any], dims: Sequence[str]) -
         count = int(row[count_at])
         if count == 0:
             continue  # group_by [] over no matching package: no sub-group at all
-        dimensions = tuple(
-            (
-                name,
-                _instrument_module_label(row[at], row[at + 1]) if name == "instrument_module" else _label(row[at]),
-            )
-            for name, at in positions
-        )
+        dimensions = tuple((name, _dimension_value(name, row, at)) for name, at in positions)
         ids = row[ids_at]
         ids.sort()
         result.append(

@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from ccat_dagster.errors import CcatError
+from ccat_dagster.execution.qa import thresholds_to_dict
 from ccat_dagster.grouping.presets import PresetError, ensure_builtin_presets, get_preset
 from ccat_dagster.grouping.rules import FilterRuleError, parse_rules, rules_to_json
 from ccat_dagster.opsdb.enums import LocationType, StepRetention
@@ -341,6 +342,7 @@ def _write(session: Session, spec: PipelineSpec, plan: _Plan) -> ApplyResult:
         _set(row, "resources", step.resources.to_dict(), step_label, step_changes)
         _set(row, "max_retries", step.max_retries, step_label, step_changes)
         _set(row, "retention", StepRetention(step.retention), step_label, step_changes)
+        _set(row, "qa_checks", thresholds_to_dict(step.qa_checks), step_label, step_changes)
         step_rows[step.name] = row
 
     for step in spec.steps:
@@ -563,6 +565,7 @@ def export_pipeline(session: Session, name: str) -> dict[str, Any]:
                 "resources": dict(step.resources),
                 "max_retries": step.max_retries,
                 **({"retention": step.retention.value} if step.retention is not StepRetention.AUTO else {}),
+                **({"qa_checks": dict(step.qa_checks)} if step.qa_checks else {}),
             }
         )
     return {

@@ -30,6 +30,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from ccat_dagster.errors import CcatError
 from ccat_dagster.execution.hpc.base import JobResources
+from ccat_dagster.execution.qa import QaThreshold, thresholds_from_dict, thresholds_to_dict
 from ccat_dagster.grouping.rules import FilterRuleError, parse_rules, rules_to_json, validate_group_by
 from ccat_dagster.opsdb.enums import TriggerType, VersionPolicy
 
@@ -153,6 +154,8 @@ class StepSpec:
     max_retries: int = 0
     # What retention may do with the step's intermediates: auto, keep or recreate (opsdb.enums.StepRetention).
     retention: str = "auto"
+    # Thresholds on the QA metrics of a final step's qa/*.json (execution.qa), checked as Dagster asset checks.
+    qa_checks: tuple[QaThreshold, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -528,6 +531,7 @@ def _build_step(index: int, data: Mapping[str, Any], problems: _Problems, *, bas
         ),
         max_retries=int(data.get("max_retries", 0)),
         retention=str(data.get("retention", "auto")),
+        qa_checks=thresholds_from_dict(data.get("qa_checks")),
     )
 
 
@@ -612,6 +616,21 @@ def _check_steps(steps: Sequence[StepSpec], problems: _Problems) -> None:
                 f"{', '.join(fields_differ)}: one version is one image and one entrypoint; register a "
                 "separate software name (e.g. chai-baseline) or version for this step",
             )
+
+    upstream_names = {upstream for step in steps for upstream in step.depends_on}
+    for index, step in enumerate(steps):
+        if step.qa_checks and step.name in upstream_names:
+            problems.add(
+                ["steps", index, "qa_checks"],
+                f"step {step.name!r} is not a final step (other steps depend on it): only a final step writes "
+                "qa/*.json reports; move qa_checks to the step whose software writes them",
+            )
+        for threshold in step.qa_checks:
+            if threshold.min is not None and threshold.max is not None and threshold.min > threshold.max:
+                problems.add(
+                    ["steps", index, "qa_checks", threshold.metric],
+                    f"min {threshold.min:g} is above max {threshold.max:g}: no value could pass; swap them",
+                )
 
     # Granularity is only comparable once names identify steps and the graph is a DAG.
     if not cycle and len(first_index) == len(steps):
@@ -861,6 +880,7 @@ def _step_to_dict(step: StepSpec) -> dict[str, Any]:
         "max_retries": step.max_retries,
         # Only when set, so that the stored definition hash of pipelines without it stays what it was.
         **({"retention": step.retention} if step.retention != "auto" else {}),
+        **({"qa_checks": thresholds_to_dict(step.qa_checks)} if step.qa_checks else {}),
     }
 
 
