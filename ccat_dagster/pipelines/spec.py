@@ -69,7 +69,9 @@ SEMVER = re.compile(
 # package of one scan belongs to one ObsUnit and one night; an ObsUnit has one source, program and line; a
 # module belongs to one instrument. (A scan can span several modules: a scan does not determine the module.)
 DETERMINED_DIMENSIONS: Mapping[str, frozenset[str]] = {
-    "executed_obs_unit": frozenset({"obs_unit", "obs_date"}),
+    "executed_obs_unit": frozenset({"obs_unit", "obs_date", "scan"}),
+    # The same scan under its readable name: each determines the other.
+    "scan": frozenset({"executed_obs_unit", "obs_unit", "obs_date"}),
     "obs_unit": frozenset({"source", "observing_program", "line"}),
     "instrument_module": frozenset({"instrument"}),
 }
