@@ -109,7 +109,7 @@ def test_example_file_applies_cleanly_on_the_demo_seed(engine, tmp_path):
             {},
             {},
             {
-                "flagged_scans": {"max": 0.0, "severity": "warn", "description": "scans noisier than max_rms_k"},
+                "flagged_scans": {"max": 0.0, "description": "scans noisier than max_rms_k"},
                 "rms_k": {"max": 0.2, "description": "off-line rms of the map cube"},
             },
         ]
