@@ -423,21 +423,20 @@ def test_materialization_carries_product_count_job_id_and_data_version(page, dem
     assert len(_metadata_row(page, "wall_time_s").inner_text().split()[-1]) <= 8
     # The products table: every product ops-db registered, with its sha256.
     products = _metadata_row(page, "products")
-    _open_metadata_value(page, products)
     assert grid_map.products, "the map attempt registered no products"
     for relative_path, sha256 in grid_map.products:
-        expect(page.get_by_text(relative_path, exact=True).first).to_be_visible()
-        expect(page.get_by_text(sha256, exact=True).first).to_be_attached()
-    _close_dialog(page)
-    # The moment-0 thumbnail, embedded as a data URI.
-    _open_metadata_value(page, _metadata_row(page, "preview"))
-    thumbnail = page.locator('img[src^="data:image/png;base64,"]').first
+        expect(products.get_by_text(relative_path, exact=True).first).to_be_visible()
+        expect(products.get_by_text(sha256, exact=True).first).to_be_attached()
+    # The moment-0 thumbnail, embedded as a data URI (markdown metadata opens in a dialog).
+    _metadata_row(page, "preview").get_by_text("[Show Markdown]", exact=True).click()
+    thumbnail = page.get_by_role("dialog").locator('img[src^="data:image/png;base64,"]').first
     expect(thumbnail).to_be_visible()
     box = thumbnail.bounding_box()
     assert box is not None and 0 < box["width"] <= 320 and 0 < box["height"] <= 240, box
     expect(page.get_by_text("plots/all_mom0.png", exact=True).first).to_be_visible()
     _save_screenshot(page, demo_ui, "materialization-preview.png")
-    _close_dialog(page)
+    page.get_by_role("dialog").get_by_role("button", name="Close").click()
+    expect(page.get_by_role("dialog")).to_have_count(0)
     page.get_by_text("Show tags", exact=False).first.click()
     expect(_metadata_row(page, "data_version")).to_contain_text(grid_map.input_fingerprint)
     products.scroll_into_view_if_needed()
@@ -448,17 +447,20 @@ def test_the_map_s_qa_checks_show_the_flagged_scan_as_a_failed_check(page, demo_
     from playwright.sync_api import expect
 
     page.goto(f"/assets/{PIPELINE}/grid_map?view=checks")
-    expect(page.get_by_text("qa_flagged_scans", exact=True).first).to_be_visible()
+    expect(page.get_by_text("Checks (2)", exact=True)).to_be_visible()
+    # The check list: each check with the status of its latest evaluation; the first one is shown.
     expect(page.get_by_text("qa_rms_k", exact=True).first).to_be_visible()
-    flagged = page.locator("tr", has=page.get_by_text("qa_flagged_scans", exact=True)).first
-    expect(flagged).to_contain_text("Failed")
-    expect(page.locator("tr", has=page.get_by_text("qa_rms_k", exact=True)).first).to_contain_text("Passed")
+    text = page.locator("body").inner_text()
+    assert re.search(r"qa_flagged_scans\s+Failed", text), text[:2000]
+    assert re.search(r"qa_rms_k\s+Succeeded", text), text[:2000]
+    # The evaluation says why: the value, the limit and the flagged scan's package; on the map's partition.
+    expect(
+        page.get_by_text("flagged_scans = 1 scans is above the limit (≤ 0 scans): chai-lfa-", exact=False)
+    ).to_be_visible()
+    expect(_metadata_row(page, "qa_file")).to_contain_text("qa/all_qa.json")
+    expect(_metadata_row(page, "limit")).to_contain_text("≤ 0 scans")
     page.mouse.move(VIEWPORT["width"] - 5, VIEWPORT["height"] - 5)
     _save_screenshot(page, demo_ui, "asset-check.png")
-    # The evaluation says why: the flagged scan's package, the value and the limit.
-    flagged.get_by_text("qa_flagged_scans", exact=True).click()
-    expect(page.get_by_text("is above the limit", exact=False).first).to_be_visible()
-    expect(page.get_by_text("chai-lfa-", exact=False).first).to_be_visible()
 
 
 def test_completed_run_shows_its_materialization_metadata(page, demo_ui: DemoUi):
@@ -489,18 +491,6 @@ def test_completed_run_shows_its_materialization_metadata(page, demo_ui: DemoUi)
     expect(_metadata_row(page, "hpc_job_id", within=message)).to_contain_text(grid_map.hpc_job_id)
     expect(_metadata_row(page, "input_fingerprint", within=message)).to_contain_text(grid_map.input_fingerprint)
     _save_screenshot(page, demo_ui, "run-materialization.png")
-
-
-def _open_metadata_value(page, row) -> None:  # type: ignore[no-untyped-def]
-    """Table and markdown metadata show behind a button ("Show table", "Show Markdown") where space is short."""
-    button = row.get_by_role("button")
-    if button.count():
-        button.first.click()
-
-
-def _close_dialog(page) -> None:  # type: ignore[no-untyped-def]
-    if page.get_by_role("dialog").count():
-        page.keyboard.press("Escape")
 
 
 def _metadata_row(page, key: str, *, within=None):  # type: ignore[no-untyped-def]
