@@ -454,10 +454,12 @@ def _instrument_module_label(instrument: str, module: str) -> str:
 
 
 def scan_label(obs_unit: str, start_time: dt.datetime | None, executed_obs_unit_id: Any) -> str:
-    """A scan as people recognise it: ``<obs unit>_<UTC start>_<id prefix>``.
+    """A scan as people recognise it: ``<UTC start>_<obs unit>_<id prefix>``.
 
-    The obs unit and the second it started name the scan; the first 8 hex digits of the ExecutedObsUnit id keep
-    two rows with the same start apart (a telescope starts one execution of an obs unit per second at most).
+    The start comes first: it is what tells the scans of one pipeline apart, and it survives the Dagster UI's
+    middle-truncation of long keys (which keeps the start and the end). The obs unit and the second it started
+    name the scan; the first 8 hex digits of the ExecutedObsUnit id keep two rows with the same start apart (a
+    telescope starts one execution of an obs unit per second at most).
     """
     identifier = (
         executed_obs_unit_id if isinstance(executed_obs_unit_id, uuid.UUID) else uuid.UUID(str(executed_obs_unit_id))
@@ -468,7 +470,7 @@ def scan_label(obs_unit: str, start_time: dt.datetime | None, executed_obs_unit_
         if start_time.tzinfo is not None:
             start_time = start_time.astimezone(dt.UTC)
         start = start_time.strftime("%Y%m%dT%H%M%S")
-    return f"{obs_unit}_{start}_{identifier.hex[:8]}"
+    return f"{start}_{obs_unit}_{identifier.hex[:8]}"
 
 
 def _dimension_value(name: str, row: Sequence[Any], at: int) -> str | None:
