@@ -61,11 +61,11 @@ def archived_example_scan_ids(session: Session) -> list:
 def archived_example_scan_keys(session: Session) -> set[str]:
     """The sub_group_keys of the example pipeline's per-scan steps (group_by [scan]) for its archived scans."""
     rows = session.execute(
-        select(m.ObsUnit.name, m.ExecutedObsUnit.start_time, m.ExecutedObsUnit.id)
-        .join(m.ObsUnit, m.ObsUnit.id == m.ExecutedObsUnit.obs_unit_id)
-        .where(m.ExecutedObsUnit.id.in_(archived_example_scan_ids(session)))
+        select(m.ExecutedObsUnit.start_time, m.ExecutedObsUnit.id).where(
+            m.ExecutedObsUnit.id.in_(archived_example_scan_ids(session))
+        )
     ).all()
-    return {encode_sub_group_key([("scan", scan_label(name, start, eou))]) for name, start, eou in rows}
+    return {encode_sub_group_key([("scan", scan_label(start, eou))]) for start, eou in rows}
 
 
 @dataclass

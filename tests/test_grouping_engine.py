@@ -243,16 +243,16 @@ DIMENSION_CASES = {
         (f"executed_obs_unit={E[7]}", ["pkg-08", "pkg-09"]),
         (f"executed_obs_unit={E[8]}", ["pkg-10"]),
     ],
-    # <UTC start>_<obs unit>_<first 8 hex digits of the id> (the fixture's ids are UUID(int=i): 00000000…).
+    # <UTC start>_<first 8 hex digits of the id> (the fixture's ids are UUID(int=i): 00000000…).
     "scan": [
-        ("scan=20261001T010000_ngc253-co43_00000000", ["pkg-01", "pkg-02"]),
-        ("scan=20261001T233000_ngc253-co43_00000000", ["pkg-03"]),
-        ("scan=20261002T003000_ngc253-cii_00000000", ["pkg-04"]),
-        ("scan=20261002T030000_lower-ngc253-co43_00000000", ["pkg-05"]),
-        ("scan=20261003T020000_orion-co43_00000000", ["pkg_06%"]),
-        ("scan=20261003T050000_jupiter-cal_00000000", ["pkg-07"]),
-        ("scan=20261003T203000_orion-co43_00000000", ["pkg-10"]),
-        ("scan=20261004T010000_weird_00000000", ["pkg-08", "pkg-09"]),
+        ("scan=20261001T010000_00000000", ["pkg-01", "pkg-02"]),
+        ("scan=20261001T233000_00000000", ["pkg-03"]),
+        ("scan=20261002T003000_00000000", ["pkg-04"]),
+        ("scan=20261002T030000_00000000", ["pkg-05"]),
+        ("scan=20261003T020000_00000000", ["pkg_06%"]),
+        ("scan=20261003T050000_00000000", ["pkg-07"]),
+        ("scan=20261003T203000_00000000", ["pkg-10"]),
+        ("scan=20261004T010000_00000000", ["pkg-08", "pkg-09"]),
     ],
     "obs_unit": [
         ("obs_unit=jupiter-cal", ["pkg-07"]),

@@ -394,10 +394,11 @@ def test_partitions_of_the_per_scan_step_are_the_demo_sub_groups(page, demo_ui: 
     expect(page.get_by_text("Missing (0)", exact=True)).to_be_visible()
     expect(page.get_by_text("Failed (0)", exact=True)).to_be_visible()
     for attempt in calibrate:
-        # Readable keys: scan=<UTC start>_<obs unit>_<id prefix>.
-        assert re.fullmatch(r"scan=\d{8}T\d{6}_ngc253-co43_[0-9a-f]{8}", attempt.sub_group_key), attempt.sub_group_key
-        # The list shows long keys middle-truncated; the full key is the entry's title.
+        # Readable keys: scan=<UTC start>_<id prefix>, short enough to be shown whole in the list.
+        assert re.fullmatch(r"scan=\d{8}T\d{6}_[0-9a-f]{8}", attempt.sub_group_key), attempt.sub_group_key
+        # The list shows long keys middle-truncated (the full key is the entry's title); these are whole.
         expect(page.get_by_title(attempt.sub_group_key, exact=True)).to_be_visible()
+        expect(page.get_by_title(attempt.sub_group_key, exact=True)).to_have_text(attempt.sub_group_key)
 
     chosen = calibrate[0]
     page.get_by_title(chosen.sub_group_key, exact=True).click()

@@ -179,11 +179,11 @@ DIMENSIONS: MappingProxyType[str, Dimension] = MappingProxyType(
             ),
             Dimension(
                 "scan",
-                "one sub-group per scan (ExecutedObsUnit), named <UTC start YYYYMMDDTHHMMSS>_<obs unit>_<first 8 "
-                "hex digits of its id>, e.g. 20261001T010000_ngc253-co43_094daaf8",
+                "one sub-group per scan (ExecutedObsUnit), named <UTC start YYYYMMDDTHHMMSS>_<first 8 hex digits "
+                "of its id>, e.g. 20261001T010000_094daaf8",
                 group=("RawDataPackage", "executed_obs_unit_id"),
                 label_root="ExecutedObsUnit",
-                labels=(("ObsUnit", "name"), ("ExecutedObsUnit", "start_time"), ("ExecutedObsUnit", "id")),
+                labels=(("ExecutedObsUnit", "start_time"), ("ExecutedObsUnit", "id")),
             ),
             Dimension(
                 "obs_unit",

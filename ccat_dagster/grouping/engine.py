@@ -453,13 +453,14 @@ def _instrument_module_label(instrument: str, module: str) -> str:
     return f"{instrument.replace('%', '%25').replace('.', '%2E')}.{module}"
 
 
-def scan_label(obs_unit: str, start_time: dt.datetime | None, executed_obs_unit_id: Any) -> str:
-    """A scan as people recognise it: ``<UTC start>_<obs unit>_<id prefix>``.
+def scan_label(start_time: dt.datetime | None, executed_obs_unit_id: Any) -> str:
+    """A scan as people recognise it: ``<UTC start>_<id prefix>``, e.g. ``20261001T010000_6831946f``.
 
-    The start comes first: it is what tells the scans of one pipeline apart, and it survives the Dagster UI's
-    middle-truncation of long keys (which keeps the start and the end). The obs unit and the second it started
-    name the scan; the first 8 hex digits of the ExecutedObsUnit id keep two rows with the same start apart (a
-    telescope starts one execution of an obs unit per second at most).
+    The start is what tells the scans of a pipeline apart (its raw data packages are usually named after it), and
+    the whole key stays short enough for the Dagster UI's partition list, which cuts longer keys in the middle.
+    The first 8 hex digits of the ExecutedObsUnit id keep scans that started in the same second apart (several
+    instrument modules observing at once). The obs unit is not part of the label: the pipeline's grouping
+    usually selects one, and the sub-group's members name it.
     """
     identifier = (
         executed_obs_unit_id if isinstance(executed_obs_unit_id, uuid.UUID) else uuid.UUID(str(executed_obs_unit_id))
@@ -470,14 +471,14 @@ def scan_label(obs_unit: str, start_time: dt.datetime | None, executed_obs_unit_
         if start_time.tzinfo is not None:
             start_time = start_time.astimezone(dt.UTC)
         start = start_time.strftime("%Y%m%dT%H%M%S")
-    return f"{start}_{obs_unit}_{identifier.hex[:8]}"
+    return f"{start}_{identifier.hex[:8]}"
 
 
 def _dimension_value(name: str, row: Sequence[Any], at: int) -> str | None:
     if name == "instrument_module":
         return _instrument_module_label(row[at], row[at + 1])
     if name == "scan":
-        return scan_label(row[at], _datetime(row[at + 1]), row[at + 2])
+        return scan_label(_datetime(row[at]), row[at + 1])
     return _label(row[at])
 
 
