@@ -179,8 +179,8 @@ DIMENSIONS: MappingProxyType[str, Dimension] = MappingProxyType(
             ),
             Dimension(
                 "scan",
-                "one sub-group per scan (ExecutedObsUnit), named <UTC start YYYYMMDDTHHMMSS>_<first 8 hex digits "
-                "of its id>, e.g. 20261001T010000_094daaf8",
+                "one sub-group per scan (ExecutedObsUnit), named <UTC start YYYYMMDDTHHMM>_<first 8 hex digits "
+                "of its id>, e.g. 20261001T0100_094daaf8",
                 group=("RawDataPackage", "executed_obs_unit_id"),
                 label_root="ExecutedObsUnit",
                 labels=(("ExecutedObsUnit", "start_time"), ("ExecutedObsUnit", "id")),

@@ -454,11 +454,11 @@ def _instrument_module_label(instrument: str, module: str) -> str:
 
 
 def scan_label(start_time: dt.datetime | None, executed_obs_unit_id: Any) -> str:
-    """A scan as people recognise it: ``<UTC start>_<id prefix>``, e.g. ``20261001T010000_6831946f``.
+    """A scan as people recognise it: ``<UTC start to the minute>_<id prefix>``, e.g. ``20261001T0100_6831946f``.
 
     The start is what tells the scans of a pipeline apart (its raw data packages are usually named after it), and
     the whole key stays short enough for the Dagster UI's partition list, which cuts longer keys in the middle.
-    The first 8 hex digits of the ExecutedObsUnit id keep scans that started in the same second apart (several
+    The first 8 hex digits of the ExecutedObsUnit id keep scans that started in the same minute apart (several
     instrument modules observing at once). The obs unit is not part of the label: the pipeline's grouping
     usually selects one, and the sub-group's members name it.
     """
@@ -470,7 +470,7 @@ def scan_label(start_time: dt.datetime | None, executed_obs_unit_id: Any) -> str
     else:
         if start_time.tzinfo is not None:
             start_time = start_time.astimezone(dt.UTC)
-        start = start_time.strftime("%Y%m%dT%H%M%S")
+        start = start_time.strftime("%Y%m%dT%H%M")
     return f"{start}_{identifier.hex[:8]}"
 
 
