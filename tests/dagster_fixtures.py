@@ -14,6 +14,8 @@ from sqlalchemy.orm import Session
 
 from ccat_dagster.demo.run import execute_run_request as execute_request  # noqa: F401 - for the tests
 from ccat_dagster.demo.seed import seed_demo
+from ccat_dagster.grouping.engine import scan_label
+from ccat_dagster.grouping.keys import encode_sub_group_key
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
 from ccat_dagster.opsdb.enums import PackageState
@@ -27,6 +29,8 @@ from .conftest import create_pg_database, drop_pg_database
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "pipelines" / "chai_ngc253_co43.yaml"
 PIPELINE = "chai_ngc253_co43"
+# The partitions definition of the example pipeline's per-scan steps (calibrate, baseline).
+PER_SCAN = f"{PIPELINE}__scan"
 
 
 def require_bwrap_and_numpy() -> None:
@@ -52,6 +56,16 @@ def archived_example_scan_ids(session: Session) -> list:
             .where(m.RawDataPackage.state == PackageState.ARCHIVED)
         ).unique()
     )
+
+
+def archived_example_scan_keys(session: Session) -> set[str]:
+    """The sub_group_keys of the example pipeline's per-scan steps (group_by [scan]) for its archived scans."""
+    rows = session.execute(
+        select(m.ExecutedObsUnit.start_time, m.ExecutedObsUnit.id).where(
+            m.ExecutedObsUnit.id.in_(archived_example_scan_ids(session))
+        )
+    ).all()
+    return {encode_sub_group_key([("scan", scan_label(start, eou))]) for start, eou in rows}
 
 
 @dataclass

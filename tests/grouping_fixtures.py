@@ -355,6 +355,7 @@ def reference_resolve(
         instrument_name = record["Instrument"]["name"].replace("%", "%25").replace(".", "%2E")
         labels = {
             "executed_obs_unit": str(scan["id"]),
+            "scan": f"{scan['start_time'].astimezone(UTC):%Y%m%dT%H%M}_{str(scan['id'])[:8]}",
             "obs_unit": obs_unit["name"],
             "source": record["Source"]["name"],
             "instrument_module": f"{instrument_name}.{module['name']}",

@@ -152,7 +152,7 @@ def test_grouping_crud_and_resolve_use_the_filter_engine(world):
         assert [g["key"] for g in doc["sub_groups"]] == [g.key for g in expected]
         assert doc["package_count"] == sum(g.package_count for g in expected) > 0
         assert doc["total_bytes"] == sum(g.total_bytes for g in expected)
-        bad_dim = writer.post(f"/pipelines/groupings/{grouping_id}/resolve", json={"group_by": ["scan"]})
+        bad_dim = writer.post(f"/pipelines/groupings/{grouping_id}/resolve", json={"group_by": ["no_such_dimension"]})
         assert _problem(bad_dim, 422)["errors"][0]["field"] == "body.group_by[0]"
         # A bad update leaves the stored rules as they were.
         bad = writer.put(

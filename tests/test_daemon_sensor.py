@@ -24,7 +24,7 @@ from ccat_dagster.opsdb.engine import make_engine
 from ccat_dagster.opsdb.enums import RunStatus
 from ccat_dagster.sensors.gaps import sensor_name
 
-from .dagster_fixtures import PIPELINE, REPO, archived_example_scan_ids, make_world, require_bwrap_and_numpy
+from .dagster_fixtures import PIPELINE, REPO, archived_example_scan_keys, make_world, require_bwrap_and_numpy
 
 STEPS = ("calibrate", "baseline", "grid_map")
 TIMEOUT_SECONDS = 300
@@ -102,7 +102,7 @@ def test_the_daemon_runs_the_sensor_and_the_chain_it_requests(tmp_path, monkeypa
         # Exactly the archived scans were materialized, each with one completed attempt per per-scan step.
         engine = make_engine(world.ops_db_url)
         with Session(engine) as session:
-            scans = {f"executed_obs_unit={eou}" for eou in archived_example_scan_ids(session)}
+            scans = archived_example_scan_keys(session)
             completed = dict(
                 session.execute(
                     select(m.ReductionStep.name, func.count())

@@ -26,20 +26,19 @@ from ccat_dagster.sensors.gaps import sensor_name
 
 from .dagster_fixtures import (  # noqa: F401
     EXAMPLE,
+    PER_SCAN,
     PIPELINE,
-    archived_example_scan_ids,
+    archived_example_scan_keys,
     demo_world,
     request_step,
     require_bwrap_and_numpy,
 )
 
-PER_SCAN = f"{PIPELINE}__executed_obs_unit"
-
 
 def _expected_scan_keys(url: str) -> set[str]:
     engine = make_engine(url)
     with Session(engine) as session:
-        keys = {f"executed_obs_unit={eou}" for eou in archived_example_scan_ids(session)}
+        keys = archived_example_scan_keys(session)
     engine.dispose()
     return keys
 

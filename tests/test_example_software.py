@@ -26,6 +26,8 @@ from typing import Any
 import jsonschema
 import pytest
 
+from ccat_dagster.execution.qa import qa_schema
+
 REPO = Path(__file__).resolve().parents[1]
 SOFTWARE_DIR = REPO / "examples" / "software" / "chai"
 GENERATOR = SOFTWARE_DIR / "tools" / "make_fake_scan.py"
@@ -529,6 +531,16 @@ def test_quality_report_lists_every_scan_and_flags_none_at_the_default_limit(cha
     assert qa["flagged_scans"] == []
     for scan in qa["scans"]:
         assert scan["median_rms_k"] == pytest.approx(NOISE_K, rel=0.3)
+    # The QA contract: the published schema, and the metrics a pipeline's qa_checks name.
+    jsonschema.validate(qa, qa_schema())
+    metrics = qa["metrics"]
+    assert (metrics["flagged_scans"]["value"], metrics["flagged_scans"]["items"]) == (0, [])
+    assert metrics["rms_k"]["value"] == pytest.approx(qa_stats_rms(chain)) and metrics["rms_k"]["unit"] == "K"
+    assert metrics["max_scan_rms_k"]["value"] == max(scan["median_rms_k"] for scan in qa["scans"])
+
+
+def qa_stats_rms(chain: ChainResult) -> float:
+    return json.loads((chain.final.output_dir / "statistics" / "all_stats.json").read_text())["rms_k"]
 
 
 def test_every_input_file_gets_a_progress_line(chain: ChainResult) -> None:
@@ -720,6 +732,12 @@ def test_flagging_threshold_and_file_names_come_from_the_manifest(tmp_path: Path
     qa = json.loads((result.final.output_dir / "qa" / f"{key}_qa.json").read_text())
     assert qa["sub_group_key"] == key
     assert qa["flagged_scans"] == ["scan-0", "scan-1", "scan-2"]
+    assert qa["metrics"]["flagged_scans"] == {
+        "value": 3,
+        "unit": "scans",
+        "items": ["scan-0", "scan-1", "scan-2"],
+        "description": "scans whose median rms is above max_rms_k 0.01 K (still gridded)",
+    }
     assert all("> max_rms_k 0.01" in scan["reason"] for scan in qa["scans"])
     assert (result.final.output_dir / "science" / f"{key}_cube.fits").is_file()
 

@@ -243,6 +243,17 @@ DIMENSION_CASES = {
         (f"executed_obs_unit={E[7]}", ["pkg-08", "pkg-09"]),
         (f"executed_obs_unit={E[8]}", ["pkg-10"]),
     ],
+    # <UTC start>_<first 8 hex digits of the id> (the fixture's ids are UUID(int=i): 00000000…).
+    "scan": [
+        ("scan=20261001T0100_00000000", ["pkg-01", "pkg-02"]),
+        ("scan=20261001T2330_00000000", ["pkg-03"]),
+        ("scan=20261002T0030_00000000", ["pkg-04"]),
+        ("scan=20261002T0300_00000000", ["pkg-05"]),
+        ("scan=20261003T0200_00000000", ["pkg_06%"]),
+        ("scan=20261003T0500_00000000", ["pkg-07"]),
+        ("scan=20261003T2030_00000000", ["pkg-10"]),
+        ("scan=20261004T0100_00000000", ["pkg-08", "pkg-09"]),
+    ],
     "obs_unit": [
         ("obs_unit=jupiter-cal", ["pkg-07"]),
         ("obs_unit=lower-ngc253-co43", ["pkg-05"]),

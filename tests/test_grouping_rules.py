@@ -253,7 +253,7 @@ def test_unknown_dimension():
         validate_group_by(["source", "night"])
     (problem,) = info.value.problems
     assert problem.startswith("group_by[1] 'night' is not a dimension")
-    assert "valid names: executed_obs_unit, obs_unit, source, instrument_module" in problem
+    assert "valid names: executed_obs_unit, scan, obs_unit, source, instrument_module" in problem
     assert isinstance(info.value, FilterRuleError)
 
 

@@ -334,7 +334,7 @@ def _requested(instance, result) -> set[tuple[str, str]]:
         if request.partition_key:
             requested.add((step, request.partition_key))
             continue
-        keys = instance.get_dynamic_partitions(partitions_name(PIPELINE, ("executed_obs_unit",)))
+        keys = instance.get_dynamic_partitions(partitions_name(PIPELINE, ("scan",)))
         start = keys.index(request.tags["dagster/asset_partition_range_start"])
         end = keys.index(request.tags["dagster/asset_partition_range_end"])
         requested.update((step, key) for key in keys[start : end + 1])

@@ -356,7 +356,7 @@ def test_lineage_cli_of_the_final_map_shows_every_scan(demo_world, capsys):  # n
 
     assert main(["impact", scans[0]]) == 0
     impact = capsys.readouterr().out
-    assert f"{PIPELINE}/grid_map [all]" in impact and f"{PIPELINE}/calibrate [executed_obs_unit=" in impact
+    assert f"{PIPELINE}/grid_map [all]" in impact and f"{PIPELINE}/calibrate [scan=" in impact
 
     assert main(["lineage", "999999"]) == 2
     assert "data product 999999 is not in ops-db" in capsys.readouterr().err

@@ -104,7 +104,15 @@ def test_example_file_applies_cleanly_on_the_demo_seed(engine, tmp_path):
         ]
         steps = pipeline.steps
         assert [(s.name, s.position) for s in steps] == [("calibrate", 0), ("baseline", 1), ("grid_map", 2)]
-        assert [s.group_by for s in steps] == [["executed_obs_unit"], ["executed_obs_unit"], []]
+        assert [s.group_by for s in steps] == [["scan"], ["scan"], []]
+        assert [s.qa_checks for s in steps] == [
+            {},
+            {},
+            {
+                "flagged_scans": {"max": 0.0, "description": "scans noisier than max_rms_k"},
+                "rms_k": {"max": 0.2, "description": "off-line rms of the map cube"},
+            },
+        ]
         assert [s.cooldown_seconds for s in steps] == [60, 60, 86400]
         assert [[u.name for u in s.depends_on] for s in steps] == [[], ["calibrate"], ["baseline"]]
         assert [s.software.name for s in steps] == ["chai-calibration", "chai-baseline", "chai-gridding"]

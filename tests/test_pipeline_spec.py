@@ -113,7 +113,7 @@ def test_example_file_loads_as_the_chai_pipeline():
         {"table": "ObsUnit", "column": "line_id", "operator": "eq", "value": "CO43"},
     ]
     assert [s.name for s in spec.steps] == ["calibrate", "baseline", "grid_map"]
-    assert [s.group_by for s in spec.steps] == [("executed_obs_unit",), ("executed_obs_unit",), ()]
+    assert [s.group_by for s in spec.steps] == [("scan",), ("scan",), ()]
     assert [s.cooldown_seconds for s in spec.steps] == [60, 60, 86400]
     assert [s.depends_on for s in spec.steps] == [(), ("calibrate",), ("baseline",)]
     assert [s.software.name for s in spec.steps] == ["chai-calibration", "chai-baseline", "chai-gridding"]
@@ -129,8 +129,9 @@ def test_example_file_loads_as_the_chai_pipeline():
     assert [dict(s.config) for s in spec.steps] == [
         {"calibration_mode": "hot_cold"},
         {"baseline_order": 1, "line_window_kms": 50},
-        {"pixel_arcsec": 10, "max_rms_k": 5},
+        {"pixel_arcsec": 10, "max_rms_k": 0.5},
     ]
+    assert [[t.check_name for t in s.qa_checks] for s in spec.steps] == [[], [], ["qa_flagged_scans", "qa_rms_k"]]
 
 
 def test_schema_is_a_valid_draft_2020_12_schema():
@@ -495,8 +496,8 @@ def test_cron_problem_accepts_the_usual_forms():
 
 
 def test_bad_group_by_dimension(tmp_path):
-    message = only_problem(tmp_path, _set(base_spec(), ("steps", 0, "group_by"), ["executed_obs_unit", "scan"]))
-    assert "steps[0].group_by[1]: 'scan' is not a dimension" in message
+    message = only_problem(tmp_path, _set(base_spec(), ("steps", 0, "group_by"), ["executed_obs_unit", "nite"]))
+    assert "steps[0].group_by[1]: 'nite' is not a dimension" in message
     assert "valid names: executed_obs_unit" in message
 
 
@@ -659,3 +660,41 @@ def test_the_reference_shows_the_example_file_verbatim():
     shown = reference.split("```yaml\n", 1)[1].split("```", 1)[0]
     example = "".join(line for line in EXAMPLE.read_text(encoding="utf-8").splitlines(True) if not line.startswith("#"))
     assert shown == example
+
+
+# ------------------------------------------------------------------------------------------ qa_checks
+
+
+def test_qa_checks_are_read_validated_and_kept_in_the_definition(tmp_path):
+    data = base_spec()
+    data["steps"][2]["qa_checks"] = {"rms_k": {"max": 0.2}, "flagged_scans": {"max": 0, "severity": "warn"}}
+    spec = load_pipeline_spec(write(tmp_path, data))
+    checks = {t.metric: t for t in spec.steps[2].qa_checks}
+    assert (checks["rms_k"].max, checks["rms_k"].min, checks["rms_k"].severity) == (0.2, None, "error")
+    assert checks["flagged_scans"].severity == "warn" and checks["flagged_scans"].describe("scans") == "≤ 0 scans"
+    assert spec_to_dict(spec)["steps"][2]["qa_checks"] == {
+        "flagged_scans": {"max": 0.0, "severity": "warn"},
+        "rms_k": {"max": 0.2},
+    }
+    # A pipeline without qa_checks keeps the definition (and its hash) it had before the key existed.
+    assert "qa_checks" not in spec_to_dict(spec)["steps"][1]
+
+
+@pytest.mark.parametrize(
+    ("step", "value", "fragments"),
+    [
+        (1, {"rms_k": {"max": 1}}, ["steps[1].qa_checks", "'baseline' is not a final step", "move qa_checks"]),
+        (2, {"rms_k": {"min": 2, "max": 1}}, ["steps[2].qa_checks.rms_k", "min 2 is above max 1", "swap"]),
+        (2, {"rms_k": {"severity": "warn"}}, ["steps[2].qa_checks.rms_k", "min and/or max"]),
+        (2, {"rms_k": {"max": "high"}}, ["steps[2].qa_checks.rms_k.max", '"high"', "a number"]),
+        (2, {"rms_k": {"max": 1, "severity": "fatal"}}, ["qa_checks.rms_k.severity", '"fatal"', "error, warn"]),
+        (2, {"RMS K": {"max": 1}}, ["steps[2].qa_checks", "lower-case letters"]),
+        (2, {"rms_k": {"maximum": 1}}, ["steps[2].qa_checks.rms_k.maximum", "unknown key"]),
+    ],
+)
+def test_bad_qa_checks_name_the_yaml_path_and_the_fix(tmp_path, step, value, fragments):
+    data = base_spec()
+    data["steps"][step]["qa_checks"] = value
+    message = "\n".join(problems_of(tmp_path, data))
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"

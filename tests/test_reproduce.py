@@ -37,7 +37,7 @@ from ccat_dagster.provenance.reproduce import (
     reproduce_product,
 )
 
-from .dagster_fixtures import EXAMPLE, PIPELINE, require_bwrap_and_numpy
+from .dagster_fixtures import EXAMPLE, PIPELINE, archived_example_scan_keys, require_bwrap_and_numpy
 from .runner_fixtures import RunnerWorld, dispose_runner_world, make_runner_world
 
 pytestmark = [pytest.mark.postgres, pytest.mark.bwrap]
@@ -72,7 +72,8 @@ def world(tmp_path_factory) -> Iterator[RunnerWorld]:
     world = make_runner_world(tmp_path_factory.mktemp("reproduce"), scans=4)
     with Session(world.engine) as session, session.begin():
         apply_pipeline_spec(session, load_pipeline_spec(EXAMPLE), source_path=EXAMPLE)
-    for step, keys in (("calibrate", world.scan_keys), ("baseline", world.scan_keys), ("grid_map", ["all"])):
+        scans = sorted(archived_example_scan_keys(session))
+    for step, keys in (("calibrate", scans), ("baseline", scans), ("grid_map", ["all"])):
         outcomes = world.runner().run(
             pipeline_name=PIPELINE, step_name=step, sub_group_keys=keys, dagster_run_id=uuid.uuid4().hex
         )

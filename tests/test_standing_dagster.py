@@ -29,9 +29,16 @@ from ccat_dagster.provenance.cleanup import run_retention_cleanup
 from ccat_dagster.sensors.gaps import sensor_name
 
 from .conftest import drop_pg_database
-from .dagster_fixtures import EXAMPLE, PIPELINE, REPO, archived_example_scan_ids, make_world, require_bwrap_and_numpy
-
-PER_SCAN = f"{PIPELINE}__executed_obs_unit"
+from .dagster_fixtures import (
+    EXAMPLE,
+    PER_SCAN,
+    PIPELINE,
+    REPO,
+    archived_example_scan_ids,
+    archived_example_scan_keys,
+    make_world,
+    require_bwrap_and_numpy,
+)
 
 
 @pytest.fixture
@@ -177,7 +184,7 @@ def test_retention_of_zero_days_and_a_new_scan_the_fan_in_completes(world, tmp_p
             .order_by(m.ExecutedReductionStep.id.desc())
         ).first()
         # The fan-in read every scan's baseline, the old scans' from re-created (present) copies.
-        every_scan = {f"executed_obs_unit={eou}" for eou in archived_example_scan_ids(session)}
+        every_scan = archived_example_scan_keys(session)
         assert {p.sub_group_key for p in latest.input_products} == every_scan and len(every_scan) > scans
         assert all(
             copy.status is PhysicalCopyStatus.PRESENT for p in latest.input_products for copy in p.physical_copies

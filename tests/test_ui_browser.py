@@ -4,13 +4,14 @@ The module builds the demo world in a temporary directory exactly as ``scripts/d
 upgrade``, ``demo seed``, ``demo run``: the pipeline's sensor runs calibrate → baseline → grid_map), starts
 ``dagster dev`` on a free localhost port against that instance, and checks the real pages against what ops-db
 recorded: the asset graph (three steps and the raw-data source), the partitions of the per-scan step (one per
-demo sub-group), and a completed run with its materialization metadata (product count, HPC job id, data
-version). A page that lacks any of it fails the test.
+demo sub-group, with readable keys), the map's materialization (product count, HPC job id, data version, the
+products table with ops-db's paths and sha256, the moment-0 thumbnail), the map's failed QA asset check (the
+demo seeds one scan in poor weather), and a completed run with its materialization metadata. A page that lacks
+any of it fails the test.
 
-Screenshots: every page checked is saved under the test's tmp directory; ``docs/img/`` (used by the docs and
-the README) is written only when ``CCAT_UPDATE_SCREENSHOTS=1`` or when a file there is missing, so a normal or
-CI run never changes the tree. Refresh them with ``CCAT_UPDATE_SCREENSHOTS=1 .venv/bin/pytest
-tests/test_ui_browser.py`` after a UI-visible change, and look at them before committing.
+Screenshots: every page checked is saved under the test's tmp directory and into ``docs/img/`` (used by the docs
+and the README) on every run, so the pictures always show what the current code shows; a run that changes one
+leaves the file modified in the work tree: look at it and commit it with the change that caused it.
 
 Needs Debian's ``chromium`` (``scripts/setup.sh --with-browser``) and the ``playwright`` Python package (the
 ``dev`` extra); no browser is downloaded. Without them the test skips, except in CI (``CI`` set): there it
@@ -19,8 +20,10 @@ fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -46,7 +49,6 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT_DIR = REPO / "docs" / "img"
-UPDATE_SCREENSHOTS_VAR = "CCAT_UPDATE_SCREENSHOTS"
 PIPELINE = "chai_ngc253_co43"
 LOCATION = "ccat_dagster"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -90,6 +92,8 @@ class Attempt:
     hpc_job_id: str
     input_fingerprint: str
     product_count: int
+    products: tuple[tuple[str, str], ...] = ()
+    """(relative_path, sha256) of each product."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,16 @@ def _read_facts(ops_db_url: str) -> DemoFacts:
                         product_count=products,
                     )
                 )
+            for attempts in by_step.values():
+                for index, attempt in enumerate(attempts):
+                    products = session.execute(
+                        select(m.DataProduct.relative_path, m.DataProduct.sha256)
+                        .join(m.ExecutedReductionStep)
+                        .where(m.ExecutedReductionStep.dagster_run_id == attempt.dagster_run_id)
+                        .where(m.ExecutedReductionStep.sub_group_key == attempt.sub_group_key)
+                        .order_by(m.DataProduct.relative_path)
+                    ).all()
+                    attempts[index] = dataclasses.replace(attempt, products=tuple(map(tuple, products)))
     finally:
         engine.dispose()
     assert set(by_step) == {"calibrate", "baseline", "grid_map"}, f"completed attempts per step: {by_step}"
@@ -317,13 +331,11 @@ def page(browser, demo_ui: DemoUi, request: pytest.FixtureRequest):  # type: ign
 
 
 def _save_screenshot(page, demo_ui: DemoUi, name: str) -> Path:  # type: ignore[no-untyped-def]
-    """Into the test's artifacts; into docs/img when asked (CCAT_UPDATE_SCREENSHOTS=1) or missing there."""
+    """Into the test's artifacts and into docs/img (every run: the docs show what the code shows now)."""
     shot = demo_ui.artifacts / name
     page.screenshot(path=str(shot), animations="disabled")  # a dialog mid-fade would come out translucent
-    target = SCREENSHOT_DIR / name
-    if os.environ.get(UPDATE_SCREENSHOTS_VAR) == "1" or not target.exists():
-        SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, target)
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, SCREENSHOT_DIR / name)
     return shot
 
 
@@ -382,9 +394,12 @@ def test_partitions_of_the_per_scan_step_are_the_demo_sub_groups(page, demo_ui: 
     expect(page.get_by_text("Missing (0)", exact=True)).to_be_visible()
     expect(page.get_by_text("Failed (0)", exact=True)).to_be_visible()
     for attempt in calibrate:
-        assert attempt.sub_group_key.startswith("executed_obs_unit="), attempt.sub_group_key
-        # The list shows long keys middle-truncated; the full key is the entry's title.
-        expect(page.get_by_title(attempt.sub_group_key, exact=True)).to_be_visible()
+        # Readable keys: scan=<UTC start minute>_<id prefix>.
+        assert re.fullmatch(r"scan=\d{8}T\d{4}_[0-9a-f]{8}", attempt.sub_group_key), attempt.sub_group_key
+        # The list cuts long keys in the middle (the full key is the entry's title); the date always shows.
+        entry = page.get_by_title(attempt.sub_group_key, exact=True)
+        expect(entry).to_be_visible()
+        assert entry.inner_text().startswith(attempt.sub_group_key[: len("scan=20261001")]), entry.inner_text()
 
     chosen = calibrate[0]
     page.get_by_title(chosen.sub_group_key, exact=True).click()
@@ -405,10 +420,49 @@ def test_materialization_carries_product_count_job_id_and_data_version(page, dem
     expect(_metadata_row(page, "product_count")).to_contain_text(str(grid_map.product_count))
     expect(_metadata_row(page, "hpc_job_id")).to_contain_text(grid_map.hpc_job_id)
     expect(page.get_by_text(grid_map.dagster_run_id[:8], exact=True).first).to_be_visible()
+    # Rounded, unit-labelled figures.
+    expect(_metadata_row(page, "cpu_time_s")).to_be_visible()
+    assert len(_metadata_row(page, "wall_time_s").inner_text().split()[-1]) <= 8
+    # The products table: every product ops-db registered, with its sha256.
+    products = _metadata_row(page, "products")
+    assert grid_map.products, "the map attempt registered no products"
+    for relative_path, sha256 in grid_map.products:
+        expect(products.get_by_text(relative_path, exact=True).first).to_be_visible()
+        expect(products.get_by_text(sha256, exact=True).first).to_be_attached()
+    # The moment-0 thumbnail, embedded as a data URI (markdown metadata opens in a dialog).
+    _metadata_row(page, "preview").get_by_text("[Show Markdown]", exact=True).click()
+    thumbnail = page.get_by_role("dialog").locator('img[src^="data:image/png;base64,"]').first
+    expect(thumbnail).to_be_visible()
+    box = thumbnail.bounding_box()
+    assert box is not None and 0 < box["width"] <= 320 and 0 < box["height"] <= 240, box
+    expect(page.get_by_text("plots/all_mom0.png", exact=True).first).to_be_visible()
+    _save_screenshot(page, demo_ui, "materialization-preview.png")
+    page.get_by_role("dialog").get_by_role("button", name="Close").click()
+    expect(page.get_by_role("dialog")).to_have_count(0)
     page.get_by_text("Show tags", exact=False).first.click()
     expect(_metadata_row(page, "data_version")).to_contain_text(grid_map.input_fingerprint)
-    page.get_by_text("data_version", exact=True).scroll_into_view_if_needed()
+    products.scroll_into_view_if_needed()
     _save_screenshot(page, demo_ui, "materialization.png")
+
+
+def test_the_map_s_qa_checks_show_the_flagged_scan_as_a_failed_check(page, demo_ui: DemoUi):
+    from playwright.sync_api import expect
+
+    page.goto(f"/assets/{PIPELINE}/grid_map?view=checks")
+    expect(page.get_by_text("Checks (2)", exact=True)).to_be_visible()
+    # The check list: each check with the status of its latest evaluation; the first one is shown.
+    expect(page.get_by_text("qa_rms_k", exact=True).first).to_be_visible()
+    text = page.locator("body").inner_text()
+    assert re.search(r"qa_flagged_scans\s+Failed", text), text[:2000]
+    assert re.search(r"qa_rms_k\s+Succeeded", text), text[:2000]
+    # The evaluation says why: the value, the limit and the flagged scan's package; on the map's partition.
+    expect(
+        page.get_by_text("flagged_scans = 1 scans is above the limit (≤ 0 scans): chai-lfa-", exact=False)
+    ).to_be_visible()
+    expect(_metadata_row(page, "qa_file")).to_contain_text("qa/all_qa.json")
+    expect(_metadata_row(page, "limit")).to_contain_text("≤ 0 scans")
+    page.mouse.move(VIEWPORT["width"] - 5, VIEWPORT["height"] - 5)
+    _save_screenshot(page, demo_ui, "asset-check.png")
 
 
 def test_completed_run_shows_its_materialization_metadata(page, demo_ui: DemoUi):

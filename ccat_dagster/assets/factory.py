@@ -17,11 +17,22 @@ up to date.
 import os
 
 import dagster as dg
+from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+    AssetCheckEvaluationTargetMaterializationData,
+)
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 from dagster._core.events import DagsterEvent, DagsterEventBatchMetadata, generate_event_batch_id
 from dagster._core.storage.tags import PARENT_RUN_ID_TAG
 
+from ccat_dagster.assets.metadata import materialization_metadata, qa_check_evaluation, qa_check_specs
 from ccat_dagster.assets.snapshot import PipelineSnapshot, StepSnapshot
+from ccat_dagster.execution.qa import (
+    QaCheckOutcome,
+    QaThreshold,
+    evaluate_qa_checks,
+    is_qa_file,
+    read_qa_reports,
+)
 from ccat_dagster.execution.runner import OutcomeKind, RunnerConfig, StepRunner, SubGroupOutcome
 from ccat_dagster.opsdb.states import ObservedTransition, observe_transitions
 
@@ -117,9 +128,14 @@ def _step_asset(
         + ("; final step: products under output/" if is_final else "; intermediate step: products in workspace/")
     )
 
+    key = step_asset_key(pipeline.name, step.name)
+    partitions = partitions_def(pipeline.name, step.group_by)
+    check_specs = qa_check_specs(key, step.qa_checks, partitions)
+
     @dg.asset(
-        key=step_asset_key(pipeline.name, step.name),
-        partitions_def=partitions_def(pipeline.name, step.group_by),
+        key=key,
+        partitions_def=partitions,
+        check_specs=check_specs,
         deps=deps,
         group_name=pipeline.name,
         description=description,
@@ -135,9 +151,20 @@ def _step_asset(
         required_resource_keys={"opsdb", "hpc", "container_runtime", "stager", "execution"},
     )
     def _step(context: dg.AssetExecutionContext, config: StepRunConfig):  # type: ignore[no-untyped-def]
-        run_step(context, config, pipeline_name=pipeline.name, step_name=step.name, trigger_type=pipeline.trigger_type)
-        # A generator with no output (output_required=False): the sub-groups were materialized one by one.
-        yield from ()
+        selected = context.selected_asset_check_keys
+        run_step(
+            context,
+            config,
+            pipeline_name=pipeline.name,
+            step_name=step.name,
+            trigger_type=pipeline.trigger_type,
+            qa_checks=tuple(t for t in step.qa_checks if dg.AssetCheckKey(key, t.check_name) in selected),
+        )
+        # No asset output (output_required=False): the sub-groups were materialized one by one, and their QA
+        # checks evaluated per sub-group; the check outputs only tell Dagster the step delivered them.
+        for spec in check_specs:
+            if spec.key in selected:
+                yield dg.Output(None, output_name=spec.get_python_identifier())
 
     return _step
 
@@ -149,6 +176,7 @@ def run_step(
     pipeline_name: str,
     step_name: str,
     trigger_type: str = "continuous",
+    qa_checks: tuple[QaThreshold, ...] = (),
 ) -> None:
     """The asset body: hand the requested sub-groups to the StepRunner and mirror the outcomes into Dagster.
 
@@ -202,7 +230,7 @@ def run_step(
         report=context.log.info,
         is_run_alive=is_run_alive,
         # Each sub-group is materialized in the round it completes, so a long batch shows its progress.
-        on_outcome=lambda outcome: events.add(_materialization(context.asset_key, outcome)),
+        on_outcome=lambda outcome: events.add_outcome(outcome, qa_checks),
         on_round_end=events.flush,
     )
     with observe_transitions(lambda change: events.add(_transition_observation(context.asset_key, change))):
@@ -269,12 +297,10 @@ def _materialization(asset_key: dg.AssetKey, outcome: SubGroupOutcome) -> dg.Ass
     """A completed sub-group as its own materialization (data version = input fingerprint)."""
     if outcome.kind is not OutcomeKind.COMPLETED:
         return None
-    metadata = {k: v for k, v in outcome.metadata.items() if v is not None}
-    metadata["products_dir"] = dg.MetadataValue.path(metadata.get("products_dir", ""))
     return dg.AssetMaterialization(
         asset_key=asset_key,
         partition=outcome.sub_group_key,
-        metadata=metadata,
+        metadata=materialization_metadata(outcome.metadata, outcome.products),
         tags={DATA_VERSION_TAG: outcome.fingerprint or ""},
     )
 
@@ -290,15 +316,23 @@ class _AssetEventBatch:
     def __init__(self, context: dg.AssetExecutionContext) -> None:
         self.context = context
         self.pending: list[dg.AssetObservation | dg.AssetMaterialization] = []
+        self.checks: list[tuple[str, QaCheckOutcome]] = []
 
     def add(self, event: dg.AssetObservation | dg.AssetMaterialization | None) -> None:
         if event is not None:
             self.pending.append(event)
 
+    def add_outcome(self, outcome: SubGroupOutcome, qa_checks: tuple[QaThreshold, ...]) -> None:
+        """A sub-group's materialization and, when it completed, its QA checks (after the materialization)."""
+        self.add(_materialization(self.context.asset_key, outcome))
+        if qa_checks and outcome.kind is OutcomeKind.COMPLETED:
+            self.checks.extend((outcome.sub_group_key, check) for check in _qa_outcomes(qa_checks, outcome))
+
     def flush(self) -> None:
-        if not self.pending:
+        if not self.pending and not self.checks:
             return
         pending, self.pending = self.pending, []
+        checks, self.checks = self.checks, []
         step_context = self.context.get_step_execution_context()
         # Transitions first: a sub-group's COMPLETED observation precedes its materialization.
         for kind, to_event in (
@@ -309,6 +343,32 @@ class _AssetEventBatch:
             batch_id = generate_event_batch_id()
             for index, event in enumerate(batch):
                 to_event(step_context, event, DagsterEventBatchMetadata(batch_id, index == len(batch) - 1))
+        # Checks judge the materialization just written: one look-up per checked sub-group (final steps only).
+        targets: dict[str, AssetCheckEvaluationTargetMaterializationData | None] = {}
+        for sub_group_key, check in checks:
+            if sub_group_key not in targets:
+                targets[sub_group_key] = self._target(sub_group_key)
+            evaluation = qa_check_evaluation(
+                self.context.asset_key, sub_group_key, check, target=targets[sub_group_key]
+            )
+            DagsterEvent.asset_check_evaluation(step_context, evaluation)
+
+    def _target(self, sub_group_key: str) -> AssetCheckEvaluationTargetMaterializationData | None:
+        records = self.context.instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=self.context.asset_key, asset_partitions=[sub_group_key]), limit=1
+        ).records
+        if not records:
+            return None
+        record = records[0]
+        return AssetCheckEvaluationTargetMaterializationData(
+            run_id=record.run_id, storage_id=record.storage_id, timestamp=record.timestamp
+        )
+
+
+def _qa_outcomes(qa_checks: tuple[QaThreshold, ...], outcome: SubGroupOutcome) -> list[QaCheckOutcome]:
+    """The step's QA checks on the sub-group's qa/*.json products; unreadable reports fail checks, not the step."""
+    files = [(p.relative_path, p.host_path) for p in outcome.products if is_qa_file(p.relative_path, p.product_type)]
+    return evaluate_qa_checks(qa_checks, read_qa_reports(files))
 
 
 def _transition_observation(asset_key: dg.AssetKey, change: ObservedTransition) -> dg.AssetObservation:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from ccat_dagster.execution.qa import QaThreshold, thresholds_from_dict
 from ccat_dagster.opsdb import models as m
 
 
@@ -23,6 +24,7 @@ class StepSnapshot:
     max_retries: int
     resources: dict
     cooldown_seconds: int
+    qa_checks: tuple[QaThreshold, ...] = ()
 
     @property
     def code_version(self) -> str:
@@ -104,6 +106,7 @@ def _snapshot(pipeline: m.Pipeline) -> PipelineSnapshot:
                 max_retries=step.max_retries,
                 resources=dict(step.resources or {}),
                 cooldown_seconds=step.cooldown_seconds,
+                qa_checks=thresholds_from_dict(step.qa_checks),
             )
             for step in pipeline.steps
         ),

@@ -56,6 +56,11 @@ N_CHANNELS = 128
 T_HOT_K = 290.0
 T_COLD_K = 77.0
 T_RX_K = 100.0
+NOISE_K = 0.2
+# One scan of the first night was taken in poor weather: four times the noise, so the demo map's QA flags it.
+POOR_WEATHER_SCAN = 1
+POOR_WEATHER_NOISE_K = 0.8
+POOR_WEATHER_PWV_MM = 2.6
 
 # name, source, program, line, rest frequency (GHz), instrument, module, weight in the scan mix
 OBS_UNITS = [
@@ -173,13 +178,16 @@ def seed_demo(
             status=ObsStatus.COMPLETED,
         )
         package_name = f"{instrument.lower().replace('-', '')}-{module_name.lower()}-{start:%Y%m%dT%H%M%S}"
+        poor_weather = index == POOR_WEATHER_SCAN
+        noise_k = POOR_WEATHER_NOISE_K if poor_weather else NOISE_K
         files = (
-            _chai_files(rng, package_name, source, line, rest_ghz, module_name, start)
+            _chai_files(rng, package_name, source, line, rest_ghz, module_name, start, noise_k=noise_k)
             if instrument == "CHAI"
             else _primecam_files(rng, package_name, source, start)
         )
         tar_bytes = _deterministic_tar(package_name, files)
         (archive_dir / f"{package_name}.tar").write_bytes(tar_bytes)
+        pwv_mm = round(rng.uniform(0.3, 1.2), 2)
         package = RawDataPackage(
             name=package_name,
             executed_obs_unit=eou,
@@ -193,7 +201,7 @@ def seed_demo(
                     "n_spectra": N_SPECTRA,
                     "n_channels": N_CHANNELS if instrument == "CHAI" else 0,
                 },
-                "weather": {"pwv_mm": round(rng.uniform(0.3, 1.2), 2)},
+                "weather": {"pwv_mm": POOR_WEATHER_PWV_MM if poor_weather else pwv_mm},
             },
             created_at=start + dt.timedelta(hours=12),
             updated_at=start + dt.timedelta(hours=12),
@@ -244,6 +252,8 @@ def _chai_files(
     rest_ghz: float,
     module: str,
     start: dt.datetime,
+    *,
+    noise_k: float = NOISE_K,
 ) -> dict[str, bytes]:
     channel_width_mhz = 2.0
     freq_start_ghz = rest_ghz - channel_width_mhz * N_CHANNELS / 2 / 1000.0
@@ -260,7 +270,7 @@ def _chai_files(
         offset_k, slope_k = rng.uniform(-1.0, 1.0), rng.uniform(-0.01, 0.01)
         for ch in range(N_CHANNELS):
             t_sky = amplitude * math.exp(-((ch - centre) ** 2) / (2 * sigma_channels**2))
-            t_sky += offset_k + slope_k * (ch - N_CHANNELS / 2) + rng.gauss(0.0, 0.2)
+            t_sky += offset_k + slope_k * (ch - N_CHANNELS / 2) + rng.gauss(0.0, noise_k)
             sky.append(gain[ch] * (t_sky + T_RX_K))
     header = {
         "scan_id": package_name,

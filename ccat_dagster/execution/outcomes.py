@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ccat_dagster.execution.discovery import DiscoveredProduct
 from ccat_dagster.execution.hpc.base import JobInfo, JobResources, JobState
 from ccat_dagster.execution.planning import SubGroupPlan
 from ccat_dagster.execution.step import StepDefinition
@@ -42,6 +43,8 @@ class SubGroupOutcome:
     metadata: dict[str, Any] = field(default_factory=dict)
     failure_kind: FailureKind | None = None
     """Why the last attempt failed (FAILED / CANCELLED outcomes)."""
+    products: tuple[DiscoveredProduct, ...] = ()
+    """The registered products of a COMPLETED outcome (what its materialization lists)."""
 
 
 def completed_outcome(
@@ -57,6 +60,7 @@ def completed_outcome(
     products: tuple[int, int],
     products_dir: str,
     earlier: Sequence[FailureKind],
+    product_files: Sequence[DiscoveredProduct] = (),
 ) -> SubGroupOutcome:
     """A completed sub-group, with the metadata its materialization shows (SPEC §8)."""
     metadata: dict[str, Any] = {
@@ -86,6 +90,7 @@ def completed_outcome(
         attempts=attempt_number,
         fingerprint=plan.fingerprint,
         metadata=metadata,
+        products=tuple(product_files),
     )
 
 

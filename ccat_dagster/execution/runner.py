@@ -34,6 +34,7 @@ from sqlalchemy import Engine
 from ccat_dagster.errors import CcatError
 from ccat_dagster.execution import contract
 from ccat_dagster.execution.attempts import Adoption, AttemptRef, AttemptStore, OpsDbAttemptStore
+from ccat_dagster.execution.discovery import DiscoveredProduct
 from ccat_dagster.execution.failures import (
     ResourceCaps,
     describe_resource_change,
@@ -672,14 +673,14 @@ class StepRunner:
             [(item.attempt_id, products) for item, _, products in discovered],
             processing_location_id=self.config.processing_location_id,
         )
-        for item, info, _ in discovered:
+        for item, info, products in discovered:
             result = registered[item.attempt_id]
             if isinstance(result, CcatError):
                 outcomes.append(
                     self._fail(item, f"output collection refused: {result}", FailureKind.CONTRACT, info=info)
                 )
             else:
-                outcomes.append(self._completed(item, info, step, result.product_count, result.product_bytes))
+                outcomes.append(self._completed(item, info, step, result.product_count, result.product_bytes, products))
         return outcomes
 
     def _finish_failed(
@@ -732,7 +733,13 @@ class StepRunner:
     # ------------------------------------------------------------------ outcomes
 
     def _completed(
-        self, item: _Active, info: JobInfo, step: StepDefinition, product_count: int, product_bytes: int
+        self,
+        item: _Active,
+        info: JobInfo,
+        step: StepDefinition,
+        product_count: int,
+        product_bytes: int,
+        products: Sequence[DiscoveredProduct] = (),
     ) -> SubGroupOutcome:
         log.debug("attempt %s [%s]: completed, %s product(s)", item.attempt_id, item.plan.sub_group_key, product_count)
         return completed_outcome(
@@ -747,6 +754,7 @@ class StepRunner:
             products=(product_count, product_bytes),
             products_dir=str(item.layout.products_dir),
             earlier=item.earlier,
+            product_files=products,
         )
 
     def _fail(

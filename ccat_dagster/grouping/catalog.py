@@ -178,6 +178,14 @@ DIMENSIONS: MappingProxyType[str, Dimension] = MappingProxyType(
                 transform="uuid_text",
             ),
             Dimension(
+                "scan",
+                "one sub-group per scan (ExecutedObsUnit), named <UTC start YYYYMMDDTHHMM>_<first 8 hex digits "
+                "of its id>, e.g. 20261001T0100_094daaf8",
+                group=("RawDataPackage", "executed_obs_unit_id"),
+                label_root="ExecutedObsUnit",
+                labels=(("ExecutedObsUnit", "start_time"), ("ExecutedObsUnit", "id")),
+            ),
+            Dimension(
                 "obs_unit",
                 "one sub-group per ObsUnit (its unique name)",
                 group=("ExecutedObsUnit", "obs_unit_id"),

@@ -453,6 +453,43 @@ def _instrument_module_label(instrument: str, module: str) -> str:
     return f"{instrument.replace('%', '%25').replace('.', '%2E')}.{module}"
 
 
+def scan_label(start_time: dt.datetime | None, executed_obs_unit_id: Any) -> str:
+    """A scan as people recognise it: ``<UTC start to the minute>_<id prefix>``, e.g. ``20261001T0100_6831946f``.
+
+    The start is what tells the scans of a pipeline apart (its raw data packages are usually named after it), and
+    the whole key stays short enough for the Dagster UI's partition list, which cuts longer keys in the middle.
+    The first 8 hex digits of the ExecutedObsUnit id keep scans that started in the same minute apart (several
+    instrument modules observing at once). The obs unit is not part of the label: the pipeline's grouping
+    usually selects one, and the sub-group's members name it.
+    """
+    identifier = (
+        executed_obs_unit_id if isinstance(executed_obs_unit_id, uuid.UUID) else uuid.UUID(str(executed_obs_unit_id))
+    )
+    if start_time is None:
+        start = "nostart"
+    else:
+        if start_time.tzinfo is not None:
+            start_time = start_time.astimezone(dt.UTC)
+        start = start_time.strftime("%Y%m%dT%H%M")
+    return f"{start}_{identifier.hex[:8]}"
+
+
+def _dimension_value(name: str, row: Sequence[Any], at: int) -> str | None:
+    if name == "instrument_module":
+        return _instrument_module_label(row[at], row[at + 1])
+    if name == "scan":
+        return scan_label(_datetime(row[at]), row[at + 1])
+    return _label(row[at])
+
+
+def _datetime(value: Any) -> dt.datetime | None:
+    # A label column read through a subquery may come back as text on SQLite.
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    parsed = dt.datetime.fromisoformat(str(value))
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
+
+
 def _label(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -477,13 +514,7 @@ def _sub_groups(session: Session, statement: Select[Any], dims: Sequence[str]) -
         count = int(row[count_at])
         if count == 0:
             continue  # group_by [] over no matching package: no sub-group at all
-        dimensions = tuple(
-            (
-                name,
-                _instrument_module_label(row[at], row[at + 1]) if name == "instrument_module" else _label(row[at]),
-            )
-            for name, at in positions
-        )
+        dimensions = tuple((name, _dimension_value(name, row, at)) for name, at in positions)
         ids = row[ids_at]
         ids.sort()
         result.append(

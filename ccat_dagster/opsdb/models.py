@@ -380,6 +380,8 @@ class ReductionStep(Base):
     retention: Mapped[StepRetention] = mapped_column(
         str_enum(StepRetention), default=StepRetention.AUTO, server_default=StepRetention.AUTO.value
     )
+    # Final steps: metric → {min, max, severity, description} on the qa/*.json reports (execution.qa).
+    qa_checks: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     pipeline: Mapped[Pipeline] = relationship(back_populates="steps")
     software: Mapped[ReductionSoftware] = relationship()
     config: Mapped[ReductionStepConfig] = relationship()

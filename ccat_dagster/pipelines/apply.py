@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
 from ccat_dagster.errors import CcatError
+from ccat_dagster.execution.qa import thresholds_to_dict
 from ccat_dagster.execution.step import EXECUTION_MODE_KEY
 from ccat_dagster.grouping.presets import PresetError, ensure_builtin_presets, get_preset
 from ccat_dagster.grouping.rules import FilterRuleError, parse_rules, rules_to_json
@@ -342,6 +343,7 @@ def _write(session: Session, spec: PipelineSpec, plan: _Plan) -> ApplyResult:
         _set(row, "resources", stored_resources(step), step_label, step_changes)
         _set(row, "max_retries", step.max_retries, step_label, step_changes)
         _set(row, "retention", StepRetention(step.retention), step_label, step_changes)
+        _set(row, "qa_checks", thresholds_to_dict(step.qa_checks), step_label, step_changes)
         step_rows[step.name] = row
 
     for step in spec.steps:
@@ -569,6 +571,7 @@ def export_pipeline(session: Session, name: str) -> dict[str, Any]:
                     if step.resources.get(EXECUTION_MODE_KEY, "auto") != "auto"
                     else {}
                 ),
+                **({"qa_checks": dict(step.qa_checks)} if step.qa_checks else {}),
             }
         )
     return {

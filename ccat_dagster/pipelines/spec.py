@@ -30,6 +30,7 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from ccat_dagster.errors import CcatError
 from ccat_dagster.execution.hpc.base import JobResources
+from ccat_dagster.execution.qa import QaThreshold, thresholds_from_dict, thresholds_to_dict
 from ccat_dagster.grouping.rules import FilterRuleError, parse_rules, rules_to_json, validate_group_by
 from ccat_dagster.opsdb.enums import TriggerType, VersionPolicy
 from ccat_dagster.safe_yaml import BoundedSafeLoader, YamlLimitError, read_limited_text
@@ -69,7 +70,9 @@ SEMVER = re.compile(
 # package of one scan belongs to one ObsUnit and one night; an ObsUnit has one source, program and line; a
 # module belongs to one instrument. (A scan can span several modules: a scan does not determine the module.)
 DETERMINED_DIMENSIONS: Mapping[str, frozenset[str]] = {
-    "executed_obs_unit": frozenset({"obs_unit", "obs_date"}),
+    "executed_obs_unit": frozenset({"obs_unit", "obs_date", "scan"}),
+    # The same scan under its readable name: each determines the other.
+    "scan": frozenset({"executed_obs_unit", "obs_unit", "obs_date"}),
     "obs_unit": frozenset({"source", "observing_program", "line"}),
     "instrument_module": frozenset({"instrument"}),
 }
@@ -156,6 +159,8 @@ class StepSpec:
     retention: str = "auto"
     # How the sub-groups reach the cluster: auto, packed or job_per_sub_group (execution.step.ExecutionMode).
     execution_mode: str = "auto"
+    # Thresholds on the QA metrics of a final step's qa/*.json (execution.qa), checked as Dagster asset checks.
+    qa_checks: tuple[QaThreshold, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -540,6 +545,7 @@ def _build_step(index: int, data: Mapping[str, Any], problems: _Problems, *, bas
         max_retries=int(data.get("max_retries", 0)),
         retention=str(data.get("retention", "auto")),
         execution_mode=str(data.get("execution", {}).get("mode", "auto")),
+        qa_checks=thresholds_from_dict(data.get("qa_checks")),
     )
 
 
@@ -624,6 +630,21 @@ def _check_steps(steps: Sequence[StepSpec], problems: _Problems) -> None:
                 f"{', '.join(fields_differ)}: one version is one image and one entrypoint; register a "
                 "separate software name (e.g. chai-baseline) or version for this step",
             )
+
+    upstream_names = {upstream for step in steps for upstream in step.depends_on}
+    for index, step in enumerate(steps):
+        if step.qa_checks and step.name in upstream_names:
+            problems.add(
+                ["steps", index, "qa_checks"],
+                f"step {step.name!r} is not a final step (other steps depend on it): only a final step writes "
+                "qa/*.json reports; move qa_checks to the step whose software writes them",
+            )
+        for threshold in step.qa_checks:
+            if threshold.min is not None and threshold.max is not None and threshold.min > threshold.max:
+                problems.add(
+                    ["steps", index, "qa_checks", threshold.metric],
+                    f"min {threshold.min:g} is above max {threshold.max:g}: no value could pass; swap them",
+                )
 
     # Granularity is only comparable once names identify steps and the graph is a DAG.
     if not cycle and len(first_index) == len(steps):
@@ -874,6 +895,7 @@ def _step_to_dict(step: StepSpec) -> dict[str, Any]:
         # Only when set, so that the stored definition hash of pipelines without it stays what it was.
         **({"retention": step.retention} if step.retention != "auto" else {}),
         **({"execution": {"mode": step.execution_mode}} if step.execution_mode != "auto" else {}),
+        **({"qa_checks": thresholds_to_dict(step.qa_checks)} if step.qa_checks else {}),
     }
 
 

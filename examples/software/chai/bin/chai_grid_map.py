@@ -363,11 +363,33 @@ def main() -> None:
                 else None,
             }
         )
+    flagged_scans = [entry["scan_id"] for entry in per_scan if entry["flagged"]]
+    scan_rms_values = [entry["median_rms_k"] for entry in per_scan if entry["median_rms_k"] is not None]
     qa = {
+        # The QA contract (docs/container-contract.md): named metrics ccat-dagster checks against qa_checks.
+        "qa_version": 1,
+        "metrics": {
+            "rms_k": {
+                "value": finite_or_none(cube_rms),
+                "unit": "K",
+                "description": "off-line rms of the gridded cube",
+            },
+            "max_scan_rms_k": {
+                "value": max(scan_rms_values) if scan_rms_values else None,
+                "unit": "K",
+                "description": "largest median per-spectrum rms of a scan",
+            },
+            "flagged_scans": {
+                "value": len(flagged_scans),
+                "unit": "scans",
+                "description": f"scans whose median rms is above max_rms_k {max_rms_k:g} K (still gridded)",
+                "items": flagged_scans,
+            },
+        },
         "sub_group_key": manifest.sub_group_key,
         "max_rms_k": max_rms_k,
         "scans": per_scan,
-        "flagged_scans": [entry["scan_id"] for entry in per_scan if entry["flagged"]],
+        "flagged_scans": flagged_scans,
         "software": {"program": PROGRAM, "version": SOFTWARE_VERSION},
     }
     write_json(path=out_dir / "qa" / f"{key}_qa.json", document=qa, progress=progress)
