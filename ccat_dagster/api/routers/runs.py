@@ -19,9 +19,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_dagster.api.auth import ReadCaller, WriteCaller
-from ccat_dagster.api.pagination import Page, PageParams, keyset, page_of, page_params
+from ccat_dagster.api.pagination import Page, PageParams, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import RowId, as_utc, get_or_404, step_ids_of, transaction
+from ccat_dagster.api.routers.common import RowId, get_or_404, step_rows_page, transaction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.enums import RunStatus
 
@@ -125,26 +125,18 @@ def list_attempts(
     created_before: Annotated[dt.datetime | None, Query(description="ISO 8601; naive times are UTC")] = None,
 ) -> dict[str, Any]:
     with transaction(request) as session:
-        step_ids = step_ids_of(session, pipeline, step)
-        if step_ids == []:
-            return {"items": [], "limit": page.limit, "next_cursor": None}
-        query = (
-            select(E, m.Pipeline.name, m.ReductionStep.name)
-            .join(m.ReductionStep, m.ReductionStep.id == E.reduction_step_id)
-            .join(m.Pipeline, m.Pipeline.id == m.ReductionStep.pipeline_id)
+        return step_rows_page(
+            session,
+            E,
+            page,
+            pipeline=pipeline,
+            step=step,
+            sub_group=sub_group,
+            created_after=created_after,
+            created_before=created_before,
+            where=[E.status.in_(status)] if status else [],
+            convert=_row,
         )
-        if step_ids is not None:
-            query = query.where(E.reduction_step_id.in_(step_ids))
-        if status:
-            query = query.where(E.status.in_(status))
-        if sub_group is not None:
-            query = query.where(E.sub_group_key == sub_group)
-        if created_after is not None:
-            query = query.where(E.created_at >= as_utc(created_after))
-        if created_before is not None:
-            query = query.where(E.created_at < as_utc(created_before))
-        rows = session.execute(keyset(query, E.id, page)).all()
-        return page_of(rows, page, item_id=lambda r: r[0].id, convert=lambda r: _row(*r))
 
 
 def _attempt(session: Session, attempt_id: RowId) -> tuple[m.ExecutedReductionStep, str, str]:
