@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Path, Request
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_dagster.api.pagination import PageParams, keyset, page_of
@@ -36,6 +36,12 @@ def get_or_404(session: Session, model: type[T], row_id: Any, what: str) -> T:
     if row is None:
         raise ApiProblem(404, f"no {what} with id {row_id}", errors=[("path.id", f"unknown {what} id")])
     return row
+
+
+def count_of(session: Session, column: Any, value: Any) -> int:
+    """How many rows of ``column``'s table have ``column == value`` (the rows that still refer to a row a
+    delete would remove)."""
+    return session.scalar(select(func.count()).where(column == value)) or 0
 
 
 def step_ids_of(session: Session, pipeline: str | None, step: str | None) -> list[int] | None:

@@ -15,13 +15,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_dagster.api.auth import ReadCaller, WriteCaller
 from ccat_dagster.api.pagination import Page, PageParams, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import RowId, get_or_404, step_rows_page, transaction
+from ccat_dagster.api.routers.common import RowId, count_of, get_or_404, step_rows_page, transaction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.enums import RunStatus
 
@@ -148,11 +147,7 @@ def _attempt(session: Session, attempt_id: RowId) -> tuple[m.ExecutedReductionSt
 def get_attempt(request: Request, attempt_id: RowId, caller: ReadCaller) -> AttemptDetail:
     with transaction(request) as session:
         attempt, pipeline, step = _attempt(session, attempt_id)
-        package_count = session.scalar(
-            select(func.count())
-            .select_from(m.run_input_package)
-            .where(m.run_input_package.c.executed_reduction_step_id == attempt.id)
-        )
+        package_count = count_of(session, m.run_input_package.c.executed_reduction_step_id, attempt.id)
         return AttemptDetail(
             **_row(attempt, pipeline, step),
             error_full=attempt.error,
@@ -160,7 +155,7 @@ def get_attempt(request: Request, attempt_id: RowId, caller: ReadCaller) -> Atte
             software_version_id=attempt.reduction_software_version_id,
             config_id=attempt.reduction_step_config_id,
             image_digest=attempt.image_digest,
-            input_package_count=package_count or 0,
+            input_package_count=package_count,
             input_product_ids=sorted(p.id for p in attempt.input_products),
             product_ids=sorted(p.id for p in attempt.products),
             transitions=[
