@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -70,38 +71,51 @@ def _spec(*, step: str, key: str, attempt: int, is_final: bool, resources: JobRe
     )
 
 
+# The three golden cases as the arguments of a runtime's ``_spec`` (here Apptainer; test_k8s_oci_manifest builds
+# the same cases with the step's own image).
+def cpu_case() -> dict[str, Any]:
+    return {
+        "step": "calibrate",
+        "key": "executed_obs_unit=0042",
+        "attempt": 17,
+        "is_final": False,
+        "resources": JobResources(cpu=4, memory_gb=16, time_hours=2),
+        "packages": [("chai_scan_0042_lfa", Path("/data/staged/chai/chai_scan_0042_lfa"))],
+    }
+
+
+def gpu_case() -> dict[str, Any]:
+    return {
+        "step": "baseline",
+        "key": "executed_obs_unit=0042",
+        "attempt": 18,
+        "is_final": False,
+        "resources": JobResources(cpu=8, memory_gb=30.5, time_hours=0.5, gpus=2),
+        "upstream": [_product("calibrate", "executed_obs_unit=0042", 1)],
+    }
+
+
+def fan_in_case(scans: int = 24) -> dict[str, Any]:
+    return {
+        "step": "grid_map",
+        "key": "all",
+        "attempt": 301,
+        "is_final": True,
+        "resources": JobResources(cpu=16, memory_gb=64, time_hours=12),
+        "upstream": [_product("baseline", f"executed_obs_unit={n:04d}", n) for n in range(scans)],
+    }
+
+
 def cpu_spec() -> JobSpec:
-    return _spec(
-        step="calibrate",
-        key="executed_obs_unit=0042",
-        attempt=17,
-        is_final=False,
-        resources=JobResources(cpu=4, memory_gb=16, time_hours=2),
-        packages=[("chai_scan_0042_lfa", Path("/data/staged/chai/chai_scan_0042_lfa"))],
-    )
+    return _spec(**cpu_case())
 
 
 def gpu_spec() -> JobSpec:
-    return _spec(
-        step="baseline",
-        key="executed_obs_unit=0042",
-        attempt=18,
-        is_final=False,
-        resources=JobResources(cpu=8, memory_gb=30.5, time_hours=0.5, gpus=2),
-        upstream=[_product("calibrate", "executed_obs_unit=0042", 1)],
-    )
+    return _spec(**gpu_case())
 
 
 def fan_in_spec(scans: int = 24) -> JobSpec:
-    upstream = [_product("baseline", f"executed_obs_unit={n:04d}", n) for n in range(scans)]
-    return _spec(
-        step="grid_map",
-        key="all",
-        attempt=301,
-        is_final=True,
-        resources=JobResources(cpu=16, memory_gb=64, time_hours=12),
-        upstream=upstream,
-    )
+    return _spec(**fan_in_case(scans))
 
 
 def _product(step: str, key: str, product_id: int) -> UpstreamProduct:
@@ -121,7 +135,17 @@ CASES = {"cpu": cpu_spec, "gpu": gpu_spec, "fan_in": fan_in_spec}
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden_job_manifest(case):
-    manifest = build_job_manifest(CASES[case](), CONFIG)
+    assert_golden(build_job_manifest(CASES[case](), CONFIG), case)
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden_manifests_validate_against_the_official_schema(case, version):
+    assert_golden_validates(case, version)
+
+
+def assert_golden(manifest: dict[str, Any], case: str) -> None:
+    """``manifest`` is ``data/k8s/job_<case>.json`` to the letter (``CCAT_UPDATE_GOLDEN=1`` rewrites it)."""
     path = GOLDEN / f"job_{case}.json"
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     if os.environ.get("CCAT_UPDATE_GOLDEN") == "1":
@@ -129,9 +153,8 @@ def test_golden_job_manifest(case):
     assert text == path.read_text(), f"{path.name} differs; CCAT_UPDATE_GOLDEN=1 rewrites it after a deliberate change"
 
 
-@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_golden_manifests_validate_against_the_official_schema(case, version):
+def assert_golden_validates(case: str, version: str) -> None:
+    """The golden ``job_<case>.json`` is a valid Job of Kubernetes ``version`` (strict: no unknown field)."""
     manifest = json.loads((GOLDEN / f"job_{case}.json").read_text())
     assert kubernetes_validate.validate(manifest, version, strict=True) == version.rsplit(".", 1)[0]
 

@@ -8,11 +8,8 @@ reserved CPU hours of a finished pod. No cluster runs here: these pin what the A
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
 
 from ccat_dagster.doctor import CheckStatus, check_container_runtime
@@ -27,9 +24,8 @@ from ccat_dagster.settings import Settings, SettingsError
 
 from .k8s_standin import SCHEMA_VERSIONS
 from .test_k8s_job_status import BACKOFF, NOW, job, pod, terminated
-from .test_k8s_manifest import BASE, _product
+from .test_k8s_manifest import BASE, assert_golden, assert_golden_validates, cpu_case, fan_in_case, gpu_case
 
-GOLDEN = Path(__file__).parent / "data" / "k8s"
 DIGEST = "sha256:" + "cd" * 32
 IMAGE = ResolvedImage(
     path=None, digest=DIGEST, kind=ImageKind.OCI, reference=f"registry.example.org/ccat/chai@{DIGEST}"
@@ -68,37 +64,15 @@ def _spec(*, step: str, key: str, attempt: int, is_final: bool, resources: JobRe
 
 
 def cpu_spec() -> JobSpec:
-    return _spec(
-        step="calibrate",
-        key="executed_obs_unit=0042",
-        attempt=17,
-        is_final=False,
-        resources=JobResources(cpu=4, memory_gb=16, time_hours=2),
-        packages=[("chai_scan_0042_lfa", Path("/data/staged/chai/chai_scan_0042_lfa"))],
-    )
+    return _spec(**cpu_case())
 
 
 def gpu_spec() -> JobSpec:
-    return _spec(
-        step="baseline",
-        key="executed_obs_unit=0042",
-        attempt=18,
-        is_final=False,
-        resources=JobResources(cpu=8, memory_gb=30.5, time_hours=0.5, gpus=2),
-        upstream=[_product("calibrate", "executed_obs_unit=0042", 1)],
-    )
+    return _spec(**gpu_case())
 
 
 def fan_in_spec(scans: int = 24) -> JobSpec:
-    upstream = [_product("baseline", f"executed_obs_unit={n:04d}", n) for n in range(scans)]
-    return _spec(
-        step="grid_map",
-        key="all",
-        attempt=301,
-        is_final=True,
-        resources=JobResources(cpu=16, memory_gb=64, time_hours=12),
-        upstream=upstream,
-    )
+    return _spec(**fan_in_case(scans))
 
 
 CASES = {"oci_cpu": cpu_spec, "oci_gpu": gpu_spec, "oci_fan_in": fan_in_spec}
@@ -106,19 +80,13 @@ CASES = {"oci_cpu": cpu_spec, "oci_gpu": gpu_spec, "oci_fan_in": fan_in_spec}
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden_oci_job_manifest(case):
-    manifest = build_job_manifest(CASES[case](), CONFIG)
-    path = GOLDEN / f"job_{case}.json"
-    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    if os.environ.get("CCAT_UPDATE_GOLDEN") == "1":
-        path.write_text(text)
-    assert text == path.read_text(), f"{path.name} differs; CCAT_UPDATE_GOLDEN=1 rewrites it after a deliberate change"
+    assert_golden(build_job_manifest(CASES[case](), CONFIG), case)
 
 
 @pytest.mark.parametrize("version", SCHEMA_VERSIONS)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden_oci_manifests_validate_against_the_official_schema(case, version):
-    manifest = json.loads((GOLDEN / f"job_{case}.json").read_text())
-    assert kubernetes_validate.validate(manifest, version, strict=True) == version.rsplit(".", 1)[0]
+    assert_golden_validates(case, version)
 
 
 def test_the_container_is_the_step_image_by_digest_with_the_contract_mounts_and_environment():

@@ -160,7 +160,7 @@ def _sensor_result(
     for step_request in result.requests:
         name = partitions_name(pipeline.name, pipeline.step(step_request.step_name).group_by)
         run_requests.extend(
-            _run_requests(pipeline, step_request, positions=order[name], settings=settings, trigger=trigger)
+            step_run_requests(pipeline, step_request, positions=order[name], settings=settings, trigger=trigger)
         )
     return dg.SensorResult(
         run_requests=run_requests,
@@ -182,20 +182,9 @@ def step_run_requests(
     settings: Settings,
     trigger: str,
 ) -> list[dg.RunRequest]:
-    """The runs a trigger launches for ``request`` (``trigger``: sensor, schedule, manual, api): the same
-    batching, tags and run keys for every way a run is started."""
-    return _run_requests(pipeline, request, positions=positions, settings=settings, trigger=trigger)
-
-
-def _run_requests(
-    pipeline: PipelineSnapshot,
-    request: StepRequest,
-    *,
-    positions: dict[str, int],
-    settings: Settings,
-    trigger: str,
-) -> list[dg.RunRequest]:
-    """One run per contiguous range of at most MAX_PARTITIONS_PER_RUN sub-groups with a gap.
+    """The runs a trigger launches for ``request`` (``trigger``: sensor, schedule, manual, api), the same
+    batching, tags and run keys for every way a run is started: one run per contiguous range of at most
+    MAX_PARTITIONS_PER_RUN sub-groups with a gap.
 
     Dagster's run overhead is per run, so sub-groups are batched; a run targets a partition *range* (what the
     UI shows and what backfills use), so a range only ever spans sub-groups that all have a gap.

@@ -12,12 +12,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from ccat_dagster.api.auth import ReadCaller, WriteCaller
 from ccat_dagster.api.pagination import Page, PageParams, keyset, page_of, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import RowId, get_or_404, transaction
+from ccat_dagster.api.routers.common import RowId, count_of, get_or_404, transaction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.pipelines.spec import sha256_of
 
@@ -95,14 +95,8 @@ def get_config(request: Request, config_id: RowId, caller: ReadCaller) -> Config
 def delete_config(request: Request, config_id: RowId, caller: WriteCaller) -> Response:
     with transaction(request) as session:
         row = get_or_404(session, m.ReductionStepConfig, config_id, "step config")
-        steps = session.scalar(
-            select(func.count()).select_from(m.ReductionStep).where(m.ReductionStep.reduction_step_config_id == row.id)
-        )
-        attempts = session.scalar(
-            select(func.count())
-            .select_from(m.ExecutedReductionStep)
-            .where(m.ExecutedReductionStep.reduction_step_config_id == row.id)
-        )
+        steps = count_of(session, m.ReductionStep.reduction_step_config_id, row.id)
+        attempts = count_of(session, m.ExecutedReductionStep.reduction_step_config_id, row.id)
         if steps or attempts:
             raise ApiProblem(409, f"step config {row.id} is used by {steps} step(s) and {attempts} attempt(s)")
         session.delete(row)

@@ -12,12 +12,11 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import select
 
 from ccat_dagster.api.auth import ReadCaller
-from ccat_dagster.api.pagination import Page, PageParams, keyset, page_of, page_params
+from ccat_dagster.api.pagination import Page, PageParams, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import RowId, as_utc, get_or_404, step_ids_of, transaction
+from ccat_dagster.api.routers.common import RowId, get_or_404, step_rows_page, transaction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.enums import DataProductType, PhysicalCopyStatus
 
@@ -86,29 +85,24 @@ def list_products(
     created_after: dt.datetime | None = None,
     created_before: dt.datetime | None = None,
 ) -> dict[str, Any]:
+    where = []
+    if product_type is not None:
+        where.append(P.product_type == product_type)
+    if current is not None:
+        where.append(P.superseded_by_id.is_(None) if current else P.superseded_by_id.is_not(None))
     with transaction(request) as session:
-        step_ids = step_ids_of(session, pipeline, step)
-        if step_ids == []:
-            return {"items": [], "limit": page.limit, "next_cursor": None}
-        query = (
-            select(P, m.Pipeline.name, m.ReductionStep.name)
-            .join(m.ReductionStep, m.ReductionStep.id == P.reduction_step_id)
-            .join(m.Pipeline, m.Pipeline.id == m.ReductionStep.pipeline_id)
+        return step_rows_page(
+            session,
+            P,
+            page,
+            pipeline=pipeline,
+            step=step,
+            sub_group=sub_group,
+            created_after=created_after,
+            created_before=created_before,
+            where=where,
+            convert=_row,
         )
-        if step_ids is not None:
-            query = query.where(P.reduction_step_id.in_(step_ids))
-        if sub_group is not None:
-            query = query.where(P.sub_group_key == sub_group)
-        if product_type is not None:
-            query = query.where(P.product_type == product_type)
-        if current is not None:
-            query = query.where(P.superseded_by_id.is_(None) if current else P.superseded_by_id.is_not(None))
-        if created_after is not None:
-            query = query.where(P.created_at >= as_utc(created_after))
-        if created_before is not None:
-            query = query.where(P.created_at < as_utc(created_before))
-        rows = session.execute(keyset(query, P.id, page)).all()
-        return page_of(rows, page, item_id=lambda r: r[0].id, convert=lambda r: _row(*r))
 
 
 @router.get("/raw-packages/{package}/impact", summary="what derives from a raw data package (id or name)")

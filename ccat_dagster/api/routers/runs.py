@@ -15,13 +15,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ccat_dagster.api.auth import ReadCaller, WriteCaller
-from ccat_dagster.api.pagination import Page, PageParams, keyset, page_of, page_params
+from ccat_dagster.api.pagination import Page, PageParams, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import RowId, as_utc, get_or_404, step_ids_of, transaction
+from ccat_dagster.api.routers.common import RowId, count_of, get_or_404, step_rows_page, transaction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.enums import RunStatus
 
@@ -125,26 +124,18 @@ def list_attempts(
     created_before: Annotated[dt.datetime | None, Query(description="ISO 8601; naive times are UTC")] = None,
 ) -> dict[str, Any]:
     with transaction(request) as session:
-        step_ids = step_ids_of(session, pipeline, step)
-        if step_ids == []:
-            return {"items": [], "limit": page.limit, "next_cursor": None}
-        query = (
-            select(E, m.Pipeline.name, m.ReductionStep.name)
-            .join(m.ReductionStep, m.ReductionStep.id == E.reduction_step_id)
-            .join(m.Pipeline, m.Pipeline.id == m.ReductionStep.pipeline_id)
+        return step_rows_page(
+            session,
+            E,
+            page,
+            pipeline=pipeline,
+            step=step,
+            sub_group=sub_group,
+            created_after=created_after,
+            created_before=created_before,
+            where=[E.status.in_(status)] if status else [],
+            convert=_row,
         )
-        if step_ids is not None:
-            query = query.where(E.reduction_step_id.in_(step_ids))
-        if status:
-            query = query.where(E.status.in_(status))
-        if sub_group is not None:
-            query = query.where(E.sub_group_key == sub_group)
-        if created_after is not None:
-            query = query.where(E.created_at >= as_utc(created_after))
-        if created_before is not None:
-            query = query.where(E.created_at < as_utc(created_before))
-        rows = session.execute(keyset(query, E.id, page)).all()
-        return page_of(rows, page, item_id=lambda r: r[0].id, convert=lambda r: _row(*r))
 
 
 def _attempt(session: Session, attempt_id: RowId) -> tuple[m.ExecutedReductionStep, str, str]:
@@ -156,11 +147,7 @@ def _attempt(session: Session, attempt_id: RowId) -> tuple[m.ExecutedReductionSt
 def get_attempt(request: Request, attempt_id: RowId, caller: ReadCaller) -> AttemptDetail:
     with transaction(request) as session:
         attempt, pipeline, step = _attempt(session, attempt_id)
-        package_count = session.scalar(
-            select(func.count())
-            .select_from(m.run_input_package)
-            .where(m.run_input_package.c.executed_reduction_step_id == attempt.id)
-        )
+        package_count = count_of(session, m.run_input_package.c.executed_reduction_step_id, attempt.id)
         return AttemptDetail(
             **_row(attempt, pipeline, step),
             error_full=attempt.error,
@@ -168,7 +155,7 @@ def get_attempt(request: Request, attempt_id: RowId, caller: ReadCaller) -> Atte
             software_version_id=attempt.reduction_software_version_id,
             config_id=attempt.reduction_step_config_id,
             image_digest=attempt.image_digest,
-            input_package_count=package_count or 0,
+            input_package_count=package_count,
             input_product_ids=sorted(p.id for p in attempt.input_products),
             product_ids=sorted(p.id for p in attempt.products),
             transitions=[

@@ -11,12 +11,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from ccat_dagster.api.auth import ReadCaller, WriteCaller
 from ccat_dagster.api.pagination import Page, PageParams, keyset, page_of, page_params
 from ccat_dagster.api.problems import ApiProblem
-from ccat_dagster.api.routers.common import RowId, get_or_404, transaction
+from ccat_dagster.api.routers.common import RowId, count_of, get_or_404, transaction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.pipelines.spec import parse_semver
 
@@ -113,9 +113,7 @@ def update_software(request: Request, software_id: RowId, body: SoftwareUpdate, 
 def delete_software(request: Request, software_id: RowId, caller: WriteCaller) -> Response:
     with transaction(request) as session:
         row = get_or_404(session, m.ReductionSoftware, software_id, "reduction software")
-        steps = session.scalar(
-            select(func.count()).select_from(m.ReductionStep).where(m.ReductionStep.reduction_software_id == row.id)
-        )
+        steps = count_of(session, m.ReductionStep.reduction_software_id, row.id)
         if steps or row.versions:
             raise ApiProblem(
                 409, f"reduction software {row.name!r} has versions or is used by {steps} step(s): delete those first"
@@ -174,16 +172,8 @@ def delete_version(request: Request, software_id: RowId, version_id: RowId, call
         row = get_or_404(session, m.ReductionSoftwareVersion, version_id, "software version")
         if row.reduction_software_id != software_id:
             raise ApiProblem(404, f"software {software_id} has no version {version_id}")
-        used = session.scalar(
-            select(func.count())
-            .select_from(m.ExecutedReductionStep)
-            .where(m.ExecutedReductionStep.reduction_software_version_id == row.id)
-        )
-        builds = session.scalar(
-            select(func.count())
-            .select_from(m.ReductionSoftwareBuild)
-            .where(m.ReductionSoftwareBuild.reduction_software_version_id == row.id)
-        )
+        used = count_of(session, m.ExecutedReductionStep.reduction_software_version_id, row.id)
+        builds = count_of(session, m.ReductionSoftwareBuild.reduction_software_version_id, row.id)
         if used or builds:
             raise ApiProblem(409, f"version {row.version} was used by {used} attempt(s): it is part of provenance")
         session.delete(row)
