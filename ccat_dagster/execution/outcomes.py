@@ -42,6 +42,8 @@ class SubGroupOutcome:
     metadata: dict[str, Any] = field(default_factory=dict)
     failure_kind: FailureKind | None = None
     """Why the last attempt failed (FAILED / CANCELLED outcomes)."""
+    waits_for_recreation: bool = False
+    """SKIPPED: the sub-group reads upstream intermediates whose copies retention deleted."""
 
 
 def completed_outcome(
