@@ -34,13 +34,18 @@ from .dagster_fixtures import EXAMPLE, REPO, DemoWorld
 
 T = TypeVar("T")
 
-# The instance config of a daemon test: the run queue is read every second (default 5 s).
+# The instance config of a daemon test: the run queue is read every second (default 5 s); at most 3 runs at a
+# time (more only make the run workers' start-up compete for the 2 cores); a run whose launch timed out on a busy
+# machine is launched again, as dagster.yaml has it in production.
 FAST_RUN_QUEUE = (
     "run_coordinator:\n"
     "  module: dagster.core.run_coordinator\n"
     "  class: QueuedRunCoordinator\n"
     "  config:\n"
     "    dequeue_interval_seconds: 1\n"
+    "    max_concurrent_runs: 3\n"
+    "    max_user_code_failure_retries: 5\n"
+    "    user_code_failure_retry_delay: 5\n"
 )
 # The pipeline sensors' least interval (the setting's minimum); Dagster's sensor loop runs every 5 s at most.
 FAST_SENSOR_ENV = {"CCAT_WORKFLOW_MANAGER_SENSOR_INTERVAL_SECONDS": "1"}
@@ -121,6 +126,7 @@ class Daemon:
         self.log = directory / "daemon.log"
         self.env = {**os.environ, **world.env, "PYTHONPATH": str(REPO), **FAST_SENSOR_ENV}
         self.process: subprocess.Popen | None = None
+        self.instance = world.instance()
 
     def start(self, sensors: Iterable[str] | None = None) -> None:
         """Start ``sensors`` (one CLI call each: the command takes one name), or all of them in one call."""
@@ -163,14 +169,14 @@ class Daemon:
 
     def sensor_ticks(self, sensor: str, *, after: float = 0.0) -> list:
         """The sensor's ticks (newest first) that started after the timestamp ``after``."""
-        instance = self.world.instance()
-        states = [s for s in instance.all_instigator_state() if s.instigator_name == sensor]
+        states = [s for s in self.instance.all_instigator_state() if s.instigator_name == sensor]
         ticks = []
         for state in states:
-            ticks += instance.get_ticks(state.instigator_origin_id, state.selector_id, after=after, limit=50)
+            ticks += self.instance.get_ticks(state.instigator_origin_id, state.selector_id, after=after, limit=50)
         return sorted(ticks, key=lambda tick: tick.timestamp, reverse=True)
 
     def stop(self) -> None:
+        self.instance.dispose()
         if self.process is None or self.process.poll() is not None:
             return
         os.killpg(self.process.pid, signal.SIGTERM)

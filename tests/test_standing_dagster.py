@@ -26,7 +26,7 @@ from ccat_dagster.demo.run import run_sensor_until_idle
 from ccat_dagster.execution.retention import DeletionAction
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
-from ccat_dagster.opsdb.enums import PackageState, PhysicalCopyStatus
+from ccat_dagster.opsdb.enums import PackageState, PhysicalCopyStatus, RunStatus
 from ccat_dagster.provenance.cleanup import run_retention_cleanup
 from ccat_dagster.sensors.gaps import sensor_name
 
@@ -44,26 +44,25 @@ from .daemon_fixtures import (
 from .dagster_fixtures import PIPELINE, archived_example_scan_ids, make_world, require_bwrap_and_numpy
 
 STEPS = ("calibrate", "baseline", "grid_map")
-CHAIN = PIPELINE  # the example pipeline as the world applied it
-CONFIG_CHANGE = "standing_config_change"
-IDENTICAL = "standing_identical_rerun"
 # The fan-in may run again at once (the example's grid_map waits a day between runs).
 QUICK = {"grid_map": {"cooldown_seconds": 0}}
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    """One world, three continuous pipelines on it (the example and two variants), every sensor started and one
-    daemon running from the start: the three pipelines run their first chain side by side."""
+    """One world with the example pipeline (fan-in without cooldown), its sensor started and the daemon running.
+
+    The tests share the pipeline: each first waits until the daemon has brought it up to date, whatever ran
+    before, and asserts relative to that state, so they also hold alone or in another order.
+    """
     require_bwrap_and_numpy()
     directory = tmp_path_factory.mktemp("standing-daemon")
     with pytest.MonkeyPatch.context() as monkeypatch:
         world, urls = make_world(directory, monkeypatch, scans=3, instance_config=FAST_RUN_QUEUE)
         daemon = Daemon(world, directory)
         try:
-            for name in (CONFIG_CHANGE, IDENTICAL):
-                apply_file(world, write_variant(directory, name, steps=QUICK))
-            daemon.start()
+            apply_file(world, write_variant(directory, PIPELINE, steps=QUICK))
+            daemon.start([sensor_name(PIPELINE)])
             yield daemon
         finally:
             daemon.stop()
@@ -71,68 +70,88 @@ def daemon(tmp_path_factory):
                 drop_pg_database(url)
 
 
-def _up_to_date(daemon: Daemon, pipeline: str, *, fan_in_runs: int = 1) -> list[dg.DagsterRun]:
-    """Wait until the pipeline's fan-in completed ``fan_in_runs`` times and all its Dagster runs have ended."""
-    instance = daemon.world.instance()
+def _up_to_date(daemon: Daemon) -> list[dg.DagsterRun]:
+    """Wait until the pipeline's fan-in has completed, every run of it has ended and the sensor has seen them all
+    (a tick after that requested nothing); its runs, oldest first."""
+    instance = daemon.instance
+    quiet_since: list[float] = []  # when every run was seen ended (reset when a run is in flight again)
 
-    def done() -> list[dg.DagsterRun]:
-        runs = pipeline_runs(instance, pipeline)
+    def settled() -> list[dg.DagsterRun]:
+        runs = pipeline_runs(instance, PIPELINE)
         failed = [r for r in runs if r.status in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)]
-        assert not failed, f"run(s) of {pipeline} failed: {[(r.run_id, r.tags) for r in failed]}\n{daemon.tail()}"
-        complete = completed_steps(daemon.world.ops_db_url, pipeline).get("grid_map", 0) >= fan_in_runs
-        return runs if complete and runs and all(r.is_finished for r in runs) else []
+        assert not failed, f"run(s) failed: {[(r.run_id, r.tags) for r in failed]}\n{daemon.tail()}"
+        if not runs or not all(r.is_finished for r in runs):
+            quiet_since.clear()
+            return []
+        if not completed_steps(daemon.world.ops_db_url, PIPELINE).get("grid_map"):
+            return []
+        quiet_since[:] = quiet_since or [time.time()]
+        ticks = daemon.sensor_ticks(sensor_name(PIPELINE), after=quiet_since[0])
+        return runs if any(t.status.value == "SKIPPED" for t in ticks) else []
 
-    return daemon.wait_until(done, f"{fan_in_runs} completed fan-in run(s) of {pipeline}")
+    return daemon.wait_until(settled, f"{PIPELINE} up to date")
 
 
 def test_the_daemon_runs_the_sensor_and_the_chain_it_requests(daemon):
-    runs = _up_to_date(daemon, CHAIN)
+    runs = [r for r in _up_to_date(daemon) if r.tags.get("dagster/sensor_name")]
+    # The first chain: the sensor's runs up to its first fan-in run.
+    first_fan_in = next(i for i, r in enumerate(runs) if r.tags[STEP_TAG] == "grid_map")
+    chain = runs[: first_fan_in + 1]
 
     # Every run is the implicit asset job with exactly one step selected, requested by the sensor.
-    for run in runs:
+    for run in chain:
         assert run.job_name == "__ASSET_JOB"
-        assert run.tags["dagster/sensor_name"] == sensor_name(CHAIN)
-        assert run.asset_selection == {step_asset_key(CHAIN, run.tags[STEP_TAG])}
-    first = {step: min(i for i, r in enumerate(runs) if r.tags[STEP_TAG] == step) for step in STEPS}
+        assert run.tags["dagster/sensor_name"] == sensor_name(PIPELINE)
+        assert run.asset_selection == {step_asset_key(PIPELINE, run.tags[STEP_TAG])}
+    first = {step: min(i for i, r in enumerate(chain) if r.tags[STEP_TAG] == step) for step in STEPS}
     assert first["calibrate"] < first["baseline"] < first["grid_map"]
 
     # Exactly the archived scans were materialized, each with one completed attempt per per-scan step.
     engine = make_engine(daemon.world.ops_db_url)
     with Session(engine) as session:
         scans = {f"executed_obs_unit={eou}" for eou in archived_example_scan_ids(session)}
+        attempts = session.scalars(
+            select(m.ExecutedReductionStep).where(m.ExecutedReductionStep.dagster_run_id.in_([r.run_id for r in chain]))
+        ).all()
+        done = {(a.step.name, a.sub_group_key) for a in attempts if a.status is RunStatus.COMPLETED}
     engine.dispose()
-    instance = daemon.world.instance()
-    assert instance.get_materialized_partitions(step_asset_key(CHAIN, "calibrate")) == scans
-    assert completed_steps(daemon.world.ops_db_url, CHAIN) == {
-        "calibrate": len(scans),
-        "baseline": len(scans),
-        "grid_map": 1,
-    }
+    assert daemon.instance.get_materialized_partitions(step_asset_key(PIPELINE, "calibrate")) == scans
+    assert len(attempts) == len(done) == 2 * len(scans) + 1
+    assert done == {(s, k) for s in ("calibrate", "baseline") for k in scans} | {("grid_map", "all")}
 
 
 def test_a_config_change_with_the_daemon_running_re_runs_the_step_and_the_fan_in(daemon, tmp_path):
-    _up_to_date(daemon, CONFIG_CHANGE)
-    before = completed_steps(daemon.world.ops_db_url, CONFIG_CHANGE)
+    _up_to_date(daemon)
+    url = daemon.world.ops_db_url
+    before = completed_steps(url, PIPELINE)
+    engine = make_engine(url)
+    with Session(engine) as session:
+        scans = len(archived_example_scan_ids(session))
+    engine.dispose()
+    # The same `pipelines apply` as the CLI's, with the daemon running; no new data.
     changed = {**QUICK, "baseline": {"config": {"baseline_order": 2, "line_window_kms": 50}}}
-    apply_file(daemon.world, write_variant(tmp_path, CONFIG_CHANGE, steps=changed))
+    apply_file(daemon.world, write_variant(tmp_path, PIPELINE, steps=changed))
 
-    _up_to_date(daemon, CONFIG_CHANGE, fan_in_runs=2)
-    # No new data: calibrate did not run again; baseline re-ran every scan, then the fan-in once.
-    assert completed_steps(daemon.world.ops_db_url, CONFIG_CHANGE) == {
+    daemon.wait_until(
+        lambda: completed_steps(url, PIPELINE).get("grid_map") == before["grid_map"] + 1,
+        "a fan-in run after the change",
+    )
+    _up_to_date(daemon)
+    # calibrate did not run again; baseline re-ran every scan, then the fan-in once.
+    assert completed_steps(url, PIPELINE) == {
         "calibrate": before["calibrate"],
-        "baseline": 2 * before["baseline"],
-        "grid_map": 2,
+        "baseline": before["baseline"] + scans,
+        "grid_map": before["grid_map"] + 1,
     }
 
 
 def test_an_identical_upstream_re_run_leaves_downstream_up_to_date(daemon):
-    _up_to_date(daemon, IDENTICAL)
+    _up_to_date(daemon)
     world = daemon.world
-    sensor = sensor_name(IDENTICAL)
-    _next_tick(daemon, sensor, after=time.time())  # it has seen every attempt that finished so far
-    before = completed_steps(world.ops_db_url, IDENTICAL)
-    instance = world.instance()
-    key = sorted(instance.get_dynamic_partitions(f"{IDENTICAL}__executed_obs_unit"))[0]
+    sensor = sensor_name(PIPELINE)
+    before = completed_steps(world.ops_db_url, PIPELINE)
+    instance = daemon.instance
+    key = sorted(instance.get_dynamic_partitions(f"{PIPELINE}__executed_obs_unit"))[0]
 
     # An operator re-runs one up-to-date calibrate sub-group by hand (no trigger tag: forced); same bytes out.
     started_at = time.time()
@@ -141,37 +160,37 @@ def test_an_identical_upstream_re_run_leaves_downstream_up_to_date(daemon):
         .resolve_implicit_global_asset_job_def()
         .execute_in_process(
             instance=instance,
-            asset_selection=[step_asset_key(IDENTICAL, "calibrate")],
+            asset_selection=[step_asset_key(PIPELINE, "calibrate")],
             partition_key=key,
-            tags={PIPELINE_TAG: IDENTICAL, STEP_TAG: "calibrate"},
+            tags={PIPELINE_TAG: PIPELINE, STEP_TAG: "calibrate"},
             raise_on_error=False,
         )
     )
     assert forced.success
-    assert completed_steps(world.ops_db_url, IDENTICAL)["calibrate"] == before["calibrate"] + 1
+    assert completed_steps(world.ops_db_url, PIPELINE)["calibrate"] == before["calibrate"] + 1
 
     # The sensor's tick that sees the finished attempt requests nothing: baseline's inputs have the same content,
     # so its fingerprint (and the fan-in's after it) did not change.
-    tick = _next_tick(daemon, sensor, after=started_at, finished_attempts=True)
+    tick = _next_tick(daemon, sensor, after=started_at)
     assert not tick.run_ids, tick.skip_reason
     assert "sub-groups requested: none" in tick.skip_reason and "up_to_date" in tick.skip_reason
-    assert completed_steps(world.ops_db_url, IDENTICAL) == {**before, "calibrate": before["calibrate"] + 1}
+    assert completed_steps(world.ops_db_url, PIPELINE) == {**before, "calibrate": before["calibrate"] + 1}
 
 
-def _next_tick(daemon: Daemon, sensor: str, *, after: float, finished_attempts: bool = False):  # type: ignore[no-untyped-def]
-    """The first ended tick of ``sensor`` after ``after`` (with ``finished_attempts``: one that saw some)."""
+def _next_tick(daemon: Daemon, sensor: str, *, after: float):  # type: ignore[no-untyped-def]
+    """The first ended tick of ``sensor`` after ``after`` that saw finished attempts (or requested runs)."""
 
-    def seen() -> int:
+    def seen():  # type: ignore[no-untyped-def]
         ticks = [t for t in daemon.sensor_ticks(sensor, after=after) if t.status.value != "STARTED"]
         failed = [t for t in ticks if t.status.value == "FAILURE"]
         assert not failed, failed[0].error
         for tick in reversed(ticks):
             found = re.search(r"(\d+) finished attempt", tick.skip_reason or "")
-            if not finished_attempts or tick.run_ids or (found and int(found.group(1)) > 0):
+            if tick.run_ids or (found and int(found.group(1)) > 0):
                 return tick
         return None
 
-    return daemon.wait_until(seen, f"a tick of {sensor}" + (" that saw finished attempts" if finished_attempts else ""))
+    return daemon.wait_until(seen, f"a tick of {sensor} that saw finished attempts")
 
 
 # ------------------------------------------------------------------------------ without the daemon: a new scan
