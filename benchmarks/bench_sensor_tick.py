@@ -394,16 +394,16 @@ def config_change_report(
         name, scans = ARCHIVES[label]
         url = ensure_dataset(name, scans, rebuild=False)[0]
         upgrade(url)
-        if compare_shape:
-            grouping_engine.compile_touched_query = _in_subquery_touched_query
+        runs = [(f"{label}, IN (subquery) (before)", _in_subquery_touched_query)] if compare_shape else []
+        for name, shape in [*runs, (label, current)]:
+            grouping_engine.compile_touched_query = shape
             try:
-                results[f"{label}, IN (subquery) (before)"] = run_config_change(url, batch_limit=batch_limit)
+                results[name] = run_config_change(url, batch_limit=batch_limit)
             finally:
                 grouping_engine.compile_touched_query = current
-        results[label] = run_config_change(url, batch_limit=batch_limit)
-        if show_plans:  # the slowest statements of the sweep's median tick
-            ticks = sorted(results[label].ticks, key=lambda t: t.seconds)
-            print(f"=== {label}: median sweep tick\n" + explain(url, ticks[len(ticks) // 2].statements), flush=True)
+            if show_plans:  # the slowest statements of the sweep's median tick
+                ticks = sorted(results[name].ticks, key=lambda t: t.seconds)
+                print(f"=== {name}: median sweep tick\n" + explain(url, ticks[len(ticks) // 2].statements), flush=True)
     load_after = os.getloadavg()
     lines = [
         CONFIG_SECTION,

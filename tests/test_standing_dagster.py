@@ -1,13 +1,13 @@
 """Standing pipelines through real Dagster on PostgreSQL (ops-db and Dagster storage), real example software
 under bubblewrap.
 
-With one real ``dagster-daemon`` for the module (``dagster sensor start`` then ``dagster-daemon run``), each
-test on its own pipeline of the same ops-db: the daemon evaluates the sensor, resolves its run requests (the
-implicit asset job with one step selected, partition ranges), launches the runs as separate processes and
-chains the steps; a config change re-runs the step and the fan-in with no new data; a forced upstream re-run
-with identical bytes leaves downstream up to date. Without the daemon, on a world of their own (they bring a
-new scan): a MANUAL pipeline materialized from the CLI right after apply, and a fan-in that completes after
-retention deleted its intermediates.
+On a world each, without the daemon (they bring a new scan, which would be new data for the daemon's
+pipeline): a MANUAL pipeline materialized from the CLI right after apply, and a fan-in that completes after
+retention deleted its intermediates (and a run by hand that says what to re-create first). Then one real
+``dagster-daemon`` for the rest of the module (``dagster sensor start``, ``dagster-daemon run``): it evaluates
+the sensor, resolves its run requests (the implicit asset job with one step selected, partition ranges),
+launches the runs as separate processes and chains the steps; a config change re-runs the step and the fan-in
+with no new data; a forced upstream re-run with identical bytes leaves downstream up to date.
 """
 
 from __future__ import annotations
@@ -42,6 +42,134 @@ from .daemon_fixtures import (
     write_variant,
 )
 from .dagster_fixtures import PIPELINE, archived_example_scan_ids, make_world, require_bwrap_and_numpy
+
+# ------------------------------------------------------ without the daemon, on a world each: they bring a new scan
+
+
+@pytest.fixture
+def world(tmp_path, monkeypatch):
+    require_bwrap_and_numpy()
+    world, urls = make_world(tmp_path, monkeypatch, scans=3)
+    # One scan of the grouping is still "in transfer": _archive_held_back brings it as new data.
+    engine = make_engine(world.ops_db_url)
+    with Session(engine) as session, session.begin():
+        newest = max(archived_example_scan_ids(session), key=str)
+        for package in session.scalars(select(m.RawDataPackage).where(m.RawDataPackage.executed_obs_unit_id == newest)):
+            package.state = PackageState.WAITING
+    engine.dispose()
+    yield world
+    for url in urls:
+        drop_pg_database(url)
+
+
+def _archive_held_back(world) -> None:  # type: ignore[no-untyped-def]
+    """Data-transfer finishes the held-back scan (its archive copy exists already)."""
+    engine = make_engine(world.ops_db_url)
+    with Session(engine) as session, session.begin():
+        for package in session.scalars(select(m.RawDataPackage).where(m.RawDataPackage.state == PackageState.WAITING)):
+            package.state = PackageState.ARCHIVED
+            package.updated_at = m.utcnow()
+    engine.dispose()
+
+
+def test_a_manual_pipeline_is_materialized_from_the_cli_right_after_apply(world, tmp_path):
+    manual = write_variant(tmp_path, PIPELINE, trigger={"type": "manual"})
+    applied = run_cli(world, dagster_bin("ccat-dagster"), "pipelines", "apply", str(manual))
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert "partitions: " in applied.stdout and " added" in applied.stdout
+    instance = world.instance()
+    per_scan = f"{PIPELINE}__executed_obs_unit"
+    keys = sorted(instance.get_dynamic_partitions(per_scan))
+    assert keys and instance.get_dynamic_partitions(f"{PIPELINE}__all") == ["all"]
+
+    run = run_cli(
+        world,
+        dagster_bin("dagster"),
+        "asset",
+        "materialize",
+        "-m",
+        "ccat_dagster.definitions",
+        "--select",
+        f"{PIPELINE}/calibrate",
+        "--partition",
+        keys[0],
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert completed_steps(world.ops_db_url, PIPELINE) == {"calibrate": 1}
+    assert instance.get_materialized_partitions(dg.AssetKey([PIPELINE, "calibrate"])) == {keys[0]}
+
+    # No run-requesting sensor for a MANUAL pipeline; the partitions sensor adds new sub-groups as data arrives.
+    defs = build_definitions(world.settings())
+    assert {s.name for s in defs.sensors if s.name.startswith(PIPELINE)} == {f"{PIPELINE}__partitions"}
+    _archive_held_back(world)
+    sensor = defs.get_sensor_def(f"{PIPELINE}__partitions")
+    result = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+    (request,) = [r for r in result.dynamic_partitions_requests if r.partitions_def_name == per_scan]
+    assert request.partition_keys and not set(request.partition_keys) & set(keys)
+    assert not result.run_requests
+
+
+def test_retention_of_zero_days_and_a_new_scan_the_fan_in_completes(world, tmp_path):
+    # baseline's intermediates may go although grid_map (a fan-in) reads them: they are re-created on demand.
+    steps = {"baseline": {"retention": "recreate"}, "grid_map": {"cooldown_seconds": 0}}
+    apply_file(world, write_variant(tmp_path, PIPELINE, steps=steps))
+    settings = world.settings()
+    instance = world.instance()
+    defs = build_definitions(settings)
+    first = run_sensor_until_idle(defs=defs, instance=instance, pipeline=PIPELINE, echo=lambda _m: None)
+    assert all(ok for _s, _l, ok in first.runs)
+    scans = completed_steps(world.ops_db_url, PIPELINE)["calibrate"]
+
+    engine = make_engine(world.ops_db_url)
+    report = run_retention_cleanup(
+        engine,
+        pipeline_base_dir=settings.pipeline_base_dir,
+        processing_location_id=settings.processing_location_id,
+        retention_days=0,
+        dry_run=False,
+    )
+    # At least one intermediate of calibrate and one of baseline per scan (grid_map's products are final).
+    assert report.count(DeletionAction.DELETED) >= 2 * scans
+
+    # A run by hand of the fan-in does not re-create them: it fails with one line saying what to run first.
+    by_hand = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        instance=instance,
+        asset_selection=[step_asset_key(PIPELINE, "grid_map")],
+        partition_key="all",
+        raise_on_error=False,
+    )
+    (failure,) = by_hand.get_step_failure_events()
+    message = failure.step_failure_data.user_failure_data.description
+    assert message.startswith(f"1 sub-group(s) of {PIPELINE}/grid_map did not run (all): retention deleted")
+    assert f"materialize first calibrate ({scans} sub-group(s): " in message and f"; then baseline ({scans} " in message
+    assert f"--select {PIPELINE}/calibrate --partition executed_obs_unit=" in message and "\n" not in message
+    assert completed_steps(world.ops_db_url, PIPELINE)["grid_map"] == 1
+    _archive_held_back(world)
+
+    log: list[str] = []
+    second = run_sensor_until_idle(defs=defs, instance=instance, pipeline=PIPELINE, echo=log.append, max_ticks=12)
+    assert all(ok for _s, _l, ok in second.runs), "\n".join(log)
+    assert completed_steps(world.ops_db_url, PIPELINE)["grid_map"] == 2, "\n".join(log)
+    with Session(engine) as session:
+        latest = session.scalars(
+            select(m.ExecutedReductionStep)
+            .join(m.ExecutedReductionStep.step)
+            .where(m.ReductionStep.name == "grid_map")
+            .order_by(m.ExecutedReductionStep.id.desc())
+        ).first()
+        # The fan-in read every scan's baseline, the old scans' from re-created (present) copies.
+        every_scan = {f"executed_obs_unit={eou}" for eou in archived_example_scan_ids(session)}
+        assert {p.sub_group_key for p in latest.input_products} == every_scan and len(every_scan) > scans
+        assert all(
+            copy.status is PhysicalCopyStatus.PRESENT for p in latest.input_products for copy in p.physical_copies
+        )
+    engine.dispose()
+    rebuilt = instance.get_runs(filters=dg.RunsFilter(tags={REBUILD_TAG: "missing_intermediate"}))
+    assert {run.tags["ccat/step"] for run in rebuilt} == {"calibrate", "baseline"}, "\n".join(log)
+
+
+# ------------------------------------------------------------------ one daemon for the rest of the module
+
 
 STEPS = ("calibrate", "baseline", "grid_map")
 # The fan-in may run again at once (the example's grid_map waits a day between runs).
@@ -191,128 +319,3 @@ def _next_tick(daemon: Daemon, sensor: str, *, after: float):  # type: ignore[no
         return None
 
     return daemon.wait_until(seen, f"a tick of {sensor} that saw finished attempts")
-
-
-# ------------------------------------------------------------------------------ without the daemon: a new scan
-
-
-@pytest.fixture
-def world(tmp_path, monkeypatch):
-    require_bwrap_and_numpy()
-    world, urls = make_world(tmp_path, monkeypatch, scans=3)
-    # One scan of the grouping is still "in transfer": _archive_held_back brings it as new data.
-    engine = make_engine(world.ops_db_url)
-    with Session(engine) as session, session.begin():
-        newest = max(archived_example_scan_ids(session), key=str)
-        for package in session.scalars(select(m.RawDataPackage).where(m.RawDataPackage.executed_obs_unit_id == newest)):
-            package.state = PackageState.WAITING
-    engine.dispose()
-    yield world
-    for url in urls:
-        drop_pg_database(url)
-
-
-def _archive_held_back(world) -> None:  # type: ignore[no-untyped-def]
-    """Data-transfer finishes the held-back scan (its archive copy exists already)."""
-    engine = make_engine(world.ops_db_url)
-    with Session(engine) as session, session.begin():
-        for package in session.scalars(select(m.RawDataPackage).where(m.RawDataPackage.state == PackageState.WAITING)):
-            package.state = PackageState.ARCHIVED
-            package.updated_at = m.utcnow()
-    engine.dispose()
-
-
-def test_a_manual_pipeline_is_materialized_from_the_cli_right_after_apply(world, tmp_path):
-    manual = write_variant(tmp_path, PIPELINE, trigger={"type": "manual"})
-    applied = run_cli(world, dagster_bin("ccat-dagster"), "pipelines", "apply", str(manual))
-    assert applied.returncode == 0, applied.stdout + applied.stderr
-    assert "partitions: " in applied.stdout and " added" in applied.stdout
-    instance = world.instance()
-    per_scan = f"{PIPELINE}__executed_obs_unit"
-    keys = sorted(instance.get_dynamic_partitions(per_scan))
-    assert keys and instance.get_dynamic_partitions(f"{PIPELINE}__all") == ["all"]
-
-    run = run_cli(
-        world,
-        dagster_bin("dagster"),
-        "asset",
-        "materialize",
-        "-m",
-        "ccat_dagster.definitions",
-        "--select",
-        f"{PIPELINE}/calibrate",
-        "--partition",
-        keys[0],
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert completed_steps(world.ops_db_url, PIPELINE) == {"calibrate": 1}
-    assert instance.get_materialized_partitions(dg.AssetKey([PIPELINE, "calibrate"])) == {keys[0]}
-
-    # No run-requesting sensor for a MANUAL pipeline; the partitions sensor adds new sub-groups as data arrives.
-    defs = build_definitions(world.settings())
-    assert {s.name for s in defs.sensors if s.name.startswith(PIPELINE)} == {f"{PIPELINE}__partitions"}
-    _archive_held_back(world)
-    sensor = defs.get_sensor_def(f"{PIPELINE}__partitions")
-    result = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
-    (request,) = [r for r in result.dynamic_partitions_requests if r.partitions_def_name == per_scan]
-    assert request.partition_keys and not set(request.partition_keys) & set(keys)
-    assert not result.run_requests
-
-
-def test_retention_of_zero_days_and_a_new_scan_the_fan_in_completes(world, tmp_path):
-    # baseline's intermediates may go although grid_map (a fan-in) reads them: they are re-created on demand.
-    steps = {"baseline": {"retention": "recreate"}, "grid_map": {"cooldown_seconds": 0}}
-    apply_file(world, write_variant(tmp_path, PIPELINE, steps=steps))
-    settings = world.settings()
-    instance = world.instance()
-    defs = build_definitions(settings)
-    first = run_sensor_until_idle(defs=defs, instance=instance, pipeline=PIPELINE, echo=lambda _m: None)
-    assert all(ok for _s, _l, ok in first.runs)
-    scans = completed_steps(world.ops_db_url, PIPELINE)["calibrate"]
-
-    engine = make_engine(world.ops_db_url)
-    report = run_retention_cleanup(
-        engine,
-        pipeline_base_dir=settings.pipeline_base_dir,
-        processing_location_id=settings.processing_location_id,
-        retention_days=0,
-        dry_run=False,
-    )
-    # At least one intermediate of calibrate and one of baseline per scan (grid_map's products are final).
-    assert report.count(DeletionAction.DELETED) >= 2 * scans
-
-    # A run by hand of the fan-in does not re-create them: it fails with one line saying what to run first.
-    by_hand = defs.resolve_implicit_global_asset_job_def().execute_in_process(
-        instance=instance,
-        asset_selection=[step_asset_key(PIPELINE, "grid_map")],
-        partition_key="all",
-        raise_on_error=False,
-    )
-    (failure,) = by_hand.get_step_failure_events()
-    message = failure.step_failure_data.user_failure_data.description
-    assert message.startswith(f"1 sub-group(s) of {PIPELINE}/grid_map did not run (all): retention deleted")
-    assert f"materialize first calibrate ({scans} sub-group(s): " in message and f"; then baseline ({scans} " in message
-    assert f"--select {PIPELINE}/calibrate --partition executed_obs_unit=" in message and "\n" not in message
-    assert completed_steps(world.ops_db_url, PIPELINE)["grid_map"] == 1
-    _archive_held_back(world)
-
-    log: list[str] = []
-    second = run_sensor_until_idle(defs=defs, instance=instance, pipeline=PIPELINE, echo=log.append, max_ticks=12)
-    assert all(ok for _s, _l, ok in second.runs), "\n".join(log)
-    assert completed_steps(world.ops_db_url, PIPELINE)["grid_map"] == 2, "\n".join(log)
-    with Session(engine) as session:
-        latest = session.scalars(
-            select(m.ExecutedReductionStep)
-            .join(m.ExecutedReductionStep.step)
-            .where(m.ReductionStep.name == "grid_map")
-            .order_by(m.ExecutedReductionStep.id.desc())
-        ).first()
-        # The fan-in read every scan's baseline, the old scans' from re-created (present) copies.
-        every_scan = {f"executed_obs_unit={eou}" for eou in archived_example_scan_ids(session)}
-        assert {p.sub_group_key for p in latest.input_products} == every_scan and len(every_scan) > scans
-        assert all(
-            copy.status is PhysicalCopyStatus.PRESENT for p in latest.input_products for copy in p.physical_copies
-        )
-    engine.dispose()
-    rebuilt = instance.get_runs(filters=dg.RunsFilter(tags={REBUILD_TAG: "missing_intermediate"}))
-    assert {run.tags["ccat/step"] for run in rebuilt} == {"calibrate", "baseline"}, "\n".join(log)
