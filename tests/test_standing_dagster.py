@@ -172,8 +172,9 @@ def test_retention_of_zero_days_and_a_new_scan_the_fan_in_completes(world, tmp_p
 
 
 STEPS = ("calibrate", "baseline", "grid_map")
-# The fan-in may run again at once (the example's grid_map waits a day between runs).
-QUICK = {"grid_map": {"cooldown_seconds": 0}}
+# No cooldowns: the example's steps wait a minute (grid_map a day) between runs of a sub-group, which would only
+# delay the re-runs after the config change (cooldowns are tested in test_tick_planning.py).
+QUICK = {step: {"cooldown_seconds": 0} for step in ("calibrate", "baseline", "grid_map")}
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +258,7 @@ def test_a_config_change_with_the_daemon_running_re_runs_the_step_and_the_fan_in
         scans = len(archived_example_scan_ids(session))
     engine.dispose()
     # The same `pipelines apply` as the CLI's, with the daemon running; no new data.
-    changed = {**QUICK, "baseline": {"config": {"baseline_order": 2, "line_window_kms": 50}}}
+    changed = {**QUICK, "baseline": {**QUICK["baseline"], "config": {"baseline_order": 2, "line_window_kms": 50}}}
     apply_file(daemon.world, write_variant(tmp_path, PIPELINE, steps=changed))
 
     daemon.wait_until(
