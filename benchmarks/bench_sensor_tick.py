@@ -356,15 +356,54 @@ def run_config_change(url: str, *, batch_limit: int) -> Sweep:
     return Sweep(ticks, after, first)
 
 
-def config_change_report(sizes: list[str], batch_limit: int, argv: list[str]) -> str:
+def _in_subquery_touched_query(**kwargs: Any) -> Any:
+    """``compile_touched_query`` as it was before 2026-12-03: the touched identities as ``IN (subquery)``, for a
+    before/after comparison in the same run (``--compare-touched-shape``)."""
+    from sqlalchemy import tuple_
+
+    from ccat_dagster.grouping import engine as grouping_engine
+    from ccat_dagster.grouping import sql as grouping_sql
+
+    rules, dims = grouping_engine._validated(kwargs["filter_rules"], kwargs["group_by"])
+    options = {
+        "instrument_module_id": kwargs.get("instrument_module_id"),
+        "only_archived": kwargs.get("only_archived", True),
+    }
+    outer = grouping_engine._QueryParts.build(rules, dims, **options)
+    inner = grouping_engine._QueryParts.build(rules, dims, alias_suffix="_changed", **options)
+    ids = grouping_sql.id_list_param(list(kwargs["changed_package_ids"]))
+    inner.where.append(grouping_sql.id_in_list(inner.root.c.id, ids))
+    touched = select(*inner.match_exprs).select_from(inner.from_clause).where(*inner.where)
+    if len(outer.match_exprs) == 1:
+        outer.where.append(outer.match_exprs[0].in_(touched))
+    else:
+        outer.where.append(tuple_(*outer.match_exprs).in_(touched))
+    return outer.grouped_select()
+
+
+def config_change_report(
+    sizes: list[str], batch_limit: int, argv: list[str], *, show_plans: bool = False, compare_shape: bool = False
+) -> str:
+    from ccat_dagster.grouping import engine as grouping_engine
+
     started_at = dt.datetime.now(dt.UTC)
     load_before = os.getloadavg()
     results: dict[str, Sweep] = {}
+    current = grouping_engine.compile_touched_query
     for label in sizes:
         name, scans = ARCHIVES[label]
         url = ensure_dataset(name, scans, rebuild=False)[0]
         upgrade(url)
-        results[label] = run_config_change(url, batch_limit=batch_limit)
+        runs = [(f"{label}, IN (subquery) (before)", _in_subquery_touched_query)] if compare_shape else []
+        for name, shape in [*runs, (label, current)]:
+            grouping_engine.compile_touched_query = shape
+            try:
+                results[name] = run_config_change(url, batch_limit=batch_limit)
+            finally:
+                grouping_engine.compile_touched_query = current
+            if show_plans:  # the slowest statements of the sweep's median tick
+                ticks = sorted(results[name].ticks, key=lambda t: t.seconds)
+                print(f"=== {name}: median sweep tick\n" + explain(url, ticks[len(ticks) // 2].statements), flush=True)
     load_after = os.getloadavg()
     lines = [
         CONFIG_SECTION,
@@ -391,6 +430,7 @@ def config_change_report(sizes: list[str], batch_limit: int, argv: list[str]) ->
             f"{max(seconds):.3f} s | {sweep.requested:,} | {sweep.after.seconds * 1000:.0f} ms | "
             f"{sweep.signature_tick.seconds * 1000:.0f} ms |"
         )
+    lines += ["", *sweep_profile(results)]
     lines += [
         "",
         "Reading: the change is evaluated once, spread over ticks whose cost is bounded by the batch limit (not by "
@@ -400,6 +440,43 @@ def config_change_report(sizes: list[str], batch_limit: int, argv: list[str]) ->
         "",
     ]
     return "\n".join(lines)
+
+
+def _statement_kind(statement: str) -> str:
+    """A statement's shape without its parameters: the first FROM table and what it is filtered on."""
+    flat = " ".join(statement.split())
+    head = flat.split(" FROM ", 1)
+    table = head[1].split(" ", 1)[0] if len(head) > 1 else flat[:40]
+    where = flat.split(" WHERE ", 1)[1][:70] if " WHERE " in flat else ""
+    return f"{flat.split(' ', 1)[0]} {table} … {where}".strip()
+
+
+def sweep_profile(results: dict[str, Sweep], top: int = 4) -> list[str]:
+    """Where a sweep tick's time goes, per archive: the SQL statements by kind (mean ms per tick), the rest."""
+    lines = [
+        "Where a sweep tick's time goes (mean per tick; SQL timed at the driver, the rest is Python):",
+        "",
+        "| archive | statement kind | ms per tick | calls per tick |",
+        "|---|---|---:|---:|",
+    ]
+    for label, sweep in results.items():
+        ticks = len(sweep.ticks)
+        total: dict[str, float] = {}
+        calls: dict[str, int] = {}
+        for tick in sweep.ticks:
+            for seconds, statement, _parameters in tick.statements:
+                kind = _statement_kind(statement)
+                total[kind] = total.get(kind, 0.0) + seconds
+                calls[kind] = calls.get(kind, 0) + 1
+        for kind, seconds in sorted(total.items(), key=lambda item: -item[1])[:top]:
+            shown = kind.replace("|", "\\|")
+            lines.append(f"| {label} | `{shown}` | {seconds / ticks * 1000:.1f} | {calls[kind] / ticks:.1f} |")
+        python = sum(t.seconds for t in sweep.ticks) - sum(total.values())
+        lines.append(
+            f"| {label} | (all SQL) | {sum(total.values()) / ticks * 1000:.1f} | {sum(calls.values()) / ticks:.1f} |"
+        )
+        lines.append(f"| {label} | (Python, outside SQL) | {python / ticks * 1000:.1f} | |")
+    return lines
 
 
 def explain(url: str, statements: list[tuple[float, str, Any]], top: int = 3) -> str:
@@ -432,9 +509,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config-change", action="store_true", help="measure the sweep after a config change")
     parser.add_argument("--sizes", default="10k,100k,1M", help="archives for --config-change, e.g. 10k,1M")
     parser.add_argument("--batch-limit", type=int, default=5000, help="packages per tick for --config-change")
+    parser.add_argument(
+        "--compare-touched-shape",
+        action="store_true",
+        help="with --config-change: also sweep with the earlier IN (subquery) touched query, in the same run",
+    )
     args = parser.parse_args(argv)
     if args.config_change:
-        report = config_change_report(args.sizes.split(","), args.batch_limit, list(argv or sys.argv[1:]))
+        report = config_change_report(
+            args.sizes.split(","),
+            args.batch_limit,
+            list(argv or sys.argv[1:]),
+            show_plans=args.explain,
+            compare_shape=args.compare_touched_shape,
+        )
         print(report)
         if args.write_docs:
             write_section(CONFIG_SECTION, report)

@@ -82,7 +82,11 @@ class DemoWorld:
         return dg.DagsterInstance.from_config(str(self.dagster_home))
 
 
-def make_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, scans: int = 12) -> tuple[DemoWorld, list[str]]:
+def make_world(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, scans: int = 12, instance_config: str = ""
+) -> tuple[DemoWorld, list[str]]:
+    """Seeded ops-db with the example pipeline applied, a Dagster home on PostgreSQL; ``instance_config`` is
+    appended to its dagster.yaml."""
     ops_url = create_pg_database("ccat_test_ops")
     dagster_url = create_pg_database("ccat_test_dagster")
     upgrade(ops_url)
@@ -96,7 +100,7 @@ def make_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, scans: int = 
     home.mkdir()
     (home / "dagster.yaml").write_text(
         f"storage:\n  postgres:\n    postgres_url: {dagster_url.replace('+psycopg2', '')}\n"
-        "telemetry:\n  enabled: false\n"
+        "telemetry:\n  enabled: false\n" + instance_config
     )
     env = {
         "CCAT_DAGSTER_DATA_DIR": str(data_dir),

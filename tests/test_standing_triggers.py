@@ -261,6 +261,28 @@ def test_deleted_intermediates_are_re_created_before_the_fan_in_runs_again(engin
         assert evaluate_all(session, session.get(m.Pipeline, standing.pipeline_id), now=m.utcnow()).requests == []
 
 
+def test_a_manual_fan_in_run_after_retention_names_what_to_materialize_first(engine, tmp_path):
+    standing = Standing(engine, tmp_path)
+    standing.add_scan("scan-2")
+    done = _run_to_up_to_date(standing)
+    keys = sorted(p.sub_group_key for k, p in done.items() if k.startswith("calibrate/"))
+    with Session(engine) as session, session.begin():  # what `retention run` with 0 days does to the copies
+        for copy in session.query(m.PhysicalCopy).filter(m.PhysicalCopy.data_product_id.is_not(None)):
+            if copy.data_product.reduction_step_id == standing.steps["calibrate"]:
+                copy.status = PhysicalCopyStatus.DELETED
+
+    with Session(engine) as session:  # what the step asset plans for `dagster asset materialize … grid_map`
+        planner = planning.Planner(session, session.get(m.Pipeline, standing.pipeline_id), now=m.utcnow())
+        (plan,) = planner.plan_keys("grid_map", ["all"], respect_cooldown=False, force=True)
+        order = planner.recreation_order("grid_map")
+    assert plan.readiness is Readiness.UPSTREAM_NOT_READY and plan.reason is GapReason.MISSING_INTERMEDIATE
+    assert order == [("calibrate", keys)]
+    hint = planning.recreation_hint("chai", order, shown=1)
+    assert "\n" not in hint
+    assert f"materialize first calibrate (2 sub-group(s): {keys[0]} and 1 more)" in hint
+    assert f"--select chai/calibrate --partition {keys[0]}`" in hint and "metadata `recreate_first`" in hint
+
+
 def _forced(standing: Standing, key: str) -> planning.SubGroupPlan:
     """A manual run's plan of one calibrate sub-group (up to date or not)."""
     with Session(standing.engine) as session:

@@ -241,6 +241,7 @@ def run_step(
             dagster_run_id=context.run.run_id,
             force=force,
             retry_failed=retry_failed,
+            by_hand=not automatic,
         )
     events.flush()
     failed = [o for o in outcomes if o.kind in (OutcomeKind.FAILED, OutcomeKind.CANCELLED)]
@@ -254,6 +255,18 @@ def run_step(
     waiting = [
         o for o in outcomes if o.kind is OutcomeKind.SKIPPED and (o.detail or "").startswith("upstream_not_ready")
     ]
+    stranded = [o for o in waiting if o.waits_for_recreation]
+    if stranded and not automatic and not failed:
+        # A run by hand never re-creates deleted intermediates behind the operator's back (docs/provenance.md).
+        keys = ", ".join(o.sub_group_key for o in stranded[:3]) + (" …" if len(stranded) > 3 else "")
+        raise dg.Failure(
+            description=f"{len(stranded)} sub-group(s) of {pipeline_name}/{step_name} did not run ({keys}): "
+            + stranded[0].detail.partition(": ")[2],
+            metadata={
+                "waiting_sub_groups": dg.MetadataValue.json([o.sub_group_key for o in stranded]),
+                "recreate_first": dg.MetadataValue.json(dict(runner.recreate_first)),
+            },
+        )
     if waiting and not done and not failed:
         raise dg.Failure(description=_waiting_message(pipeline_name, step_name, trigger_type, waiting, len(outcomes)))
     if failed:

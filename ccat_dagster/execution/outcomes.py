@@ -45,6 +45,8 @@ class SubGroupOutcome:
     """Why the last attempt failed (FAILED / CANCELLED outcomes)."""
     products: tuple[DiscoveredProduct, ...] = ()
     """The registered products of a COMPLETED outcome (what its materialization lists)."""
+    waits_for_recreation: bool = False
+    """SKIPPED: the sub-group reads upstream intermediates whose copies retention deleted."""
 
 
 def completed_outcome(

@@ -309,6 +309,20 @@ class Planner:
             for key in keys
         ]
 
+    def recreation_order(self, consumer: str) -> list[tuple[str, list[str]]]:
+        """What must run again, upstream step first, before the sub-groups of ``consumer`` that wait for deleted
+        intermediates can run: (step name, sub-group keys) per step, from the plans made so far.
+
+        A step whose own inputs were deleted too is listed after the step that re-creates those.
+        """
+        keys: dict[str, set[str]] = defaultdict(set)
+        for name, plans in self.rebuilds.items():
+            keys[name].update(plans)
+        for name, plans in self.waiting_for_rebuild.items():
+            if name != consumer:
+                keys[name].update(plans)
+        return [(name, sorted(keys[name])) for name in _upstream_first(self.pipeline.steps) if keys.get(name)]
+
     # ------------------------------------------------------------------ internals
 
     def _attempts(self, step_id: int, keys: Sequence[str]) -> dict[str, list[m.ExecutedReductionStep]]:
@@ -577,6 +591,39 @@ class Planner:
                     )
                 )
         return products
+
+
+def recreation_hint(pipeline: str, order: Sequence[tuple[str, Sequence[str]]], *, shown: int = 3) -> str:
+    """One line for an operator whose manual run needs intermediates that retention deleted: which upstream
+    sub-groups to materialize first, in which order, and the command that does it."""
+
+    def keys(found: Sequence[str]) -> str:
+        more = f" and {len(found) - shown} more" if len(found) > shown else ""
+        return ", ".join(found[:shown]) + more
+
+    steps = "; then ".join(f"{name} ({len(found)} sub-group(s): {keys(found)})" for name, found in order)
+    first, first_keys = order[0]
+    return (
+        f"retention deleted upstream intermediates it reads and a manual run does not re-create them: materialize "
+        f"first {steps}, e.g. `dagster asset materialize -m ccat_dagster.definitions --select {pipeline}/{first} "
+        f"--partition {first_keys[0]}` (all of them: the run failure's metadata `recreate_first`), then this one again"
+    )
+
+
+def _upstream_first(steps: Iterable[m.ReductionStep]) -> list[str]:
+    """Step names with every step after the steps it depends on."""
+    ordered: list[str] = []
+
+    def visit(step: m.ReductionStep) -> None:
+        if step.name in ordered:
+            return
+        for upstream in step.depends_on:
+            visit(upstream)
+        ordered.append(step.name)
+
+    for step in sorted(steps, key=lambda s: s.position):
+        visit(step)
+    return ordered
 
 
 def load_pipeline(session: Session, name: str) -> m.Pipeline:

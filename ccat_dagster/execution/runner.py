@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,14 @@ from ccat_dagster.execution.hpc.base import (
     JobState,
 )
 from ccat_dagster.execution.outcomes import OutcomeKind, Progress, RunLog, SubGroupOutcome, completed_outcome
-from ccat_dagster.execution.planning import Planner, Readiness, SubGroupPlan, load_pipeline
+from ccat_dagster.execution.planning import (
+    GapReason,
+    Planner,
+    Readiness,
+    SubGroupPlan,
+    load_pipeline,
+    recreation_hint,
+)
 from ccat_dagster.execution.polling import StatusPoller
 from ccat_dagster.execution.preparation import (
     AttemptPreparation,
@@ -196,6 +203,9 @@ class StepRunner:
         self.status_query_seconds = 0.0
         self.submit_seconds = 0.0
         self._run_id = ""
+        # After ``run(by_hand=True)``: (step, sub-group keys) to materialize first, upstream first, for the
+        # sub-groups that wait for intermediates retention deleted (empty when none waits).
+        self.recreate_first: list[tuple[str, list[str]]] = []
         self.log = RunLog(report, every_seconds=config.progress_report_seconds, clock=clock)
         self._submitted = 0
         self._use_backend(backend)
@@ -243,12 +253,15 @@ class StepRunner:
         dagster_run_id: str,
         force: bool = False,
         retry_failed: bool = False,
+        by_hand: bool = False,
     ) -> list[SubGroupOutcome]:
         """Run the sub-groups of ``sub_group_keys`` that need it; one outcome per key, in order.
 
         ``force`` also redoes up-to-date sub-groups (a manual run). ``retry_failed`` (a re-execution or retry of
         an earlier run) also redoes sub-groups whose attempts with the current inputs all failed, past
-        ``max_retries``; up-to-date ones are still skipped, so only the failed ones run again.
+        ``max_retries``; up-to-date ones are still skipped, so only the failed ones run again. ``by_hand`` (a run
+        a person launched): a sub-group waiting for upstream intermediates that retention deleted says which
+        upstream sub-groups to materialize first, since no trigger re-creates them for this run.
         """
         if self.engine is None:
             raise RunnerError("StepRunner.run plans from ops-db: give it an engine")
@@ -257,6 +270,10 @@ class StepRunner:
             pipeline = load_pipeline(session, pipeline_name)
             planner = Planner(session, pipeline, now=utcnow())
             plans = planner.plan_keys(step_name, keys, respect_cooldown=False, force=force)
+            self.recreate_first = planner.recreation_order(step_name) if by_hand else []
+            if order := self.recreate_first:
+                hint = recreation_hint(pipeline_name, order)
+                plans = [replace(p, detail=hint) if _waits_for_recreation(p) else p for p in plans]
             info = planner.step_info(step_name)
             step = StepDefinition.of(pipeline, info.step, info.version)
         outcomes = self.execute(step=step, plans=plans, dagster_run_id=dagster_run_id, retry_failed=retry_failed)
@@ -787,7 +804,17 @@ class StepRunner:
 
     @staticmethod
     def _skipped(plan: SubGroupPlan, detail: str) -> SubGroupOutcome:
-        return SubGroupOutcome(plan.sub_group_key, OutcomeKind.SKIPPED, fingerprint=plan.fingerprint, detail=detail)
+        return SubGroupOutcome(
+            plan.sub_group_key,
+            OutcomeKind.SKIPPED,
+            fingerprint=plan.fingerprint,
+            detail=detail,
+            waits_for_recreation=_waits_for_recreation(plan),
+        )
+
+
+def _waits_for_recreation(plan: SubGroupPlan) -> bool:
+    return plan.readiness is Readiness.UPSTREAM_NOT_READY and plan.reason is GapReason.MISSING_INTERMEDIATE
 
 
 def _best_effort(action: Callable[[], Any]) -> Any:
