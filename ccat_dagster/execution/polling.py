@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from ccat_dagster.execution.hpc.base import HpcBackend, HpcError, JobInfo, JobState, UnknownJobError
 from ccat_dagster.execution.outcomes import RunLog
-from ccat_dagster.execution.status_cache import SharedStatusCache
+from ccat_dagster.execution.status_cache import SharedStatusCache, cache_directory
 from ccat_dagster.opsdb.enums import FailureKind
 
 log = logging.getLogger(__name__)
@@ -192,3 +194,38 @@ class StatusPoller:
         )
         log.warning(message)
         self.log.throttled("scheduler", message)
+
+
+def poller_for(
+    backend: HpcBackend,
+    *,
+    clock: Callable[[], float],
+    run_log: RunLog,
+    status_cache_dir: Path | None,
+    processing_location_id: int,
+    tolerance_seconds: float,
+    min_interval: float,
+    max_interval: float,
+    queries_per_minute: float,
+) -> StatusPoller:
+    """The poller of a batch's jobs on ``backend``: sharing one query per interval with the location's other runs
+    when ``status_cache_dir`` is set and the backend shares a scheduler."""
+    shared = None
+    if status_cache_dir is not None and backend.shares_a_scheduler:
+        shared = SharedStatusCache(
+            cache_directory(status_cache_dir, backend=backend.name, processing_location_id=processing_location_id),
+            # Shared by processes (and hosts) that do not share a monotonic clock; a fake clock in tests.
+            clock=time.time if clock is time.monotonic else clock,
+            queries_per_minute=queries_per_minute,
+            count_calls=lambda: backend.scheduler_queries,
+        )
+    return StatusPoller(
+        backend,
+        tolerance_seconds=tolerance_seconds,
+        clock=clock,
+        log=run_log,
+        min_interval=min_interval,
+        max_interval=max_interval,
+        queries_per_minute=queries_per_minute,
+        shared=shared,
+    )

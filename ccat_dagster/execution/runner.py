@@ -17,6 +17,10 @@ body) cancels jobs.
 
 Time is injected (``clock``, ``sleep``), and so are the store and the preparation, so that the loop is tested
 in milliseconds with fakes (tests/test_runner_loop.py) besides the real-backend tests.
+
+Besides the loop, each in its own module: starting attempts and their submission (``execution.submission``),
+collection and the ending of failed and completed attempts (``execution.collection``), the batch's queued and
+in-flight sub-groups (``execution.batch``), the poller of a backend (``execution.polling.poller_for``).
 """
 
 from __future__ import annotations
@@ -27,52 +31,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import Engine
 
 from ccat_dagster.errors import CcatError
-from ccat_dagster.execution import contract
-from ccat_dagster.execution.attempts import Adoption, AttemptRef, AttemptStore, OpsDbAttemptStore
-from ccat_dagster.execution.discovery import DiscoveredProduct
-from ccat_dagster.execution.failures import (
-    ResourceCaps,
-    describe_resource_change,
-    failure_kind_of,
-    failure_message,
-    refine_with_log,
-    retry_resources,
-    submission_failure_kind,
-)
-from ccat_dagster.execution.hpc.base import (
-    HpcBackend,
-    HpcError,
-    JobInfo,
-    JobResources,
-    JobSpec,
-    JobState,
-)
-from ccat_dagster.execution.outcomes import OutcomeKind, Progress, RunLog, SubGroupOutcome, completed_outcome
-from ccat_dagster.execution.planning import (
-    GapReason,
-    Planner,
-    Readiness,
-    SubGroupPlan,
-    load_pipeline,
-    recreation_hint,
-)
-from ccat_dagster.execution.polling import StatusPoller
-from ccat_dagster.execution.preparation import (
-    AttemptPreparation,
-    ContainerPreparation,
-    PreparationFailure,
-    Staged,
-)
+from ccat_dagster.execution.attempts import Adoption, AttemptStore, OpsDbAttemptStore
+from ccat_dagster.execution.batch import Active, Queued, best_effort, waits_for_recreation
+from ccat_dagster.execution.collection import AttemptCollection
+from ccat_dagster.execution.failures import ResourceCaps
+from ccat_dagster.execution.hpc.base import HpcBackend, JobInfo, JobState
+from ccat_dagster.execution.outcomes import OutcomeKind, Progress, RunLog, SubGroupOutcome
+from ccat_dagster.execution.planning import Planner, Readiness, SubGroupPlan, load_pipeline, recreation_hint
+from ccat_dagster.execution.polling import poller_for
+from ccat_dagster.execution.preparation import AttemptPreparation, ContainerPreparation
 from ccat_dagster.execution.resilience import ResilientAttemptStore
 from ccat_dagster.execution.runtimes import ContainerRuntime
 from ccat_dagster.execution.staging import Stager
-from ccat_dagster.execution.status_cache import SharedStatusCache, cache_directory
 from ccat_dagster.execution.step import StepDefinition
+from ccat_dagster.execution.submission import AttemptSubmission
 from ccat_dagster.opsdb.engine import session_scope
 from ccat_dagster.opsdb.enums import FailureKind, RunStatus
 from ccat_dagster.opsdb.models import utcnow
@@ -120,38 +96,11 @@ class RunnerConfig:
     """More files than this in an attempt's output is refused (contract)."""
 
 
-@dataclass
-class _Queued:
-    """A sub-group waiting for a submission slot: its next attempt's retry number and resources."""
-
-    plan: SubGroupPlan
-    retry: int
-    resources: JobResources
-    earlier: tuple[FailureKind, ...] = ()
-
-
-@dataclass
-class _Active:
-    """One attempt in flight inside this batch."""
-
-    plan: SubGroupPlan
-    ref: AttemptRef
-    layout: contract.AttemptLayout
-    resources: JobResources
-    job_id: str | None = None
-    running: bool = False
-    earlier: tuple[FailureKind, ...] = ()
-
-    @property
-    def attempt_id(self) -> int:
-        return self.ref.attempt_id
-
-
 class _Cancelled(Exception):
     pass
 
 
-class StepRunner:
+class StepRunner(AttemptSubmission, AttemptCollection):
     """Executes one step of one pipeline for a batch of sub-group keys."""
 
     def __init__(
@@ -213,29 +162,17 @@ class StepRunner:
     def _use_backend(self, backend: HpcBackend) -> None:
         """Jobs go to ``backend``, polled at its pace (a step may choose another backend, e.g. packed)."""
         self.backend = backend
-        config, clock = self.config, self.clock
-        shared = None
-        if config.status_cache_dir is not None and backend.shares_a_scheduler:
-            shared = SharedStatusCache(
-                cache_directory(
-                    config.status_cache_dir,
-                    backend=backend.name,
-                    processing_location_id=config.processing_location_id,
-                ),
-                # Shared by processes (and hosts) that do not share a monotonic clock; a fake clock in tests.
-                clock=time.time if clock is time.monotonic else clock,
-                queries_per_minute=config.scheduler_queries_per_minute,
-                count_calls=lambda: backend.scheduler_queries,
-            )
-        self.poller = StatusPoller(
+        config = self.config
+        self.poller = poller_for(
             backend,
+            clock=self.clock,
+            run_log=self.log,
+            status_cache_dir=config.status_cache_dir,
+            processing_location_id=config.processing_location_id,
             tolerance_seconds=config.scheduler_tolerance_seconds,
-            clock=clock,
-            log=self.log,
             min_interval=config.min_poll_interval_seconds,
             max_interval=config.poll_interval_seconds,
             queries_per_minute=config.scheduler_queries_per_minute,
-            shared=shared,
         )
 
     def cancel(self) -> None:
@@ -273,7 +210,7 @@ class StepRunner:
             self.recreate_first = planner.recreation_order(step_name) if by_hand else []
             if order := self.recreate_first:
                 hint = recreation_hint(pipeline_name, order)
-                plans = [replace(p, detail=hint) if _waits_for_recreation(p) else p for p in plans]
+                plans = [replace(p, detail=hint) if waits_for_recreation(p) else p for p in plans]
             info = planner.step_info(step_name)
             step = StepDefinition.of(pipeline, info.step, info.version)
         outcomes = self.execute(step=step, plans=plans, dagster_run_id=dagster_run_id, retry_failed=retry_failed)
@@ -292,7 +229,7 @@ class StepRunner:
         try:
             return self._execute(step, plans, dagster_run_id, retry_failed)
         finally:
-            _best_effort(chosen.close)  # the batch's allocations are released, however it ended
+            best_effort(chosen.close)  # the batch's allocations are released, however it ended
 
     def _execute(
         self, step: StepDefinition, plans: Sequence[SubGroupPlan], dagster_run_id: str, retry_failed: bool
@@ -300,7 +237,7 @@ class StepRunner:
         preparation = self.preparation or self._container_preparation(step)
         outcomes: dict[str, SubGroupOutcome] = {}
         starts: list[SubGroupPlan] = []
-        adopted: list[_Active] = []
+        adopted: list[Active] = []
         for plan in plans:
             if plan.readiness is Readiness.GAP or (retry_failed and plan.readiness is Readiness.EXHAUSTED):
                 starts.append(plan)
@@ -343,39 +280,12 @@ class StepRunner:
             progress=self._staging_progress,
         )
 
-    def _first_tries(self, plans: list[SubGroupPlan], step: StepDefinition) -> list[_Queued]:
-        """A sub-group whose last attempt with these inputs ran out of memory or time starts with more."""
-        earlier = self.store.last_failures(step.step_id, [(p.sub_group_key, p.fingerprint) for p in plans])
-        queue = []
-        for plan in plans:
-            kind = earlier.get(plan.sub_group_key)
-            more = retry_resources(step.resources, kind, base=step.resources, caps=self.caps) if kind else None
-            resources = more if kind in (FailureKind.OOM, FailureKind.WALLTIME) and more else step.resources
-            queue.append(_Queued(plan, 0, resources, (kind,) if kind else ()))
-        return queue
-
-    def _adopted(
-        self, plan: SubGroupPlan, ref: AttemptRef, step: StepDefinition, preparation: AttemptPreparation
-    ) -> _Active:
-        self.report(
-            f"attempt {ref.attempt_id} [{plan.sub_group_key}]: reattached to {self.backend.name} "
-            f"job {ref.job_id} left by run {ref.owner_run_id}"
-        )
-        return _Active(
-            plan=plan,
-            ref=ref,
-            layout=preparation.layout(plan.sub_group_key, ref.attempt_id),
-            resources=step.resources,
-            job_id=ref.job_id,
-            running=ref.status is RunStatus.RUNNING,
-        )
-
     # ------------------------------------------------------------------ the loop
 
     def _loop(
         self,
-        queue: list[_Queued],
-        active: list[_Active],
+        queue: list[Queued],
+        active: list[Active],
         step: StepDefinition,
         preparation: AttemptPreparation,
         total: int,
@@ -456,8 +366,8 @@ class StepRunner:
         except BaseException as error:  # Dagster's run termination arrives as a BaseException
             terminated = not isinstance(error, Exception) or isinstance(error, _Cancelled) or self._cancel.is_set()
             outcomes.update(self._stop(active, queue, error, terminated=terminated))
-            _best_effort(self.on_round_end)
-            _best_effort(self.poller.close)
+            best_effort(self.on_round_end)
+            best_effort(self.poller.close)
             if not isinstance(error, _Cancelled):
                 raise
         self.poller.close()
@@ -470,7 +380,7 @@ class StepRunner:
         return max(self.config.poll_interval_seconds, self.config.scheduler_backoff_max_seconds)
 
     def _stop(
-        self, active: list[_Active], queue: list[_Queued], error: BaseException, *, terminated: bool
+        self, active: list[Active], queue: list[Queued], error: BaseException, *, terminated: bool
     ) -> dict[str, SubGroupOutcome]:
         """End the batch. Terminated: cancel the jobs, attempts CANCELLED. Broken by its own error: leave the
         jobs running and their attempts as recorded, for the next run of the step to adopt."""
@@ -504,154 +414,19 @@ class StepRunner:
             )
         return outcomes
 
-    def _free_slots(self, active: list[_Active]) -> int:
-        """Jobs this run may submit now: ``max_in_flight`` minus the backend's jobs in flight at this location.
-
-        Other runs' jobs are counted in ops-db (one COUNT per submission round); two runs that count at the same
-        moment may overshoot the limit by one round of theirs, never more.
-        """
-        own = sum(1 for a in active if a.job_id)
-        elsewhere = self.store.count_in_flight(
-            processing_location_id=self.config.processing_location_id,
-            backend=self.backend.name,
-            excluding_run_id=self._run_id,
-        )
-        return self.config.max_in_flight - own - elsewhere
-
-    # ------------------------------------------------------------------ starting attempts
-
-    def _start(
-        self, batch: list[_Queued], step: StepDefinition, preparation: AttemptPreparation
-    ) -> tuple[list[_Active], list[SubGroupOutcome]]:
-        """Create attempts, stage inputs, prepare and submit the jobs of a round; each failure is its own."""
-        refs, conflicts = self.store.create_round(
-            [(q.plan, q.retry) for q in batch],
-            run_id=self._run_id,
-            backend=self.backend.name,
-            attempt_dir_of=lambda key, attempt_id: str(preparation.layout(key, attempt_id).attempt_dir),
-        )
-        by_key = {q.plan.sub_group_key: q for q in batch}
-        failed = [
-            self._skipped(by_key[key].plan, "another run started this sub-group at the same moment")
-            for key in conflicts
-        ]
-        created = [
-            _Active(
-                plan=by_key[ref.sub_group_key].plan,
-                ref=ref,
-                layout=preparation.layout(ref.sub_group_key, ref.attempt_id),
-                resources=by_key[ref.sub_group_key].resources,
-                earlier=by_key[ref.sub_group_key].earlier,
-            )
-            for ref in refs
-        ]
-        if not created:
-            return [], failed
-        staged = self.store.through_outages("staging", preparation.stage, [item.plan for item in created])
-        ready: list[tuple[_Active, JobSpec]] = []
-        for item in created:
-            inputs: Staged | PreparationFailure = staged[item.plan.sub_group_key]
-            try:
-                if isinstance(inputs, PreparationFailure):
-                    raise inputs
-                spec = self.store.through_outages(
-                    "preparation",
-                    preparation.prepare,
-                    item.plan,
-                    item.ref,
-                    resources=item.resources,
-                    staged=inputs,
-                    run_id=self._run_id,
-                )
-            except PreparationFailure as error:
-                failed.append(self._fail(item, str(error), error.kind))
-                continue
-            ready.append((item, spec))
-        submitted, refused = self._submit(ready)
-        for item, error, kind in refused:
-            failed.append(self._fail(item, error, kind))
-        if submitted:
-            self._record_submitted(submitted)
-        return [item for item, _ in submitted], failed
-
-    def _submit(
-        self, ready: list[tuple[_Active, JobSpec]]
-    ) -> tuple[list[tuple[_Active, str]], list[tuple[_Active, str, FailureKind]]]:
-        """All jobs of the round together; when that fails, one by one, so a refused job fails only its own."""
-        if not ready:
-            return [], []
-        began = self.clock()
-        try:
-            try:
-                job_ids = self.backend.submit_many([spec for _, spec in ready])
-                return [(item, job_id) for (item, _), job_id in zip(ready, job_ids, strict=True)], []
-            except HpcError as error:
-                if len(ready) == 1:
-                    return [], [(ready[0][0], f"submission failed: {error}", submission_failure_kind(error))]
-                log.warning("submitting %s job(s) together failed (%s); one by one instead", len(ready), error)
-            submitted, refused = [], []
-            for item, spec in ready:
-                try:
-                    submitted.append((item, self.backend.submit(spec)))
-                except HpcError as error:
-                    refused.append((item, f"submission failed: {error}", submission_failure_kind(error)))
-            return submitted, refused
-        finally:
-            self.submit_seconds += self.clock() - began
-
-    def _record_submitted(self, submitted: list[tuple[_Active, str]]) -> None:
-        try:
-            self.store.mark_submitted(
-                [(item.attempt_id, job_id) for item, job_id in submitted], backend=self.backend.name
-            )
-        except BaseException:
-            # Jobs whose ids ops-db never learnt can never be adopted or collected: these alone are cancelled.
-            for _, job_id in submitted:
-                _best_effort(lambda job_id=job_id: self.backend.cancel(job_id))
-            raise
-        for item, job_id in submitted:
-            item.job_id = job_id
-        self._submitted += len(submitted)
-        job_ids = [job_id for _, job_id in submitted]
-        message = (
-            f"submitted {len(submitted)} job(s) to {self.backend.name} (attempts {submitted[0][0].attempt_id}"
-            + (f"–{submitted[-1][0].attempt_id}" if len(submitted) > 1 else "")
-            + f"): {', '.join(job_ids[:5])}"
-            + (" …" if len(job_ids) > 5 else "")
-        )
-        log.info(message)
-        # A round is a few jobs when a job ends every moment: the run log gets a line per round only now and then.
-        self.log.throttled("submit", f"{message}; {self._submitted} submitted by this run so far")
-
     # ------------------------------------------------------------------ polling
 
-    def _poll(self, active: list[_Active]) -> dict[str, JobInfo] | None:
+    def _poll(self, active: list[Active]) -> dict[str, JobInfo] | None:
         infos = self.poller.poll([a.job_id for a in active if a.job_id])
         self.status_query_seconds = self.poller.query_seconds
         return infos
-
-    def _scheduler_gone(self, active: list[_Active]) -> list[SubGroupOutcome]:
-        """Past the tolerance: the attempts fail as scheduler_unavailable; their jobs are NOT cancelled."""
-        waited = self.poller.gave_up_after()
-        if waited is None:
-            return []
-        return [
-            self._fail(
-                item,
-                f"the scheduler could not be asked about {self.backend.name} job {item.job_id} for {waited:.0f} s "
-                f"(tolerance {self.config.scheduler_tolerance_seconds:.0f} s); the job was not cancelled and may "
-                "still be running or have finished",
-                FailureKind.SCHEDULER_UNAVAILABLE,
-            )
-            for item in active
-        ]
 
     def _staging_progress(self, message: str) -> None:
         """Every staging message to the Python log; to the run log at most every ``progress_report_seconds``."""
         log.info(message)
         self.log.throttled("staging", message)
 
-    def _note_running(self, items: list[_Active], infos: dict[str, JobInfo]) -> None:
+    def _note_running(self, items: list[Active], infos: dict[str, JobInfo]) -> None:
         """Record RUNNING for the jobs that started since the last poll, all in one transaction."""
         started = [a for a in items if infos[a.job_id].state is JobState.RUNNING and not a.running]
         if not started:
@@ -659,167 +434,3 @@ class StepRunner:
         self.store.mark_running([a.attempt_id for a in started])
         for item in started:
             item.running = True
-
-    # ------------------------------------------------------------------ finished jobs
-
-    def _finish(
-        self, finished: list[tuple[_Active, JobInfo]], step: StepDefinition, preparation: AttemptPreparation
-    ) -> list[tuple[SubGroupOutcome, _Queued | None]]:
-        """Jobs that ended in one poll: collect the successful ones together, fail (maybe retry) the others."""
-        results: list[tuple[SubGroupOutcome, _Queued | None]] = []
-        succeeded = [(a, i) for a, i in finished if i.state is JobState.COMPLETED and i.exit_code in (0, None)]
-        if succeeded:
-            results.extend((outcome, None) for outcome in self._collect(succeeded, step, preparation))
-        for item, info in finished:
-            if not (info.state is JobState.COMPLETED and info.exit_code in (0, None)):
-                results.append(self._finish_failed(item, info, step, preparation))
-        return results
-
-    def _collect(
-        self, succeeded: list[tuple[_Active, JobInfo]], step: StepDefinition, preparation: AttemptPreparation
-    ) -> list[SubGroupOutcome]:
-        self.store.mark_collecting([(item.attempt_id, info) for item, info in succeeded])
-        outcomes: list[SubGroupOutcome] = []
-        discovered = []
-        for item, info in succeeded:
-            try:
-                discovered.append((item, info, preparation.discover(item.layout)))
-            except PreparationFailure as error:
-                outcomes.append(self._fail(item, str(error), error.kind, info=info))
-        registered = self.store.register_round(
-            [(item.attempt_id, products) for item, _, products in discovered],
-            processing_location_id=self.config.processing_location_id,
-        )
-        for item, info, products in discovered:
-            result = registered[item.attempt_id]
-            if isinstance(result, CcatError):
-                outcomes.append(
-                    self._fail(item, f"output collection refused: {result}", FailureKind.CONTRACT, info=info)
-                )
-            else:
-                outcomes.append(self._completed(item, info, step, result.product_count, result.product_bytes, products))
-        return outcomes
-
-    def _finish_failed(
-        self, item: _Active, info: JobInfo, step: StepDefinition, preparation: AttemptPreparation
-    ) -> tuple[SubGroupOutcome, _Queued | None]:
-        """A job that did not succeed: fail the attempt with its kind and say whether (and how) to retry."""
-        if info.state is JobState.CANCELLED:
-            # Cancelled by someone outside ccat-dagster (scancel by an admin, the site's tooling): not a cancel of
-            # this run, so the attempt FAILS (kind cancelled) and the next tick plans the sub-group again; it is
-            # not retried inside this batch, in case whoever cancelled it had a reason.
-            message = f"job {item.job_id} was cancelled outside ccat-dagster; the next evaluation plans it again"
-            return self._fail(item, message, FailureKind.CANCELLED, info=info), None
-        tail = _best_effort(lambda: self.backend.logs(item.job_id, tail_lines=30)) if item.job_id else ""
-        kind = refine_with_log(failure_kind_of(info), tail or "")
-        error = failure_message(info, kind, tail or "")
-        full = (
-            preparation.full_file_system(item.layout) if kind in (FailureKind.EXIT_CODE, FailureKind.SIGNAL) else None
-        )
-        if full is not None:
-            # The payload's own write failed (its output directory may be a file system of its own): the exit code
-            # is only the payload's reaction, the full disk is the cause, and a retry finds it as full.
-            kind = FailureKind.DISK_FULL
-            error = f"no space left on device (ENOSPC): the file system of {full} is full; {error}"
-        outcome = self._fail(item, error, kind, info=info)
-        retry = item.ref.retry
-        resources = retry_resources(item.resources, kind, base=step.resources, caps=self.caps)
-        if retry < step.max_retries and resources is not None and not self._cancel.is_set():
-            change = describe_resource_change(item.resources, resources)
-            self.report(
-                f"attempt {item.attempt_id} failed ({kind.value}: {error.splitlines()[0]}); "
-                f"retry {retry + 1} of {step.max_retries}{change}"
-            )
-            return outcome, _Queued(item.plan, retry + 1, resources, (*item.earlier, kind))
-        if retry < step.max_retries and resources is None and not self._cancel.is_set():
-            self.report(f"attempt {item.attempt_id}: {kind.value} is not retried (a retry cannot fix it)")
-        outcome.metadata.update(
-            {
-                k: v
-                for k, v in {
-                    "exit_code": info.exit_code,
-                    "wall_time_seconds": info.wall_time_seconds,
-                    "cpu_hours": info.cpu_hours,
-                    "peak_memory_gb": info.peak_memory_gb,
-                }.items()
-                if v is not None
-            }
-        )
-        return outcome, None
-
-    # ------------------------------------------------------------------ outcomes
-
-    def _completed(
-        self,
-        item: _Active,
-        info: JobInfo,
-        step: StepDefinition,
-        product_count: int,
-        product_bytes: int,
-        products: Sequence[DiscoveredProduct] = (),
-    ) -> SubGroupOutcome:
-        log.debug("attempt %s [%s]: completed, %s product(s)", item.attempt_id, item.plan.sub_group_key, product_count)
-        return completed_outcome(
-            item.plan,
-            attempt_id=item.attempt_id,
-            attempt_number=item.ref.attempt_number,
-            step=step,
-            info=info,
-            backend=self.backend.name,
-            job_id=item.job_id,
-            resources=item.resources,
-            products=(product_count, product_bytes),
-            products_dir=str(item.layout.products_dir),
-            earlier=item.earlier,
-            product_files=products,
-        )
-
-    def _fail(
-        self,
-        item: _Active,
-        error: str,
-        kind: FailureKind,
-        *,
-        info: JobInfo | None = None,
-        cancelled: bool = False,
-    ) -> SubGroupOutcome:
-        self.store.fail(item.attempt_id, error=error, kind=kind, info=info, cancelled=cancelled)
-        status = "cancelled" if cancelled else "failed"
-        self.report(f"attempt {item.attempt_id} [{item.plan.sub_group_key}]: {status} ({kind.value}): {error}")
-        return self._outcome_of(item, OutcomeKind.CANCELLED if cancelled else OutcomeKind.FAILED, error, kind)
-
-    def _outcome_of(
-        self, item: _Active, kind: OutcomeKind, detail: str, failure_kind: FailureKind | None = None
-    ) -> SubGroupOutcome:
-        return SubGroupOutcome(
-            item.plan.sub_group_key,
-            kind,
-            attempt_id=item.attempt_id,
-            attempts=item.ref.attempt_number,
-            fingerprint=item.plan.fingerprint,
-            detail=detail,
-            metadata={"failure_kind": failure_kind.value} if failure_kind else {},
-            failure_kind=failure_kind,
-        )
-
-    @staticmethod
-    def _skipped(plan: SubGroupPlan, detail: str) -> SubGroupOutcome:
-        return SubGroupOutcome(
-            plan.sub_group_key,
-            OutcomeKind.SKIPPED,
-            fingerprint=plan.fingerprint,
-            detail=detail,
-            waits_for_recreation=_waits_for_recreation(plan),
-        )
-
-
-def _waits_for_recreation(plan: SubGroupPlan) -> bool:
-    return plan.readiness is Readiness.UPSTREAM_NOT_READY and plan.reason is GapReason.MISSING_INTERMEDIATE
-
-
-def _best_effort(action: Callable[[], Any]) -> Any:
-    try:
-        return action()
-    except Exception:  # noqa: BLE001 - cleanup on the way out must not hide the error that got us here
-        log.warning("best-effort action failed", exc_info=True)
-        return None
