@@ -97,7 +97,7 @@ def test_trigger_cancel_and_retry_through_a_real_dagster_webserver(tmp_path, mon
             for g in resolve(
                 session,
                 filter_rules=pipeline.data_grouping.filter_rules,
-                group_by=["executed_obs_unit"],
+                group_by=next(step.group_by for step in pipeline.steps if step.name == "calibrate"),
                 instrument_module_id=pipeline.data_grouping.instrument_module_id,
             )
         ]

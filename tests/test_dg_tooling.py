@@ -28,7 +28,7 @@ from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import load_pipeline_spec
 from ccat_dagster.settings import default_container_runtime
 
-from .dagster_fixtures import EXAMPLE, PIPELINE, REPO, require_bwrap_and_numpy
+from .dagster_fixtures import EXAMPLE, PER_SCAN, PIPELINE, REPO, require_bwrap_and_numpy
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -62,7 +62,7 @@ def world(tmp_path_factory):
     instance = dg.DagsterInstance.from_config(str(home))
     with session_scope(engine) as session:
         sync_partitions(instance, session, PIPELINE)
-    key = sorted(instance.get_dynamic_partitions(f"{PIPELINE}__executed_obs_unit"))[0]
+    key = sorted(instance.get_dynamic_partitions(PER_SCAN))[0]
     instance.dispose()
     engine.dispose()
     return {"env": _environment(tmp / "data", home, url), "partition": key, "url": url}

@@ -23,7 +23,7 @@ from ccat_dagster.opsdb.enums import RunStatus
 from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import load_pipeline_spec
 
-from .dagster_fixtures import EXAMPLE, PIPELINE, require_bwrap_and_numpy
+from .dagster_fixtures import EXAMPLE, PIPELINE, archived_example_scan_keys, require_bwrap_and_numpy
 from .runner_fixtures import (
     STEP,
     RunnerWorld,
@@ -77,7 +77,9 @@ def _squeue_state(job_id: str) -> str:
 
 
 def test_chai_calibrate_on_slurm_registers_products_and_accounting(world, accounting_enabled):
-    keys = world.scan_keys[:2]
+    # The example pipeline's own sub-groups (group_by [scan]), not the executed_obs_unit keys of world.apply().
+    with Session(world.engine) as session:
+        keys = sorted(archived_example_scan_keys(session))[:2]
     runner = world.runner(SlurmBackend(), **POLL)
     outcomes = runner.run(pipeline_name=PIPELINE, step_name="calibrate", sub_group_keys=keys, dagster_run_id="s-1")
     assert [o.kind for o in outcomes] == [OutcomeKind.COMPLETED] * 2, [o.detail for o in outcomes]

@@ -157,16 +157,25 @@ def walltime_escalation(world: FaultWorld, pipeline: str, outcome: Outcome, cloc
 
 
 def sacct_limits(job_id: str | None) -> dict[str, str]:
-    """What Slurm's accounting says the job asked for (ReqMem, Timelimit)."""
+    """What Slurm's accounting says the job asked for (ReqMem, Timelimit).
+
+    slurmdbd writes a job's record a moment after the job ends: an empty answer is asked again."""
     assert job_id
-    done = subprocess.run(
-        ["sacct", "-j", job_id, "-X", "-n", "-P", "--format=ReqMem,Timelimit"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    req_mem, time_limit = done.stdout.strip().splitlines()[0].split("|")
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(
+            ["sacct", "-j", job_id, "-X", "-n", "-P", "--format=ReqMem,Timelimit"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        rows = done.stdout.strip().splitlines()
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert rows, f"sacct has no record of job {job_id} after 60 s"
+    req_mem, time_limit = rows[0].split("|")
     return {"ReqMem": req_mem, "Timelimit": time_limit}
 
 
