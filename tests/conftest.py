@@ -147,3 +147,22 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         from tests.faults.conftest import Outcome, write_reliability
 
         write_reliability([Outcome(**figures) for figures in _fault_outcomes_from_workers])
+
+
+def _nothing_may_be_skipped() -> bool:
+    return bool(os.environ.get("CI") or os.environ.get("CCAT_REQUIRE_ALL_BACKENDS"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under ``CI`` or ``CCAT_REQUIRE_ALL_BACKENDS`` (``scripts/test`` exports it) a skipped test fails.
+
+    The suite's real parts (PostgreSQL, Slurm, bubblewrap, the registry, Chromium) are installed by the test
+    command itself: a test that skips there has lost the thing it proves, and must not pass quietly.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and _nothing_may_be_skipped():
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped where nothing may be skipped (CI / CCAT_REQUIRE_ALL_BACKENDS): {reason}"
