@@ -166,3 +166,13 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"skipped where nothing may be skipped (CI / CCAT_REQUIRE_ALL_BACKENDS): {reason}"
+
+
+def require_slurm() -> None:
+    """The single-node Slurm of ``scripts/slurm-single-node.sh``: skipped where it is not installed (a skip fails
+    under CI, see above), failed where it is installed but slurmctld does not answer."""
+    if shutil.which("sinfo") is None or shutil.which("scontrol") is None:
+        pytest.skip("Slurm client commands not installed (sinfo not found); run scripts/slurm-single-node.sh as root")
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30, check=False)
+    if "is UP" not in ping.stdout:
+        pytest.fail(f"Slurm is installed but slurmctld does not answer ({ping.stdout.strip()})")

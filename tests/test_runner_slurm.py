@@ -7,7 +7,6 @@ fails alone, and a cancelled batch whose Slurm job must be scancel'ed. Jobs are 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from ccat_dagster.opsdb.enums import RunStatus
 from ccat_dagster.pipelines.apply import apply_pipeline_spec
 from ccat_dagster.pipelines.spec import load_pipeline_spec
 
+from .conftest import require_slurm
 from .dagster_fixtures import EXAMPLE, PIPELINE, archived_example_scan_keys, require_bwrap_and_numpy
 from .runner_fixtures import (
     STEP,
@@ -41,21 +41,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.postgres, pytest.mark.bwrap]
 POLL = {"poll_interval_seconds": 1.0, "min_poll_interval_seconds": 0.2, "scheduler_queries_per_minute": 600}
 
 
-def _require_slurm() -> None:
-    required = bool(os.environ.get("CI") or os.environ.get("CCAT_REQUIRE_ALL_BACKENDS"))
-    if shutil.which("sinfo") is None:
-        message = "Slurm client commands not installed (sinfo not found); run scripts/slurm-single-node.sh as root"
-        if required:
-            pytest.fail(message)
-        pytest.skip(message)
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, check=False)
-    if "is UP" not in ping.stdout:
-        pytest.fail(f"Slurm is installed but slurmctld does not answer ({ping.stdout.strip()})")
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Iterator[RunnerWorld]:
-    _require_slurm()
+    require_slurm()
     require_bwrap_and_numpy()
     # Paths go into #SBATCH lines, which accept only plain characters: a module-level directory.
     world = make_runner_world(tmp_path_factory.mktemp("slurm_runner"))

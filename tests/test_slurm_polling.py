@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -25,22 +24,11 @@ from ccat_dagster.execution.hpc.base import JobResources, JobSpec
 from ccat_dagster.execution.hpc.slurm.backend import SlurmBackend
 from ccat_dagster.execution.runner import OutcomeKind, RunnerConfig, StepRunner
 
+from .conftest import require_slurm
 from .loop_fakes import STEP, FakePreparation, plan
 
 pytestmark = [pytest.mark.slurm]
 COMMANDS = ("squeue", "sacct", "scontrol")
-
-
-def _require_slurm() -> None:
-    required = bool(os.environ.get("CI") or os.environ.get("CCAT_REQUIRE_ALL_BACKENDS"))
-    if shutil.which("sinfo") is None:
-        message = "Slurm client commands not installed (sinfo not found); run scripts/slurm-single-node.sh as root"
-        if required:
-            pytest.fail(message)
-        pytest.skip(message)
-    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, check=False)
-    if "is UP" not in ping.stdout:
-        pytest.fail(f"Slurm is installed but slurmctld does not answer ({ping.stdout.strip()})")
 
 
 @dataclass
@@ -83,7 +71,7 @@ def _shims(directory: Path, log: Path) -> Path:
 
 
 def test_two_runs_share_one_status_query_and_stay_within_twenty_calls_a_minute(tmp_path, monkeypatch):
-    _require_slurm()
+    require_slurm()
     log = tmp_path / "calls.log"
     monkeypatch.setenv("PATH", f"{_shims(tmp_path / 'bin', log)}{os.pathsep}{os.environ['PATH']}")
     runners: dict[str, StepRunner] = {}

@@ -7,7 +7,6 @@ Other engineers' tests use the same Slurm: outages are kept to seconds and slurm
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -17,6 +16,7 @@ import pytest
 
 from ccat_dagster.opsdb.enums import FailureKind, RunStatus
 
+from ..conftest import require_slurm
 from .harness import MEMORY_CAP_GB, Clock, FaultWorld, Outcome, SideBySide, record
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.bwrap, pytest.mark.slurm]
@@ -24,22 +24,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.bwrap, pytest.
 CTLD_PID_FILE = Path("/run/slurmctld.pid")
 
 
-def _require_slurm() -> None:
-    if shutil.which("scontrol") is None or shutil.which("slurmctld") is None:
-        message = "Slurm is not installed: run scripts/slurm-single-node.sh as root"
-    else:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30, check=False)
-        if "UP" in ping.stdout:
-            return
-        message = f"slurmctld does not answer ({ping.stdout.strip()})"
-    if os.environ.get("CI") or os.environ.get("CCAT_REQUIRE_ALL_BACKENDS"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def slurm_world(fault_world):  # type: ignore[no-untyped-def]
-    _require_slurm()
+    require_slurm()
     fault_world.code_server.env["CCAT_WORKFLOW_MANAGER_HPC_BACKEND"] = "slurm"
     fault_world.code_server.restart()
     fault_world.wait_for_code_server()
