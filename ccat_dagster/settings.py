@@ -152,10 +152,12 @@ RUNNER_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         _bounded_int(1, 6_000),
         "Slurm status calls (squeue, sacct) per minute all runs of this location may send together, 1–6000",
     ),
+    # Off by default: packed execution is new, and a task ended by Slurm's walltime signal was seen to leave Parsl
+    # asking for allocation after allocation; a site turns it on once it has tried it (mode: packed always packs).
     "PACKED_EXECUTION": (
-        "auto",
+        "off",
         _choice(("auto", "off")),
-        "auto (steps with execution mode auto pack when short and Parsl is installed; HPC_BACKEND=slurm), off",
+        "off, or auto (steps with execution mode auto pack when short and Parsl is installed; HPC_BACKEND=slurm)",
     ),
     "PACKED_MAX_TASK_MINUTES": (
         "30",
