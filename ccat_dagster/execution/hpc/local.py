@@ -269,11 +269,7 @@ class LocalBackend(HpcBackend):
 
     def logs(self, job_id: str, *, tail_lines: int = 50) -> str:
         _check_job_ids([job_id])
-        spec = read_json(spec_path(self.state_dir, job_id))
-        if spec is None:
-            raise UnknownJobError(f"no local job {job_id!r} in {self.state_dir}", job_ids=[job_id])
-        log_dir = Path(spec["log_dir"])
-        return read_log_tail([log_dir / "job.out", log_dir / "job.err"], tail_lines=tail_lines)
+        return wrapper_job_logs(self.state_dir, job_id, what="local job", tail_lines=tail_lines)
 
     # --- scheduling -----------------------------------------------------------------------------
 
@@ -389,3 +385,12 @@ def _wrapper_environment() -> dict[str, str]:
     package_root = str(Path(ccat_dagster.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     return env
+
+
+def wrapper_job_logs(state_dir: Path, job_id: str, *, what: str, tail_lines: int) -> str:
+    """The tail of stdout and stderr of a job run by the job wrapper (local jobs and packed tasks alike)."""
+    spec = read_json(spec_path(state_dir, job_id))
+    if spec is None:
+        raise UnknownJobError(f"no {what} {job_id!r} in {state_dir}", job_ids=[job_id])
+    log_dir = Path(spec["log_dir"])
+    return read_log_tail([log_dir / "job.out", log_dir / "job.err"], tail_lines=tail_lines)

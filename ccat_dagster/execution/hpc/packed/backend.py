@@ -37,9 +37,8 @@ from ccat_dagster.execution.hpc.base import (
     JobState,
     JobSubmissionError,
     UnknownJobError,
-    read_log_tail,
 )
-from ccat_dagster.execution.hpc.local import finished_job_info, job_record
+from ccat_dagster.execution.hpc.local import finished_job_info, job_record, wrapper_job_logs
 from ccat_dagster.execution.hpc.local_wrapper import (
     JOB_ID_PATTERN,
     cancel_marker_path,
@@ -182,11 +181,7 @@ class PackedBackend(HpcBackend):
 
     def logs(self, job_id: str, *, tail_lines: int = 50) -> str:
         _check([job_id])
-        spec = read_json(spec_path(self.state_dir, job_id))
-        if spec is None:
-            raise UnknownJobError(f"no packed task {job_id!r} in {self.state_dir}", job_ids=[job_id])
-        log_dir = Path(spec["log_dir"])
-        return read_log_tail([log_dir / "job.out", log_dir / "job.err"], tail_lines=tail_lines)
+        return wrapper_job_logs(self.state_dir, job_id, what="packed task", tail_lines=tail_lines)
 
     def close(self) -> None:
         """Release the engine's allocations (the batch is over, or was cancelled)."""
