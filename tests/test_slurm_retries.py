@@ -132,6 +132,21 @@ def test_an_answer_is_not_retried(tmp_path):
     assert sleeps == []
 
 
+def test_a_status_within_one_call_leaves_a_job_that_left_the_queue_for_the_next_poll(tmp_path):
+    # squeue no longer lists job 4; asking sacct would be a second call, which the budget does not allow.
+    squeue = fake_command(
+        tmp_path, "squeue", fail_times=99, stderr=(DATA / "squeue_invalid_job.stderr").read_text(), stdout=""
+    )
+    sacct = fake_command(tmp_path, "sacct", fail_times=0, stderr="", stdout=(DATA / "sacct_finished.txt").read_text())
+    backend = backend_with(tmp_path, Sleeps(), squeue=squeue, sacct=sacct)
+    info = backend.status_within(["4"], max_calls=1)["4"]
+    assert (info.state, info.deferred) == (JobState.RUNNING, True) and "scheduler call budget" in info.reason
+    assert [call.split()[0] for call in calls(tmp_path)] == ["squeue"]
+    info = backend.status_within(["4"], max_calls=2)["4"]
+    assert (info.state, info.exit_code, info.deferred) == (JobState.FAILED, 3, False)
+    assert [call.split()[0] for call in calls(tmp_path)] == ["squeue", "squeue", "sacct"]
+
+
 def test_a_missing_command_is_not_retried(tmp_path):
     sleeps = Sleeps()
     with pytest.raises(SchedulerCommandError, match="not found"):

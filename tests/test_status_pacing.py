@@ -62,6 +62,11 @@ class CountingSlurm(HpcBackend):
         return self._start(job_id) + self.seconds <= self.clock.now
 
     def status_many(self, job_ids: Sequence[str]) -> dict[str, JobInfo]:
+        return self.status_within(job_ids, max_calls=2)
+
+    def status_within(self, job_ids: Sequence[str], *, max_calls: int) -> dict[str, JobInfo]:
+        """As the Slurm backend's: sacct only when the allowance has a call left for it, else the jobs that left
+        squeue are reported running and asked about at the next poll."""
         self.calls.append((self.clock.now, "squeue", tuple(job_ids)))
         if self.fail_next:
             self.fail_next -= 1
@@ -69,12 +74,17 @@ class CountingSlurm(HpcBackend):
                 "Unable to contact slurm controller", command=["squeue"], returncode=1, stderr=""
             )
         left = [j for j in job_ids if self._ended(j)]
-        if left:
+        if left and max_calls >= 2:
             self.calls.append((self.clock.now, "sacct", tuple(left)))
+            settled = set(left)
+        else:
+            settled = set()
         return {
             j: JobInfo(j, JobState.COMPLETED, exit_code=0)
-            if self._ended(j)
-            else JobInfo(j, JobState.RUNNING if self._start(j) <= self.clock.now else JobState.PENDING)
+            if j in settled
+            else JobInfo(
+                j, JobState.RUNNING if self._start(j) <= self.clock.now else JobState.PENDING, deferred=j in left
+            )
             for j in job_ids
         }
 
@@ -106,6 +116,44 @@ def test_a_busy_batch_stays_within_the_budget_and_never_re_polls_after_a_complet
         if command == "sacct":
             assert all(slurm._ended(j) for j in jobs) and len(jobs) < 120
     assert clock.now - 1000.0 < 60 + 20, "the batch ends within a few polls of its last job"
+
+
+def test_a_poll_that_needs_sacct_at_the_edge_of_the_budget_defers_it_to_the_next_poll():
+    """The cost of a poll is known only after squeue: one that finds ended jobs while the minute's budget has a
+    single call left sends squeue alone, reports those jobs still running, and settles them a poll later."""
+    clock = FakeClock()
+    slurm = CountingSlurm(clock, seconds=50.0, slots=1)
+    poller = StatusPoller(
+        slurm, tolerance_seconds=900, clock=clock, log=RunLog(lambda _m: None, every_seconds=10, clock=clock)
+    )
+    job = slurm.submit(None)
+    answers = []
+    for _ in range(20):  # squeue alone every 3 s: the budget's 20 calls within one minute
+        answers.append(poller.poll([job]))
+        clock.now += 3.0 - 0.3
+    assert [command for _, command, _ in slurm.calls] == ["squeue"] * 20
+    assert slurm._ended(job) and answers[-1][job].state is JobState.RUNNING, "sacct would have been the 21st call"
+    assert answers[-1][job].deferred and poller.calls_per_query == 2, "the next poll makes room for sacct"
+    assert calls_in_any_minute(slurm.calls) <= 20
+    clock.now += poller.budget_wait()
+    assert poller.poll([job])[job].state is JobState.COMPLETED
+    assert calls_in_any_minute(slurm.calls) <= 20
+
+
+def test_the_status_cache_hands_the_query_what_the_budget_has_left(tmp_path):
+    clock = FakeClock()
+    spent = {"calls": 0}
+    asked = Asked()
+
+    def query(job_ids, max_calls):
+        spent["calls"] += 1
+        return asked(job_ids, max_calls)
+
+    worker = cache(tmp_path, clock, budget=5, calls=lambda: spent["calls"])
+    for _ in range(5):
+        assert worker.fetch(["1"], query, max_age_seconds=1).queried
+        clock.now += 1.5
+    assert asked.allowances == [5, 4, 3, 2, 1]
 
 
 def test_the_pause_grows_while_nothing_changes_and_drops_to_the_floor_after_a_change():
@@ -144,10 +192,12 @@ def cache(tmp_path, clock, *, budget=20.0, watcher=None, calls=None) -> SharedSt
 class Asked:
     def __init__(self, state: JobState = JobState.RUNNING) -> None:
         self.queries: list[list[str]] = []
+        self.allowances: list[int] = []
         self.state = state
 
-    def __call__(self, job_ids: list[str]) -> dict[str, JobInfo]:
+    def __call__(self, job_ids: list[str], max_calls: int) -> dict[str, JobInfo]:
         self.queries.append(sorted(job_ids))
+        self.allowances.append(max_calls)
         return {j: JobInfo(j, self.state) for j in job_ids}
 
 
@@ -174,7 +224,8 @@ def test_the_budget_holds_for_all_workers_together(tmp_path):
     clock = FakeClock()
     counted = {"calls": 0}
 
-    def query(job_ids):
+    def query(job_ids, max_calls):
+        assert max_calls >= 2
         counted["calls"] += 2  # squeue and sacct
         return {j: JobInfo(j, JobState.RUNNING) for j in job_ids}
 

@@ -147,8 +147,9 @@ class StatusPoller:
         """Ask the scheduler (or read the location's shared answer); raises SCHEDULER_TROUBLE."""
         if self.shared is None:
             before = self.backend.scheduler_queries
-            infos = self._status(job_ids)
-            self._counted(self.backend.scheduler_queries - before)
+            infos = self._status(job_ids, self._allowance())
+            # A poll that had to leave a job for later counts the call it skipped: the next one gets room for it.
+            self._counted(self.backend.scheduler_queries - before + any(i.deferred for i in infos.values()))
             return infos
         answer = self.shared.fetch(job_ids, self._status, max_age_seconds=self.floor)
         if answer.queried:
@@ -168,13 +169,31 @@ class StatusPoller:
             self._sent.popleft()
         self.calls_per_query = max(c for _, c in self._sent)
 
-    def _status(self, job_ids: list[str]) -> dict[str, JobInfo]:
+    def _allowance(self) -> int:
+        """Scheduler calls one more query may cost within this poller's calls of the last minute (at least 1)."""
+        now = self.clock()
+        spent = sum(calls for at, calls in self._sent if now - at < WINDOW_SECONDS)
+        return max(1, int(self.queries_per_minute - spent))
+
+    def _status(self, job_ids: list[str], max_calls: int) -> dict[str, JobInfo]:
+        """The backend's answer within ``max_calls`` scheduler calls; unknown jobs are LOST, not an error."""
+        before = self.backend.scheduler_queries
+
+        def ask(ids: list[str]) -> dict[str, JobInfo]:
+            if not self.paced:
+                return self.backend.status_many(ids)
+            left = max_calls - (self.backend.scheduler_queries - before)
+            return self.backend.status_within(ids, max_calls=max(1, left))
+
         try:
-            return self.backend.status_many(job_ids)
+            return ask(job_ids)
         except UnknownJobError as error:
             unknown = set(error.job_ids)
             known = [j for j in job_ids if j not in unknown]
-            infos = self.backend.status_many(known) if known else {}
+            if error.known is not None:
+                infos = {j: error.known[j] for j in known if j in error.known}
+            else:
+                infos = ask(known) if known else {}
             for job_id in unknown:
                 infos[job_id] = JobInfo(
                     job_id=job_id,

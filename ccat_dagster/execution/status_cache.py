@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 WINDOW_SECONDS = 60.0
 
-StatusQuery = Callable[[list[str]], dict[str, JobInfo]]
-"""Asks the scheduler about the given jobs; returns an answer for each, or raises (the scheduler's trouble)."""
+StatusQuery = Callable[[list[str], int], dict[str, JobInfo]]
+"""Asks the scheduler about the given jobs in at most the given number of calls (what the location's budget has
+left this minute); returns an answer for each, or raises (the scheduler's trouble)."""
 
 
 def cache_directory(root: Path, *, backend: str, processing_location_id: int) -> Path:
@@ -137,13 +138,15 @@ class SharedStatusCache:
         now = self.clock()
         recent = [e for e in _recent(previous) if now - e[0] < WINDOW_SECONDS]
         before = self.count_calls()
+        allowance = max(1, int(self.queries_per_minute - sum(calls for _, calls in recent)))
         try:
-            infos = query(wanted)
+            infos = query(wanted, allowance)
         except BaseException as error:
             calls = max(1, self.count_calls() - before)
             self._write({"asked_at": now, "error": _one_line(error), "infos": {}, "recent": [*recent, [now, calls]]})
             raise
-        calls = max(1, self.count_calls() - before)
+        # A query that had to leave a job for later costs what it skipped too: the next one gets room for it.
+        calls = max(1, self.count_calls() - before) + any(info.deferred for info in infos.values())
         self._write(
             {
                 "asked_at": now,
@@ -280,6 +283,7 @@ def _decode(job_id: str, data: Any) -> JobInfo | None:
             peak_memory_gb=data.get("peak_memory_gb"),
             reason=data.get("reason"),
             failure_kind=FailureKind(data["failure_kind"]) if data.get("failure_kind") else None,
+            deferred=bool(data.get("deferred")),
         )
     except (KeyError, ValueError):
         return None

@@ -146,7 +146,8 @@ def walltime_escalation(world: FaultWorld, pipeline: str, outcome: Outcome, cloc
 def sacct_limits(job_id: str | None) -> dict[str, str]:
     """What Slurm's accounting says the job asked for (ReqMem, Timelimit).
 
-    slurmdbd writes a job's record a moment after the job ends: an empty answer is asked again."""
+    slurmdbd writes a job's record a moment after the job ends, and a record written before the job's
+    limits reached it has them empty (seen: Timelimit ''): such an answer is asked again."""
     assert job_id
     deadline = time.monotonic() + 60
     while True:
@@ -158,10 +159,10 @@ def sacct_limits(job_id: str | None) -> dict[str, str]:
             check=True,
         )
         rows = done.stdout.strip().splitlines()
-        if rows or time.monotonic() > deadline:
+        if (rows and all(rows[0].split("|"))) or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert rows, f"sacct has no record of job {job_id} after 60 s"
+    assert rows and all(rows[0].split("|")), f"sacct has no complete record of job {job_id} after 60 s: {rows}"
     req_mem, time_limit = rows[0].split("|")
     return {"ReqMem": req_mem, "Timelimit": time_limit}
 

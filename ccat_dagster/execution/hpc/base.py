@@ -61,9 +61,11 @@ class InvalidJobSpecError(JobSubmissionError, ValueError):
 class UnknownJobError(HpcError):
     """The backend has no record of these job ids (never submitted here, or purged since)."""
 
-    def __init__(self, message: str, *, job_ids: Sequence[str]) -> None:
+    def __init__(self, message: str, *, job_ids: Sequence[str], known: dict[str, JobInfo] | None = None) -> None:
         super().__init__(message)
         self.job_ids: tuple[str, ...] = tuple(job_ids)
+        self.known = known
+        """The answer about the other asked jobs, when the backend has it (then nobody asks again)."""
 
 
 class SchedulerCommandError(HpcError):
@@ -214,6 +216,9 @@ class JobInfo:
     failure_kind: FailureKind | None = None
     """Set by the backend from its own evidence (scheduler state, pod reason, wait status) for a job that did
     not complete; None while the job is not terminal or when it completed."""
+    deferred: bool = False
+    """The backend knows more is to be asked about this job but the poll's scheduler calls did not allow it
+    (``status_within``): the state is the last one known, and the next poll needs one call more."""
 
     @property
     def is_terminal(self) -> bool:
@@ -314,6 +319,14 @@ class HpcBackend(ABC):
         records such a job as FailureKind.LOST. Raises SchedulerCommandError when the scheduler could not be
         asked (after the backend's own short retries): that says nothing about the jobs.
         """
+
+    def status_within(self, job_ids: Sequence[str], *, max_calls: int) -> dict[str, JobInfo]:
+        """``status_many`` that sends the scheduler at most ``max_calls`` status calls (``scheduler_queries``).
+
+        What a shared scheduler's budget allows: a backend whose answer takes several calls (Slurm: squeue,
+        then sacct for the jobs that left the queue) reports a job it could not settle within them as not
+        finished yet, and the next poll settles it. This default makes one call, or none."""
+        return self.status_many(job_ids)
 
     def status(self, job_id: str) -> JobInfo:
         return self.status_many([job_id])[job_id]

@@ -221,6 +221,14 @@ class SlurmBackend(HpcBackend):
     # --- status ---------------------------------------------------------------------------------
 
     def status_many(self, job_ids: Sequence[str]) -> dict[str, JobInfo]:
+        return self._status(job_ids, max_calls=None)
+
+    def status_within(self, job_ids: Sequence[str], *, max_calls: int) -> dict[str, JobInfo]:
+        """squeue, then sacct / scontrol only while ``max_calls`` allows: a job that left the queue but could not
+        be asked about within the budget is reported RUNNING (reason says so) and settled at the next poll."""
+        return self._status(job_ids, max_calls=max(1, max_calls))
+
+    def _status(self, job_ids: Sequence[str], *, max_calls: int | None) -> dict[str, JobInfo]:
         wanted = list(dict.fromkeys(job_ids))
         invalid = [job_id for job_id in wanted if not is_valid_job_id(job_id)]
         if invalid:
@@ -230,6 +238,7 @@ class SlurmBackend(HpcBackend):
         if not wanted:
             return {}
         infos: dict[str, JobInfo] = {}
+        calls_before = self.scheduler_queries
         for job_id, info in self._query_squeue(wanted).items():
             # squeue lists only unfinished jobs; a finished one's exit code and usage come from below.
             if job_id in wanted and not info.is_terminal:
@@ -240,6 +249,12 @@ class SlurmBackend(HpcBackend):
         answered_by_fallback: set[str] = set()
         for query in (self._query_sacct, self._query_scontrol, self._query_jobcomp):
             if not unresolved:
+                break
+            skipped = query == self._query_jobcomp or (query == self._query_sacct and self._accounting_disabled)
+            if not skipped and max_calls is not None and self.scheduler_queries - calls_before >= max_calls:
+                for job_id in unresolved:
+                    known = infos.get(job_id)
+                    infos[job_id] = replace(known, deferred=True) if known else _left_the_queue(job_id)
                 break
             found = query(unresolved)
             for job_id in unresolved:
@@ -254,6 +269,11 @@ class SlurmBackend(HpcBackend):
                 f"Slurm knows nothing of jobs {missing!r} (not in squeue, sacct, scontrol or the jobcomp "
                 "file): never submitted on this cluster, or purged",
                 job_ids=missing,
+                known={
+                    job_id: self._await_accounting(infos[job_id], job_id in answered_by_fallback)
+                    for job_id in wanted
+                    if job_id in infos
+                },
             )
         return {job_id: self._await_accounting(infos[job_id], job_id in answered_by_fallback) for job_id in wanted}
 
@@ -391,6 +411,16 @@ class SlurmBackend(HpcBackend):
     ) -> subprocess.CompletedProcess[str]:
         """A query or scancel, retried until `accept` holds (see `commands`)."""
         return self._commands(command, accept=accept)
+
+
+def _left_the_queue(job_id: str) -> JobInfo:
+    """A job squeue no longer lists, not asked about further within this poll's scheduler calls."""
+    return JobInfo(
+        job_id=job_id,
+        state=JobState.RUNNING,
+        reason="left the queue; its end is asked of accounting at the next poll (scheduler call budget)",
+        deferred=True,
+    )
 
 
 def _any_answer(_result: subprocess.CompletedProcess[str]) -> bool:
