@@ -177,11 +177,11 @@ def _add_run(instance: dg.DagsterInstance, status: dg.DagsterRunStatus, **tags: 
     return instance.add_run(run)
 
 
-def _orphan_tick(world, backend):  # type: ignore[no-untyped-def]
+def _orphan_tick(world, backend, cursor=None):  # type: ignore[no-untyped-def]
     defs = build_definitions(world.settings())
     instance = world.instance()
     sensor = [s for s in sensors.build_reconcile_sensors(settings=world.settings(), backend_factory=lambda: backend)][2]
-    context = dg.build_sensor_context(instance=instance, definitions=defs)
+    context = dg.build_sensor_context(instance=instance, definitions=defs, cursor=cursor)
     return sensor(context), instance
 
 
@@ -217,6 +217,48 @@ def test_a_failed_runs_jobs_are_left_running_and_adopted_once(demo_world):  # no
     assert set(request.tags[sensors.ADOPTED_FROM_TAG].split(",")) == {failed.run_id, "vanished-run"}
     again, _ = _orphan_tick(demo_world, backend)
     assert [r.run_key for r in again.run_requests] == [request.run_key]  # Dagster launches a run_key once
+
+
+@pytest.mark.postgres
+def test_an_automatic_run_that_failed_before_creating_an_attempt_is_launched_again(demo_world):  # noqa: F811
+    instance = demo_world.instance()
+    step_tags = {"ccat/trigger": "sensor", "ccat/pipeline": PIPELINE, "ccat/step": "calibrate", "ccat/backend": "local"}
+    died = _add_run(instance, dg.DagsterRunStatus.FAILURE, **step_tags, **{"dagster/partition": "scan-1"})
+    ranged = _add_run(
+        instance,
+        dg.DagsterRunStatus.FAILURE,
+        **step_tags,
+        **{"dagster/asset_partition_range_start": "scan-2", "dagster/asset_partition_range_end": "scan-4"},
+    )
+    worked = _add_run(instance, dg.DagsterRunStatus.FAILURE, **step_tags, **{"dagster/partition": "scan-5"})
+    tired = _add_run(
+        instance,
+        dg.DagsterRunStatus.FAILURE,
+        **step_tags,
+        **{"dagster/partition": "scan-6", sensors.RELAUNCH_TAG: str(rec.MAX_RELAUNCHES)},
+    )
+    by_hand = _add_run(instance, dg.DagsterRunStatus.FAILURE, **{**step_tags, "ccat/trigger": "manual"})
+    _attempts(demo_world.ops_db_url, {worked.run_id: [("scan-5", RunStatus.FAILED, None)]})
+
+    result, _ = _orphan_tick(demo_world, _RecordingBackend())
+    relaunched = {r.tags[sensors.RELAUNCHED_FROM_TAG]: r for r in result.run_requests}
+    # The one with an attempt is retried by the gap sensor; a person's run is the person's; the third death stays.
+    assert set(relaunched) == {died.run_id, ranged.run_id}
+    assert {worked.run_id, tired.run_id, by_hand.run_id}.isdisjoint(relaunched)
+    one, many = relaunched[died.run_id], relaunched[ranged.run_id]
+    assert one.run_key == f"relaunch:{died.run_id}" and one.partition_key == "scan-1"
+    assert one.asset_selection == [dg.AssetKey([PIPELINE, "calibrate"])]
+    assert one.tags[sensors.RELAUNCH_TAG] == "1" and one.tags["ccat/trigger"] == "sensor"
+    assert many.partition_key is None
+    assert (many.tags["dagster/asset_partition_range_start"], many.tags["dagster/asset_partition_range_end"]) == (
+        "scan-2",
+        "scan-4",
+    )
+    # The next tick follows the cursor: the same failures are not looked at again; a lost cursor repeats run keys.
+    later, _ = _orphan_tick(demo_world, _RecordingBackend(), cursor=result.cursor)
+    assert later.run_requests == []
+    again, _ = _orphan_tick(demo_world, _RecordingBackend())
+    assert sorted(r.run_key for r in again.run_requests) == sorted(r.run_key for r in result.run_requests)
 
 
 @pytest.mark.postgres

@@ -4,8 +4,10 @@ The orchestrator's own death (a killed run worker, a code-server or daemon resta
 cancels an HPC job: the job keeps running and its attempt stays in flight with its job id, to be *adopted* by
 the next run of its step, which reattaches by job id and collects it once (``StepRunner._adopt``). Attempts
 that never reached the backend (no job id) end FAILED at once: nothing runs for them, and the next tick plans
-the sub-group again. Jobs are cancelled only when a person or Dagster's run termination asks for it
-(``cancel_attempts_of_runs``), or when adoption failed ``MAX_ADOPTIONS`` times in a row (``give_up``).
+the sub-group again. An automatic run that failed before it created any attempt is launched again, up to
+``MAX_RELAUNCHES`` times in a row (``runs_with_attempts``). Jobs are cancelled only when a person or Dagster's
+run termination asks for it (``cancel_attempts_of_runs``), or when adoption failed ``MAX_ADOPTIONS`` times in a
+row (``give_up``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from ccat_dagster.opsdb.states import transition
 # Runs that adopt the same attempts one after the other, each dying before it collected them: after this many
 # the jobs are cancelled and the attempts failed, so that a job nobody can collect does not run forever.
 MAX_ADOPTIONS = 3
+# Automatic runs launched again one after the other, each failing before it created an attempt (its worker, or
+# the storage it writes to, failed first): after this many the sub-groups wait for the next change or a person.
+MAX_RELAUNCHES = 3
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,22 @@ def orphaned_attempt_runs(session: Session, *, limit: int) -> list[str]:
             .where(m.ExecutedReductionStep.dagster_run_id.is_not(None))
             .distinct()
             .limit(limit)
+        )
+    )
+
+
+def runs_with_attempts(session: Session, run_ids: Sequence[str]) -> set[str]:
+    """Those of the given Dagster runs that created at least one ops-db attempt.
+
+    A failed automatic run that created none left no trace a later tick would follow (ticks follow new data and
+    finished attempts), so the Dagster layer launches it again."""
+    if not run_ids:
+        return set()
+    return set(
+        session.scalars(
+            select(m.ExecutedReductionStep.dagster_run_id)
+            .where(m.ExecutedReductionStep.dagster_run_id.in_(list(run_ids)))
+            .distinct()
         )
     )
 

@@ -9,6 +9,10 @@ worker killed by the OS, a run terminated before the asset body started, a code 
   that never reached the backend end FAILED; those with a job id stay in flight, and ``ccat_orphaned_attempts``
   requests one run per step (run key per set of attempts, so once) that adopts them by job id and collects them
   (``execution.reconcile``, ``StepRunner._adopt``).
+- An automatic run (sensor or schedule) that failed before it created any attempt (its launch failed while
+  PostgreSQL was away, or its worker was killed first) left nothing in ops-db that a later tick would follow:
+  ``ccat_orphaned_attempts`` launches it again with the same sub-groups, up to ``MAX_RELAUNCHES`` in a row. A
+  STARTED step run with no attempt whose worker is gone is marked failed first.
 - The default run launcher has no worker health check, so Dagster's run monitoring never notices a run worker
   that was killed while STARTED: ``ccat_orphaned_attempts`` does, by the worker process ids Dagster records in
   the run's engine events ("Started process for run (pid: …)"), and marks the run failed, which also lets run
@@ -17,6 +21,7 @@ worker killed by the OS, a run terminated before the asset body started, a code 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import socket
@@ -26,12 +31,14 @@ import dagster as dg
 
 from ccat_dagster.assets.factory import BACKEND_TAG, PIPELINE_TAG, STEP_TAG, TRIGGER_TAG, step_asset_key
 from ccat_dagster.execution.reconcile import (
+    MAX_RELAUNCHES,
     AdoptionRequest,
     cancel_attempts_of_runs,
     give_up,
     orphaned_attempt_runs,
     plan_adoptions,
     release_attempts_of_dead_runs,
+    runs_with_attempts,
     workers_gone,
 )
 from ccat_dagster.opsdb.engine import session_scope, shared_engine
@@ -48,6 +55,17 @@ ADOPTION_TAG = "ccat/adoption"
 """On an adoption run: how many adoptions in a row led to it (1 for the first)."""
 ADOPTED_FROM_TAG = "ccat/adopted_from"
 """On an adoption run: the dead run(s) whose attempts it adopts."""
+RELAUNCH_TAG = "ccat/relaunch"
+"""On a relaunched run: how many runs in a row failed before creating an attempt (1 for the first relaunch)."""
+RELAUNCHED_FROM_TAG = "ccat/relaunched_from"
+"""On a relaunched run: the failed run it repeats."""
+# How far back the first tick (no cursor yet) looks for failed runs to launch again; later ticks follow the cursor.
+RELAUNCH_LOOKBACK_SECONDS = 3600
+# Failed runs examined per tick, the least recently updated first; the rest wait for the next tick.
+FAILED_RUNS_PER_TICK = 200
+# The partition tags of a run that targets one sub-group or a range of them (what a relaunch repeats).
+PARTITION_TAG = "dagster/partition"
+RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
 # The tag in which the default run launcher records the code server a run was launched on (host, port).
 GRPC_INFO_TAG = ".dagster/grpc_info"
 # A run's worker is judged only this long after it recorded its first process id: the evidence is complete
@@ -135,6 +153,7 @@ def _reconcile(context: dg.SensorEvaluationContext, *, settings: Settings, backe
             instance.report_run_failed(run, message=message)
             context.log.warning(message)
             dead.append(run_id)
+    _fail_dead_runs_without_attempts(context, exclude=set(run_ids))
     if cancelled:
         cancel_attempts_of_runs(engine, run_ids=cancelled, backend=backend_factory())
     ended, adoptable = release_attempts_of_dead_runs(engine, run_ids=dead) if dead else ([], [])
@@ -156,8 +175,88 @@ def _reconcile(context: dg.SensorEvaluationContext, *, settings: Settings, backe
         f"{len(run_ids)} run(s) own in-flight attempts: {len(dead)} dead, {len(cancelled)} terminated; "
         f"{len(ended)} attempt(s) without a job ended, {len(adoptable)} job(s) to adopt in {len(run_requests)} run(s)"
     )
+    relaunches, cursor = _relaunch_requests(context, engine, known)
+    if relaunches:
+        summary += f"; {len(relaunches)} run(s) that failed before creating an attempt launched again"
+    run_requests.extend(relaunches)
     context.log.info(summary)
-    return dg.SensorResult(run_requests=run_requests, skip_reason=None if run_requests else summary)
+    return dg.SensorResult(run_requests=run_requests, cursor=cursor, skip_reason=None if run_requests else summary)
+
+
+def _fail_dead_runs_without_attempts(context: dg.SensorEvaluationContext, *, exclude: set[str]) -> None:
+    """Marks failed the STARTED step runs that own no in-flight attempt and whose worker is gone (killed before it
+    created one): nothing else would, and such a run would hold its pool slot and its sub-groups for good."""
+    instance = context.instance
+    started = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]), limit=RUNS_PER_TICK)
+    for run in started:
+        if run.run_id in exclude or PIPELINE_TAG not in run.tags or not _worker_dead(instance, run):
+            continue
+        latest = instance.get_run_by_id(run.run_id)
+        if latest is None or latest.status != dg.DagsterRunStatus.STARTED:
+            continue
+        message = (
+            f"the run worker of run {run.run_id} is gone (its processes no longer exist on {socket.gethostname()}) "
+            "before it created an attempt; marked failed by ccat_orphaned_attempts"
+        )
+        instance.report_run_failed(run, message=message)
+        context.log.warning(message)
+
+
+def _relaunch_requests(
+    context: dg.SensorEvaluationContext,
+    engine,
+    known: set[dg.AssetKey],  # type: ignore[no-untyped-def]
+) -> tuple[list[dg.RunRequest], str]:
+    """Runs again the automatic step runs that failed since the cursor without creating an attempt, and the
+    next cursor (the last failed run's update time).
+
+    The run key names the failed run, so a repeated tick (or a lost cursor) requests each relaunch once."""
+    since = float(context.cursor) if context.cursor else time.time() - RELAUNCH_LOOKBACK_SECONDS
+    records = context.instance.get_run_records(
+        filters=dg.RunsFilter(
+            statuses=[dg.DagsterRunStatus.FAILURE],
+            tags={TRIGGER_TAG: ["sensor", "schedule"]},
+            updated_after=dt.datetime.fromtimestamp(since, tz=dt.UTC),
+        ),
+        limit=FAILED_RUNS_PER_TICK,
+        order_by="update_timestamp",
+        ascending=True,
+    )
+    if not records:
+        return [], str(since)
+    cursor = str(max(r.update_timestamp.timestamp() for r in records))
+    candidates = {
+        r.dagster_run.run_id: r.dagster_run
+        for r in records
+        if ADOPTION_TAG not in r.dagster_run.tags
+        and step_asset_key(r.dagster_run.tags.get(PIPELINE_TAG, ""), r.dagster_run.tags.get(STEP_TAG, "")) in known
+    }
+    with session_scope(engine) as session:
+        created = runs_with_attempts(session, list(candidates))
+    requests = []
+    for run_id, run in candidates.items():
+        if run_id in created:
+            continue
+        generation = int(run.tags.get(RELAUNCH_TAG, "0")) + 1
+        pipeline, step = run.tags[PIPELINE_TAG], run.tags[STEP_TAG]
+        if generation > MAX_RELAUNCHES:
+            context.log.warning(
+                f"run {run_id} of {pipeline}/{step} failed before creating an attempt, the {generation}th in a row; "
+                "not launched again: see its log, then `ccat-dagster pipelines gaps` and `pipelines run`"
+            )
+            continue
+        tags = {k: v for k, v in run.tags.items() if k.startswith("ccat/") or k in (*RANGE_TAGS, "dagster/priority")}
+        tags.update({RELAUNCH_TAG: str(generation), RELAUNCHED_FROM_TAG: run_id})
+        requests.append(
+            dg.RunRequest(
+                run_key=f"relaunch:{run_id}",
+                asset_selection=[step_asset_key(pipeline, step)],
+                partition_key=run.tags.get(PARTITION_TAG),
+                tags=tags,
+            )
+        )
+        context.log.info(f"run {run_id} of {pipeline}/{step} failed before creating an attempt: launched again")
+    return requests, cursor
 
 
 def _run_request(request: AdoptionRequest, key: dg.AssetKey, *, settings: Settings) -> dg.RunRequest:

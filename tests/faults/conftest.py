@@ -36,6 +36,11 @@ def _per_package(work: dict, first: dict, **overrides):  # type: ignore[no-untyp
 # Scenario -> (title in docs/reliability.md, pipeline spec builder, packages it uses).
 SCENARIOS: dict[str, tuple[str, object, int]] = {
     "worker_sigkill_local": ("run worker SIGKILLed mid-job (local backend)", scenario_pipeline_spec, 2),
+    "worker_sigkill_before_attempt": (
+        "run worker SIGKILLed before it created an attempt",
+        _spec(work={"sleep_seconds": 1}, fan_in=False),
+        1,
+    ),
     "dead_runs_fill_pool": ("more dead runs than the pool's slots, then new data", _spec(work={"sleep_seconds": 6}), 4),
     "two_launches": ("two launches of the same partition at once", _spec(work={"sleep_seconds": 1}, fan_in=False), 1),
     "payload_killed_local": ("the payload SIGKILLed (local backend)", scenario_pipeline_spec, 2),

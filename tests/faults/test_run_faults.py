@@ -37,6 +37,33 @@ def worker_sigkill_local(world: FaultWorld, pipeline: str, outcome: Outcome, clo
     world.measure(outcome, pipeline)
 
 
+def worker_sigkill_before_attempt(world: FaultWorld, pipeline: str, outcome: Outcome, clock: Clock) -> None:
+    """The work run's worker is killed as soon as it has recorded its process, before the step created any
+    attempt: nothing in ops-db points at the run. ccat_orphaned_attempts marks it failed and launches it again."""
+    world.arrive(pipeline)
+
+    def fresh_worker() -> tuple[str, int] | None:
+        for run in world.runs(pipeline, [dg.DagsterRunStatus.STARTED]):
+            if run.tags.get("ccat/step") == "work" and (pid := world.worker_pid(run.run_id)):
+                return run.run_id, pid
+        return None
+
+    killed, pid = world.wait_for("the work run's worker", fresh_worker, interval=0.05, pipeline=pipeline)
+    os.kill(pid, signal.SIGKILL)
+    clock.fault()
+    early = [a.id for a in world.attempts(pipeline, "work") if a.dagster_run_id == killed]
+    world.wait_complete(pipeline)
+    outcome.recovery_seconds = clock.since_fault()
+    if early:
+        pytest.skip(f"the worker created attempt(s) {early} before it was killed: this run tested adoption instead")
+    assert world.instance().get_run_by_id(killed).status == dg.DagsterRunStatus.FAILURE
+    again = [r for r in world.runs(pipeline) if r.tags.get("ccat/relaunched_from") == killed]
+    assert len(again) == 1 and again[0].status == dg.DagsterRunStatus.SUCCESS, world.timeline(pipeline)
+    assert again[0].tags["ccat/relaunch"] == "1"
+    assert set(world.completed_per_key(pipeline, "work").values()) == {1}
+    world.measure(outcome, pipeline)
+
+
 def dead_runs_fill_pool(world: FaultWorld, pipeline: str, outcome: Outcome, clock: Clock) -> None:
     packages = world.packages_of(pipeline)
     killed: list[str] = []
@@ -223,6 +250,7 @@ def disk_full_output_dir(world: FaultWorld, pipeline: str, outcome: Outcome, clo
 SCENARIOS = {
     "dead_runs_fill_pool": dead_runs_fill_pool,
     "worker_sigkill_local": worker_sigkill_local,
+    "worker_sigkill_before_attempt": worker_sigkill_before_attempt,
     "payload_killed_local": payload_killed_local,
     "bad_raw_tars": bad_raw_tars,
     "disk_full_output_dir": disk_full_output_dir,
