@@ -1,4 +1,4 @@
-"""Per-attempt orchestration overhead (issue 5), and Slurm submit-to-start latency on the single node.
+"""Per-attempt orchestration overhead, and Slurm submit-to-start latency on the single node.
 
 Local backend: ``StepRunner.run`` for one sub-group at a time, 50 times (each a new scan, so each attempt also
 stages its package), with a trivial payload: the scripted step of tests/runner_fixtures.py writes one product
@@ -40,7 +40,7 @@ from ccat_dagster.execution.hpc.local_wrapper import status_path  # noqa: E402
 from ccat_dagster.execution.runner import OutcomeKind, RunnerConfig  # noqa: E402
 from tests.runner_fixtures import STEP, RunnerWorld, dispose_runner_world, make_runner_world  # noqa: E402
 
-SECTION = "## Per-attempt overhead (issue 5)"
+SECTION = "## Per-attempt overhead"
 TARGET_SECONDS = 0.5
 PAYLOAD_RE = re.compile(r"payload_seconds=([0-9.]+)")
 DEFAULTS = RunnerConfig(pipeline_base_dir=Path("."), processing_location_id=0, sif_cache_dir=Path("."))
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     elif slurm_note:
         lines += [slurm_note, ""]
     lines += [
-        "Targets (issue 5):",
+        "Targets:",
         f"- per-attempt overhead on the local backend, median of {len(short)}: {_ms(overhead)} (target ≤ "
         f"{TARGET_SECONDS * 1000:.0f} ms: {'met' if overhead <= TARGET_SECONDS else 'MISSED'}); with a 5 s "
         f"payload: {_ms(long_overhead)}.",

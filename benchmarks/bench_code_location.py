@@ -1,4 +1,4 @@
-"""Code-location load time (issue 4): 50 pipelines × 4 steps in ops-db (PostgreSQL).
+"""Code-location load time: 50 pipelines × 4 steps in ops-db (PostgreSQL).
 
 Builds a fresh ops-db ``ccat_bench_code_location`` (the demo observatory plus 50 pipelines applied with the
 pipeline apply API, shaped like examples/pipelines/chai_ngc253_co43.yaml with a fourth step, all CONTINUOUS)
@@ -40,7 +40,7 @@ from typing import Any
 PROCESS_STARTED = time.perf_counter()
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = "## Code location load (issue 4)"
+SECTION = "## Code location load"
 EXAMPLE = REPO / "examples" / "pipelines" / "chai_ngc253_co43.yaml"
 DATABASE = "ccat_bench_code_location"
 PIPELINES = 50
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(reload, in_process)
     lines += [
         "",
-        f"Target (issue 4): code-location load with {PIPELINES} pipelines × 4 steps ≤ {TARGET_SECONDS:.0f} s: "
+        f"Target: code-location load with {PIPELINES} pipelines × 4 steps ≤ {TARGET_SECONDS:.0f} s: "
         f"{'met' if worst <= TARGET_SECONDS else 'MISSED'}: a reload in the running webserver takes {reload:.2f} s "
         f"and `dagster definitions validate` {in_process:.2f} s (whole CLI process). "
         f"`--load-with-grpc` ({grpc:.2f} s) adds a second cold process to the CLI's: it starts a code server, "

@@ -1,4 +1,4 @@
-"""Benchmark of the data-grouping filter engine on PostgreSQL (issue 3).
+"""Benchmark of the data-grouping filter engine on PostgreSQL.
 
 Builds (or reuses) two ops-db databases with a synthetic archive:
 
@@ -38,7 +38,7 @@ from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
 from ccat_dagster.opsdb.migrate import upgrade
 
-SECTION = "## Data groupings (issue 3)"
+SECTION = "## Data groupings"
 
 N_SOURCES = 50
 LINES = [("CO43", 461.0408), ("CII", 1900.5369), ("CO76", 806.6518), (None, 350.0)]

@@ -23,7 +23,7 @@ from bench_common import machine, write_section
 
 from ccat_dagster.execution.images import sif_digest, tree_digest
 
-SECTION = "## Image digests (issue 16)"
+SECTION = "## Image digests"
 
 
 def build_sandbox(root: Path, *, files: int, seed: int = 16) -> int:

@@ -1,4 +1,4 @@
-"""Benchmark of the lineage queries on PostgreSQL (issue 6).
+"""Benchmark of the lineage queries on PostgreSQL.
 
 Builds (or reuses) the ops-db database ``ccat_bench_lineage`` with the lineage of a 4-step pipeline over
 10,000 raw data packages (one package of 3 files per scan, 100 scans per night over 100 nights):
@@ -67,7 +67,7 @@ from ccat_dagster.opsdb.lineage import (
 from ccat_dagster.opsdb.migrate import upgrade
 
 DATABASE = "ccat_bench_lineage"
-SECTION = "## Provenance (issue 6)"
+SECTION = "## Provenance"
 TARGET_SECONDS = 0.100
 
 SCANS = 10_000

@@ -1,4 +1,4 @@
-"""Orchestration cost per sub-group (issue 7): batched Dagster runs on the local backend and on real Slurm.
+"""Orchestration cost per sub-group: batched Dagster runs on the local backend and on real Slurm.
 
 World (tests/scale_fixtures.py): N pre-staged scans, one per-scan step whose software (a shell script run by
 the bubblewrap runtime) writes one small file: the payload is trivial, so what is measured is ccat-dagster
@@ -68,7 +68,7 @@ RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_p
 RUNNER_STATS = re.compile(
     r"([\d.]+) s waiting for jobs between polls, ([\d.]+) s in status queries, ([\d.]+) s submitting"
 )
-SECTION = "## Scale (issue 7)"
+SECTION = "## Scale"
 
 
 @dataclass

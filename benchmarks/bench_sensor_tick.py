@@ -1,4 +1,4 @@
-"""Sensor tick cost (issue 4): 1,000 newly archived packages on top of 10k, 100k and 1M existing ones.
+"""Sensor tick cost: 1,000 newly archived packages on top of 10k, 100k and 1M existing ones.
 
 Uses the synthetic archives of benchmarks/bench_grouping.py (10 packages per scan; built here with COPY when
 missing: ``ccat_bench_grouping_10k``, ``ccat_bench_grouping_100k``, ``ccat_bench_grouping``). A continuous
@@ -6,7 +6,7 @@ per-scan pipeline (``bench_tick``, step ``calibrate``, group_by [executed_obs_un
 ``evaluate_tick`` is timed, which is the work a Dagster sensor tick does (change watermark, touched sub-groups,
 input fingerprints, gap evaluation) in three situations:
 
-- new data: 100 new scans × 10 packages go from transferring to archived (the target of issue 4);
+- new data: 100 new scans × 10 packages go from transferring to archived;
 - scattered: 1,000 random existing packages change state to archived (~1,000 distinct sub-groups touched);
 - idle: the next tick, with the cursor of a new-data tick and nothing changed (must request nothing).
 
@@ -44,7 +44,7 @@ from ccat_dagster.opsdb.enums import LocationType, StorageType, TriggerType
 from ccat_dagster.opsdb.migrate import upgrade
 
 REPO = Path(__file__).resolve().parents[1]
-SECTION = "## Sensor tick (issue 4)"
+SECTION = "## Sensor tick cost"
 # label → (database, scans of 10 packages)
 ARCHIVES = {
     "10k": ("ccat_bench_grouping_10k", 1_000),
@@ -591,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     sql_seconds = sum(s for s, _, _ in runs["1M"]["scattered"][-1].statements)
     lines += [
         "",
-        "Targets (issue 4):",
+        "Targets:",
         f"- tick with 1,000 newly archived packages on 1M: {new_1m:.3f} s (target ≤ 1 s: "
         f"{'met' if new_1m <= 1 else 'MISSED'}); scattered 1,000 on 1M: {scattered_1m:.3f} s "
         f"({'met' if scattered_1m <= 1 else 'MISSED'})",

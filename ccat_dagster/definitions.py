@@ -173,7 +173,7 @@ def _definitions(
         jobs=retention_jobs,
         resources=resources,
         # A run executes one step (one asset, many sub-groups): the default multiprocess executor would start a
-        # second Python process per run and load this code location again in it, seconds per run (issue 7).
+        # second Python process per run and load this code location again in it, seconds per run.
         executor=dg.in_process_executor,
     )
 

@@ -1,4 +1,4 @@
-"""Settings from the environment (SPEC §9). Invalid values stop start-up with one line naming the fix.
+"""Settings from the environment (docs/configuration.md). Invalid values stop start-up with one line naming the fix.
 
 Every variable has the prefix ``CCAT_WORKFLOW_MANAGER_`` except the ops-db URL (``CCAT_OPS_DB_URL``) and the
 local data directory (``CCAT_DAGSTER_DATA_DIR``) that the laptop defaults live under.

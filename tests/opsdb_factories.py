@@ -1,4 +1,4 @@
-"""Small ORM object graphs for tests: one of everything SPEC §3 names, linked the way ops-db links them."""
+"""Small ORM object graphs for tests: one of everything the ops-db models name, linked the way ops-db links them."""
 
 from __future__ import annotations
 

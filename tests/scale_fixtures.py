@@ -1,4 +1,4 @@
-"""A minimal world for scale tests and benchmarks (issue 7): N scans, one trivial per-scan step, pre-staged input.
+"""A minimal world for scale tests and benchmarks: N scans, one trivial per-scan step, pre-staged input.
 
 Every ExecutedObsUnit has one archived RawDataPackage whose files already lie at the processing location
 (a present PhysicalCopy), so runs measure orchestration, not staging. The step's software is a software

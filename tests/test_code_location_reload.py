@@ -1,5 +1,5 @@
 """The code location's ``defs``: Dagster calls it more than once per load, so it reuses what it built while ops-db
-is unchanged (issue 4: load time), and a reload after a pipeline change still builds afresh (SPEC §2)."""
+is unchanged (to keep load time down), and a reload after a pipeline change still builds afresh."""
 
 from __future__ import annotations
 

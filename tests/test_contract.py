@@ -1,4 +1,4 @@
-"""The container contract: names, host layout, mounts, environment and manifest (SPEC §6)."""
+"""The container contract: names, host layout, mounts, environment and manifest (docs/container-contract.md)."""
 
 from __future__ import annotations
 

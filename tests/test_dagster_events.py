@@ -1,4 +1,4 @@
-"""Issue 8: each attempt's RunStatus transitions are structured Dagster events of the run, on the partition."""
+"""Each attempt's RunStatus transitions are structured Dagster events of the run, on the partition."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Output discovery by convention and its refusals (SPEC §8)."""
+"""Output discovery by convention and its refusals."""
 
 from __future__ import annotations
 

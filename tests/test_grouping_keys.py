@@ -35,7 +35,7 @@ def assert_safe(key: str) -> None:
     ("dims", "key"),
     [
         ([], "all"),
-        ([("source", "ngc253"), ("line", "co43")], "source=ngc253+line=co43"),  # the SPEC example
+        ([("source", "ngc253"), ("line", "co43")], "source=ngc253+line=co43"),
         ([("source", "NGC253"), ("line", "CO43")], "source=NGC253+line=CO43"),  # case is kept
         ([("source", "Orion-KL")], "source=Orion-KL"),
         (

@@ -136,7 +136,7 @@ def test_all_problems_are_reported_at_once():
     assert str(error).startswith("3 problems:")
 
 
-# ---------------------------------------------------------------------- the errors the issue lists
+# ------------------------------------------------------------- the errors docs/groupings.md lists
 
 
 def test_unknown_table():

@@ -1,4 +1,4 @@
-"""Image resolution: local images as they are, remote ones pulled once into the SIF cache (SPEC §6)."""
+"""Image resolution: local images as they are, remote ones pulled once into the SIF cache."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Invalidating a raw data package: one transaction that marks the package and what derives from it, retires
 the sub-groups left empty, and makes the next sensor tick re-run exactly the affected sub-groups without it.
-The demo chain test also checks the Dagster side of issue 6 item 4 (data version = input fingerprint,
+The demo chain test also checks the Dagster side of provenance (data version = input fingerprint,
 materialization metadata, what Dagster shows as stale)."""
 
 from __future__ import annotations
@@ -393,7 +393,7 @@ def test_invalidating_a_scan_reruns_exactly_the_affected_sub_groups(demo_world, 
     scan_keys = {key for step, key in runs if step == "calibrate"}
     assert {step for step, _ in runs} == {"calibrate", "baseline", "grid_map"} and len(scan_keys) >= 3
 
-    # Issue 6 item 4: data version = input fingerprint; the metadata SPEC §8 lists.
+    # Data version = input fingerprint; the metadata docs/provenance.md lists.
     engine = make_engine(demo_world.ops_db_url)
     with Session(engine) as session:
         old_attempt = session.scalars(

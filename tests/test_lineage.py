@@ -1,4 +1,4 @@
-"""Lineage queries (SPEC §8): ancestors down to raw packages and files, descendants (impact), on PostgreSQL
+"""Lineage queries: ancestors down to raw packages and files, descendants (impact), on PostgreSQL
 and SQLite with a hand-built graph, and ``ccat-dagster lineage`` / ``impact`` on the demo chain."""
 
 from __future__ import annotations

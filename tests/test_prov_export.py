@@ -1,4 +1,4 @@
-"""PROV-JSON export (SPEC §8): the document validates against the W3C PROV-JSON schema, uses IVOA ProvDM
+"""PROV-JSON export: the document validates against the W3C PROV-JSON schema, uses IVOA ProvDM
 naming, covers every record of the lineage, and the validator rejects broken documents."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The collection transaction (SPEC §8): products, copies, lineage, supersession and COMPLETED, all or
+"""The collection transaction: products, copies, lineage, supersession and COMPLETED, all or
 nothing, on PostgreSQL and SQLite."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Retention (SPEC §8): which intermediates become deletion_possible, and the cleanup that deletes only them,
+"""Retention: which intermediates become deletion_possible, and the cleanup that deletes only them,
 only inside the allowed roots, with a dry run that changes nothing."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The retention cleanup (SPEC §8) as a Dagster job with a daily schedule and as ``ccat-dagster retention
+"""The retention cleanup as a Dagster job with a daily schedule and as ``ccat-dagster retention
 run``: marks superseded / long-consumed intermediates, deletes only deletion_possible intermediates inside the
 allowed roots, never final products, records failures, and a dry run changes nothing (ops-db or disk)."""
 

@@ -1,4 +1,4 @@
-"""Golden command lines: the exact Apptainer invocation, and the shape of the bubblewrap one (SPEC §6)."""
+"""Golden command lines: the exact Apptainer invocation, and the shape of the bubblewrap one."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 7: many sub-groups per Dagster run, partial failures, retries, sensor / backfill chunking, limits.
+"""Many sub-groups per Dagster run, partial failures, retries, sensor / backfill chunking, limits.
 
 Real Dagster on a PostgreSQL instance, real ops-db on PostgreSQL, the local backend running a trivial payload
 in bubblewrap (tests/scale_fixtures.py).

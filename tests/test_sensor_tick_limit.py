@@ -1,4 +1,4 @@
-"""A sensor tick stays bounded under a huge change set (issue 4): 200,000 packages archived in ONE statement (so
+"""A sensor tick stays bounded under a huge change set: 200,000 packages archived in ONE statement (so
 all share one ``updated_at``) are read ``batch_limit`` at a time in watermark order, the cursor carries the rest
 to the next tick, every package is delivered exactly once, no sub-group is requested twice, a row committing
 late behind the watermark is still caught, and the cursor's window of seen packages holds at most one overlap

@@ -1,4 +1,4 @@
-"""Staging (SPEC §7): LocalStager copies/verifies/unpacks safely, ExternalStager drives StagingJobs, upstream
+"""Staging: LocalStager copies/verifies/unpacks safely, ExternalStager drives StagingJobs, upstream
 products must be present. Run on PostgreSQL and SQLite where ops-db behaviour matters."""
 
 from __future__ import annotations

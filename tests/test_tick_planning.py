@@ -1,4 +1,4 @@
-"""What a sensor tick reads (issue 4): a sub-group deferred by its cooldown is found again through one remembered
+"""What a sensor tick reads: a sub-group deferred by its cooldown is found again through one remembered
 member, and a fan-in sub-group whose upstream sub-groups just got new data is settled as waiting without
 reading its members. Both decide exactly what a full evaluation decides. PostgreSQL and SQLite."""
 

@@ -76,8 +76,9 @@ def step_asset_keys(pipeline: PipelineSnapshot) -> list[dg.AssetKey]:
     """What a pipeline's trigger may request. Runs target Dagster's implicit asset job with one step selected.
 
     No job is defined per step: each costs the code location ~10-15 ms to build and snapshot on every load
-    (run-config schema), which is most of a large location's load time (issue 4), while a run on the implicit
-    asset job with ``asset_selection=[step]`` is the same run, the one Dagster's UI and backfills launch anyway.
+    (run-config schema), which is most of a large location's load time (docs/benchmarks.md, Code location
+    load), while a run on the implicit asset job with ``asset_selection=[step]`` is the same run, the one
+    Dagster's UI and backfills launch anyway.
     """
     return [step_asset_key(pipeline.name, step.name) for step in pipeline.steps]
 
@@ -321,8 +322,8 @@ def _materialization(asset_key: dg.AssetKey, outcome: SubGroupOutcome) -> dg.Ass
 class _AssetEventBatch:
     """The asset events of one runner round, written to the event log as one batch per kind.
 
-    One event per sub-group and per transition, written one by one, would cost two event-log round trips each
-    (issue 7). Dagster writes a batch in one INSERT when ``DAGSTER_EVENT_BATCH_SIZE`` > 0 (set below, unless the
+    One event per sub-group and per transition, written one by one, would cost two event-log round trips each.
+    Dagster writes a batch in one INSERT when ``DAGSTER_EVENT_BATCH_SIZE`` > 0 (set below, unless the
     deployment sets it) and one by one otherwise; either way each event is logged for its own partition.
     """
 

@@ -1,4 +1,4 @@
-"""The retention cleanup as a Dagster job on a daily schedule (SPEC §8), a thin wrapper around
+"""The retention cleanup as a Dagster job on a daily schedule (docs/provenance.md, Retention), a thin wrapper around
 ``ccat_dagster.provenance.cleanup.run_retention_cleanup``.
 
 Job ``ccat_retention_cleanup`` with one op ``retention_cleanup`` (config ``dry_run``, ``retention_days``:
@@ -81,7 +81,7 @@ def build_retention_definitions(
 
     @dg.job(
         name=RETENTION_JOB,
-        description="Retention cleanup of intermediate products (SPEC §8); final products are never deleted.",
+        description="Retention cleanup of intermediate products; final products are never deleted.",
         tags={"ccat/maintenance": "retention"},
     )
     def _job() -> None:

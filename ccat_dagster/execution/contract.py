@@ -1,4 +1,5 @@
-"""The container contract (SPEC §6): container paths, an attempt's host layout, bind mounts, the manifest.
+"""The container contract (docs/container-contract.md): container paths, an attempt's host layout, bind mounts,
+the manifest.
 
 Everything here is plain data and file-system work; nothing knows Dagster or the ops-db. The callers map
 ops-db rows onto the small frozen dataclasses below (``InputFile``, ``UpstreamProduct``, ``SoftwareRef``).
@@ -661,7 +662,7 @@ def manifest_schema() -> dict[str, Any]:
 
 @functools.cache
 def _manifest_validator() -> jsonschema.Draft202012Validator:
-    """Read and checked once per process: a batched run writes a manifest per sub-group (issue 7)."""
+    """Read and checked once per process: a batched run writes a manifest per sub-group."""
     return jsonschema.Draft202012Validator(manifest_schema())
 
 

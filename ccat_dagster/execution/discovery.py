@@ -1,4 +1,5 @@
-"""Output discovery by convention (SPEC §8): which files an attempt produced, typed and checksummed.
+"""Output discovery by convention (docs/container-contract.md, section 4): which files an attempt produced,
+typed and checksummed.
 
 * Final step: every regular file under ``output/<type dir>/`` (recursively) is a product of that type
   (``science/`` → science, ``qa/`` → qa_metric, ``plots/`` → plot, ``statistics/`` → statistics,

@@ -1,4 +1,4 @@
-"""Input fingerprints (SPEC §5) and software version resolution. Pure functions, no database."""
+"""Input fingerprints and software version resolution. Pure functions, no database."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Turning a software version's ``image_ref`` into something a container runtime can run (SPEC §6).
+"""Turning a software version's ``image_ref`` into something a container runtime can run
+(docs/container-contract.md, section 8).
 
 * A local ``.sif`` file or a directory is used as it is. A directory with ``usr/`` is a sandbox (an
   unpacked root file system); a directory without ``usr/`` is a *software directory*, which only the

@@ -64,7 +64,7 @@ def completed_outcome(
     earlier: Sequence[FailureKind],
     product_files: Sequence[DiscoveredProduct] = (),
 ) -> SubGroupOutcome:
-    """A completed sub-group, with the metadata its materialization shows (SPEC §8)."""
+    """A completed sub-group, with the metadata its materialization shows."""
     metadata: dict[str, Any] = {
         "ops_db_attempt_id": attempt_id,
         "attempt": attempt_number,

@@ -1,4 +1,4 @@
-"""Gap evaluation (SPEC §5): which sub-groups of a step need a run now, with which inputs.
+"""Gap evaluation: which sub-groups of a step need a run now, with which inputs.
 
 Used by the sensors and schedules (to request runs) and by the step asset (to decide, at run time, what each
 requested sub-group consumes). A sub-group of a step has a *gap* when no COMPLETED attempt has the current

@@ -1,4 +1,4 @@
-"""Product registration (SPEC §8): the collection transaction of one attempt, lineage and supersession.
+"""Product registration: the collection transaction of one attempt, lineage and supersession.
 
 ``register_attempt_results`` writes the attempt's DataProducts, their PhysicalCopies, the lineage rows,
 supersession of older products and the COMPLETED transition in the CALLER's transaction: commit it and all of

@@ -1,4 +1,4 @@
-"""Retention of intermediate products (SPEC §8): present → deletion_possible → deleted.
+"""Retention of intermediate products (docs/provenance.md, Retention): present → deletion_possible → deleted.
 
 Two steps, run by a schedule or from the CLI:
 

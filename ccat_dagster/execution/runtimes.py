@@ -1,5 +1,5 @@
-"""Container runtimes: the same contract as an Apptainer or a bubblewrap command line (SPEC §6), or as the
-step's own OCI image run directly by the Kubernetes backend (``oci``).
+"""Container runtimes: the same contract as an Apptainer or a bubblewrap command line (docs/container-contract.md,
+section 7), or as the step's own OCI image run directly by the Kubernetes backend (``oci``).
 
 Both build an argument list, never a shell string. Apptainer is the production runtime. Bubblewrap runs
 the same ``/workflow`` mounts on machines without Apptainer (the demo, the tests): its root is either a

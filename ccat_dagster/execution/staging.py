@@ -1,4 +1,4 @@
-"""Staging (SPEC §7): before submit, every input RawDataPackage needs a usable copy at the processing site.
+"""Staging: before submit, every input RawDataPackage needs a usable copy at the processing site.
 
 A copy is *usable* when ops-db has a ``PhysicalCopy`` of the package at the processing location with status
 ``present`` or ``staged`` AND its directory exists on this host. Such packages are never staged again.

@@ -1,4 +1,4 @@
-"""One trigger evaluation of a pipeline (SPEC §5): what a sensor tick or a schedule tick requests.
+"""One trigger evaluation of a pipeline: what a sensor tick or a schedule tick requests.
 
 A continuous pipeline's sensor calls ``evaluate_tick`` with its cursor. The cost of a tick grows with what
 changed since the last one, never with the archive:

@@ -1,4 +1,4 @@
-"""The ops-db models this project owns and uses (SPEC §3), as SQLAlchemy 2.0 typed declarative classes.
+"""The ops-db models this project owns and uses, as SQLAlchemy 2.0 typed declarative classes.
 
 Names follow CCAT's ``ccat_ops_db.models`` so that package can replace this module. Enumerations are stored as
 lower-case strings (VARCHAR), never as native database enums, so new members need no type migration.

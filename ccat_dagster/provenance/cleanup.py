@@ -1,4 +1,5 @@
-"""One retention cleanup (SPEC §8), as the CLI (``ccat-dagster retention run``) and the Dagster job run it.
+"""One retention cleanup (docs/provenance.md, Retention), as the CLI (``ccat-dagster retention run``) and the
+Dagster job run it.
 
 ``run_retention_cleanup`` = ``execution.retention.mark_deletable_intermediates`` (present → deletion_possible
 for superseded intermediates and for consumed ones past ``RETENTION_DAYS``), committed, then

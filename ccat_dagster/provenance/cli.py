@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 # Above this many attempts ``lineage`` prints the per-step summary instead of the attempt-by-attempt tree:
-# a tree of 20,000 attempts is neither readable nor quick to load (docs/benchmarks.md, issue 6).
+# a tree of 20,000 attempts is neither readable nor quick to load (docs/benchmarks.md, Provenance).
 TREE_MAX_ATTEMPTS = 200
 SUMMARY_PACKAGES = 50
 # ``lineage --json`` lists the packages too; a lineage of more scans says so with ``packages_complete: false``.

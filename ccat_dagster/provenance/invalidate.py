@@ -4,7 +4,7 @@
 
 1. ``RawDataPackage.invalidated_reason`` = the reason and ``updated_at`` = now. From then on the grouping
    engine never counts the package as a member of any sub-group, so every sub-group that held it has a new
-   membership and therefore a new input fingerprint (SPEC §5).
+   membership and therefore a new input fingerprint.
 2. Every *current* (not superseded) product derived from the package, at any depth
    (``descendants_of_package``), gets ``metadata["invalidated"]``: which package, when, why. Such a product
    stays current until its sub-group's next attempt completes; registration's supersession rule then sets its

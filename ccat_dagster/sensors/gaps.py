@@ -1,4 +1,4 @@
-"""Triggers: a sensor per CONTINUOUS pipeline and a cron-driven sensor per CRON pipeline (SPEC §5), as thin
+"""Triggers: a sensor per CONTINUOUS pipeline and a cron-driven sensor per CRON pipeline, as thin
 Dagster wrappers around ``ccat_dagster.execution.triggers``."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def build_pipeline_sensor(pipeline: PipelineSnapshot, *, settings: Settings) -> 
         name=sensor_name(pipeline.name),
         description=(
             f"Watches ops-db for raw data of grouping {pipeline.grouping_name!r} that became archived or changed, "
-            "and for finished upstream attempts; requests runs for the sub-groups with a gap (SPEC §5)."
+            "and for finished upstream attempts; requests runs for the sub-groups with a gap."
         ),
         minimum_interval_seconds=settings.sensor_interval_seconds,
         asset_selection=step_asset_keys(pipeline),
@@ -87,7 +87,7 @@ def build_pipeline_cron_sensor(pipeline: PipelineSnapshot, *, settings: Settings
         name=cron_sensor_name(pipeline.name),
         description=(
             f"Evaluates every step and sub-group of {pipeline.name!r} for gaps on {cron!r} ({timezone}), and "
-            "starts dependent steps as soon as their upstream sub-groups complete (SPEC §5)."
+            "starts dependent steps as soon as their upstream sub-groups complete."
         ),
         minimum_interval_seconds=settings.sensor_interval_seconds,
         asset_selection=step_asset_keys(pipeline),

@@ -18,7 +18,7 @@ temporary file), it is written over the job's existing "running" record, whose s
 This module is also the local backend's scheduler (``start_queued_jobs``), so a finishing wrapper hands its slot
 to the next queued job at once. One wrapper starts per job: it imports only the standard library modules it
 needs (no typing, dataclasses, argparse, tempfile, nothing of ccat_dagster but ``exit_codes``). That keeps a
-wrapper at ~20 ms of CPU instead of ~85 ms, which on a busy host was most of a trivial job's cost (issue 7).
+wrapper at ~20 ms of CPU instead of ~85 ms, which on a busy host was most of a trivial job's cost.
 """
 
 from __future__ import annotations
