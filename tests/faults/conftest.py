@@ -105,31 +105,36 @@ def _require_tools() -> None:
         pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
-def fault_world(tmp_path_factory) -> Iterator[FaultWorld]:
+@pytest.fixture(scope="module")
+def fault_world(request, tmp_path_factory) -> Iterator[FaultWorld]:
+    """A world for one test module, with the pipelines of the scenarios it names in ``WORLD_SCENARIOS``.
+
+    One per module, stopped when the module ends: an idle world (its daemon ticking the sensors of every
+    pipeline, its code server, its PostgreSQL) would otherwise take CPU from every later test of the session."""
     _require_tools()
+    names = getattr(request.module, "WORLD_SCENARIOS", None)
+    unknown = sorted(set(names or ()) - set(SCENARIOS))
+    if not names or unknown:
+        raise RuntimeError(
+            f"{request.module.__name__}: WORLD_SCENARIOS must name scenarios of tests/faults/conftest.py "
+            f"(unknown: {unknown})"
+        )
     # CCAT_FAULTS_DIR keeps the world (logs of the code server and daemon, ops-db files) for a post-mortem.
     keep = os.environ.get("CCAT_FAULTS_DIR")
-    root = Path(keep) / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S") if keep else tmp_path_factory.mktemp("faults")
+    module = request.module.__name__.rpartition(".")[2]
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    root = Path(keep) / f"{stamp}-{module}" if keep else tmp_path_factory.mktemp(f"faults-{module}")
     root.mkdir(parents=True, exist_ok=True)
     world = FaultWorld.create(
         root,
-        {name: builder for name, (_, builder, _) in SCENARIOS.items()},  # type: ignore[misc]
-        {name: count for name, (_, _, count) in SCENARIOS.items()},
+        {name: SCENARIOS[name][1] for name in names},  # type: ignore[misc]
+        {name: SCENARIOS[name][2] for name in names},
     )
     try:
         world.start_services()
         yield world
     finally:
         world.stop()
-
-
-def pytest_collection_modifyitems(session, config, items):  # type: ignore[no-untyped-def]
-    """The check of all of ops-db runs after every scenario of the suite, whatever the module order."""
-    last = [item for item in items if item.name == "test_ops_db_invariants_hold_after_every_scenario"]
-    for item in last:
-        items.remove(item)
-        items.append(item)
 
 
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]

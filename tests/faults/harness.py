@@ -897,6 +897,12 @@ class FaultWorld:
         return {key: count for key, count in rows}
 
 
+def assert_invariants_hold(world: FaultWorld) -> None:
+    """The whole of the world's ops-db, every pipeline of its module, once its scenarios are over."""
+    violations = world.violations()
+    assert violations == [], "\n".join(map(str, violations))
+
+
 def instance_config() -> dict[str, Any]:
     """The production dagster.yaml with the intervals of run monitoring and launch retries shortened."""
     config = yaml.safe_load(PRODUCTION_DAGSTER_YAML.read_text())

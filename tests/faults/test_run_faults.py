@@ -19,7 +19,7 @@ import pytest
 
 from ccat_dagster.opsdb.enums import FailureKind, RunStatus
 
-from .harness import Clock, FaultWorld, Outcome, SideBySide
+from .harness import Clock, FaultWorld, Outcome, SideBySide, assert_invariants_hold
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.bwrap]
 
@@ -268,3 +268,11 @@ def side_by_side(fault_world):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_scenario(side_by_side, name):
     side_by_side.result(name)
+
+
+def test_ops_db_invariants_hold_after_every_scenario(fault_world):
+    """Last in the module: the scenarios above have ended (each test waited for its own)."""
+    assert_invariants_hold(fault_world)
+
+
+WORLD_SCENARIOS = tuple(SCENARIOS)  # the pipelines this module's world is seeded with (tests/faults/conftest.py)

@@ -15,9 +15,17 @@ import pytest
 
 from ccat_dagster.opsdb.enums import FailureKind, RunStatus
 
-from .harness import BASE_TMPFS_MB, Clock, FaultWorld, record
+from .harness import BASE_TMPFS_MB, Clock, FaultWorld, assert_invariants_hold, record
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.bwrap]
+# The pipelines this module's world is seeded with (tests/faults/conftest.py).
+WORLD_SCENARIOS = (
+    "daemon_sigkill",
+    "code_server_sigkill",
+    "disk_full_base_dir",
+    "pg_stop_sensor_tick",
+    "pg_stop_collection",
+)
 
 
 def test_dagster_daemon_sigkill_with_runs_in_flight(fault_world):
@@ -112,6 +120,4 @@ def test_postgresql_stopped_for_20_s_during_a_sensor_tick_and_during_collection(
 
 
 def test_ops_db_invariants_hold_after_every_scenario(fault_world):
-    """The whole of ops-db, every pipeline of the suite, once the scenarios are over."""
-    violations = fault_world.violations()
-    assert violations == [], "\n".join(map(str, violations))
+    assert_invariants_hold(fault_world)

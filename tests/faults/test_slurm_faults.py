@@ -17,7 +17,7 @@ import pytest
 from ccat_dagster.opsdb.enums import FailureKind, RunStatus
 
 from ..conftest import require_slurm
-from .harness import MEMORY_CAP_GB, Clock, FaultWorld, Outcome, SideBySide, record
+from .harness import MEMORY_CAP_GB, Clock, FaultWorld, Outcome, SideBySide, assert_invariants_hold, record
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.bwrap, pytest.mark.slurm]
 
@@ -201,3 +201,12 @@ def test_slurmctld_restarted_and_stopped_longer_than_a_poll_during_a_batch(slurm
 
     with record(slurm_world, "slurmctld_outage") as (pipeline, outcome):
         slurm_world.fault_while_jobs_run(pipeline, outcome, outage)
+
+
+def test_ops_db_invariants_hold_after_every_scenario(slurm_world):
+    """Last in the module: the scenarios above have ended (each test waited for its own)."""
+    assert_invariants_hold(slurm_world)
+
+
+# The pipelines this module's world is seeded with (tests/faults/conftest.py).
+WORLD_SCENARIOS = (*SCENARIOS, "slurmctld_outage")
