@@ -125,11 +125,17 @@ def pytest_collection_modifyitems(config, items) -> None:
 
     One group per test file, so that a module's expensive fixtures (daemons, webservers, PostgreSQL clusters)
     start once. Every file with a test on the single-node Slurm shares one group: the node has two CPUs, the
-    Slurm tests measure job starts and the fault suite stops slurmctld, so they must not overlap each other.
+    Slurm tests measure job starts and the fault suite stops slurmctld, so they must not overlap each other. The
+    other fault modules share one group too: each starts a whole Dagster deployment, and two at once starve both.
     """
     slurm_files = {item.path for item in items if item.get_closest_marker("slurm")}
     for item in items:
-        group = "slurm" if item.path in slurm_files else str(item.path.relative_to(config.rootpath))
+        if item.path in slurm_files:
+            group = "slurm"
+        elif item.path.parent.name == "faults":
+            group = "faults"  # one fault world (daemon, code server, PostgreSQL) at a time beside the Slurm group
+        else:
+            group = str(item.path.relative_to(config.rootpath))
         item.add_marker(pytest.mark.xdist_group(group))
 
 

@@ -137,6 +137,16 @@ def fault_world(request, tmp_path_factory) -> Iterator[FaultWorld]:
         world.stop()
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering
+def pytest_collection_modifyitems(session, config, items):  # type: ignore[no-untyped-def]
+    """Each module's check of its whole ops-db runs after the module's other tests, whatever pytest's ordering
+    (it reorders tests by their parametrized fixtures)."""
+    for check in [item for item in items if item.name == "test_ops_db_invariants_hold_after_every_scenario"]:
+        items.remove(check)
+        last = max(i for i, item in enumerate(items) if item.path == check.path)
+        items.insert(last + 1, check)
+
+
 def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
     """Writes docs/reliability.md at the end of a serial session.
 

@@ -909,10 +909,12 @@ def instance_config() -> dict[str, Any]:
     config["run_monitoring"].update(
         {"poll_interval_seconds": 2, "free_slots_after_run_end_seconds": 2, "start_timeout_seconds": 120}
     )
-    # The scenarios of a module run side by side: room for all their runs (each pipeline keeps its own limits).
+    # The scenarios of a module run side by side: room for all their runs, dead ones included (each pipeline keeps
+    # its own limits). With 16 runs and 12 per backend, runs of one scenario waited minutes for another's to end.
+    config["concurrency"]["runs"]["max_concurrent_runs"] = 48
     for limit in config["concurrency"]["runs"]["tag_concurrency_limits"]:
         if limit.get("key") == "ccat/backend":
-            limit["limit"] = 12
+            limit["limit"] = 48
     config["run_coordinator"].setdefault("config", {}).update(
         {"user_code_failure_retry_delay": 2, "dequeue_interval_seconds": 1}
     )
