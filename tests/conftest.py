@@ -119,24 +119,50 @@ def engine(db_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items) -> None:
-    """Groups for pytest-xdist's ``--dist loadgroup`` (``scripts/test`` runs the suite on several workers).
+def xdist_group_of(test_file: str, *, root: Path) -> str:
+    """The pytest-xdist work unit of a test file (``scripts/test`` runs the suite on several workers).
 
-    One group per test file, so that a module's expensive fixtures (daemons, webservers, PostgreSQL clusters)
-    start once. Every file with a test on the single-node Slurm shares one group: the node has two CPUs, the
-    Slurm tests measure job starts and the fault suite stops slurmctld, so they must not overlap each other. The
-    other fault modules share one group too: each starts a whole Dagster deployment, and two at once starve both.
+    One unit per test file, so that a module's expensive fixtures (daemons, webservers, PostgreSQL clusters)
+    start once. Every file with a test on the single-node Slurm is one unit: the node has two CPUs, the Slurm
+    tests measure job starts and the fault suite stops slurmctld, so they must not overlap each other. The other
+    fault modules are one unit too: each starts a whole Dagster deployment, and two at once starve both.
     """
-    slurm_files = {item.path for item in items if item.get_closest_marker("slurm")}
-    for item in items:
-        if item.path in slurm_files:
-            group = "slurm"
-        elif item.path.parent.name == "faults":
-            group = "faults"  # one fault world (daemon, code server, PostgreSQL) at a time beside the Slurm group
-        else:
-            group = str(item.path.relative_to(config.rootpath))
-        item.add_marker(pytest.mark.xdist_group(group))
+    path = root / test_file
+    try:
+        uses_slurm = "pytest.mark.slurm" in path.read_text(encoding="utf-8")
+    except OSError:
+        uses_slurm = False
+    if uses_slurm:
+        return "slurm"
+    if path.parent.name == "faults":
+        return "faults"
+    return test_file
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent with -p no:xdist
+def pytest_xdist_make_scheduler(config, log):  # type: ignore[no-untyped-def]
+    """``--dist loadgroup`` with the units of ``xdist_group_of``.
+
+    pytest-xdist 3.8 groups by appending ``@group`` to ``item._nodeid``, which pytest 9 no longer reads (a node id
+    is built from ``item._id``): its loadgroup silently ran every test as a unit of its own, so Slurm tests
+    overlapped and every worker started its own fault world. This scheduler decides the units from the node ids
+    alone, on the controller; ``tests/test_xdist_units.py`` checks it on a real ``pytest -n`` run.
+    """
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    root = Path(str(config.rootpath))
+    units: dict[str, str] = {}
+
+    class FileGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            test_file = nodeid.split("::", 1)[0]
+            if test_file not in units:
+                units[test_file] = xdist_group_of(test_file, root=root)
+            return units[test_file]
+
+    return FileGroupScheduling(config, log)
 
 
 # Figures of the fault suite's scenarios handed over by the pytest-xdist workers that ran them.
