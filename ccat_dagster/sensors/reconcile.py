@@ -28,6 +28,11 @@ import socket
 import time
 
 import dagster as dg
+from dagster._core.storage.tags import (  # the same tags the gap sensors set (sensors/gaps.py)
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+)
 
 from ccat_dagster.assets.factory import BACKEND_TAG, PIPELINE_TAG, STEP_TAG, TRIGGER_TAG, step_asset_key
 from ccat_dagster.execution.reconcile import (
@@ -64,8 +69,8 @@ RELAUNCH_LOOKBACK_SECONDS = 3600
 # Failed runs examined per tick, the least recently updated first; the rest wait for the next tick.
 FAILED_RUNS_PER_TICK = 200
 # The partition tags of a run that targets one sub-group or a range of them (what a relaunch repeats).
-PARTITION_TAG = "dagster/partition"
-RANGE_TAGS = ("dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
+PARTITION_TAG = PARTITION_NAME_TAG
+RANGE_TAGS = (ASSET_PARTITION_RANGE_START_TAG, ASSET_PARTITION_RANGE_END_TAG)
 # The tag in which the default run launcher records the code server a run was launched on (host, port).
 GRPC_INFO_TAG = ".dagster/grpc_info"
 # A run's worker is judged only this long after it recorded its first process id: the evidence is complete
@@ -143,16 +148,8 @@ def _reconcile(context: dg.SensorEvaluationContext, *, settings: Settings, backe
         elif run.status == dg.DagsterRunStatus.CANCELED:
             cancelled.append(run_id)
         elif run.status == dg.DagsterRunStatus.STARTED and _worker_dead(instance, run):
-            latest = instance.get_run_by_id(run_id)
-            if latest is None or latest.status != dg.DagsterRunStatus.STARTED:
-                continue  # it finished by itself meanwhile; judged again next tick
-            message = (
-                f"the run worker of run {run_id} is gone (its processes no longer exist on "
-                f"{socket.gethostname()}); marked failed by ccat_orphaned_attempts, its HPC jobs are adopted"
-            )
-            instance.report_run_failed(run, message=message)
-            context.log.warning(message)
-            dead.append(run_id)
+            if _fail_dead_worker_run(context, run, "its HPC jobs are adopted"):
+                dead.append(run_id)  # else it finished by itself meanwhile; judged again next tick
     _fail_dead_runs_without_attempts(context, exclude=set(run_ids))
     if cancelled:
         cancel_attempts_of_runs(engine, run_ids=cancelled, backend=backend_factory())
@@ -191,15 +188,21 @@ def _fail_dead_runs_without_attempts(context: dg.SensorEvaluationContext, *, exc
     for run in started:
         if run.run_id in exclude or PIPELINE_TAG not in run.tags or not _worker_dead(instance, run):
             continue
-        latest = instance.get_run_by_id(run.run_id)
-        if latest is None or latest.status != dg.DagsterRunStatus.STARTED:
-            continue
-        message = (
-            f"the run worker of run {run.run_id} is gone (its processes no longer exist on {socket.gethostname()}) "
-            "before it created an attempt; marked failed by ccat_orphaned_attempts"
-        )
-        instance.report_run_failed(run, message=message)
-        context.log.warning(message)
+        _fail_dead_worker_run(context, run, "it had created no attempt")
+
+
+def _fail_dead_worker_run(context: dg.SensorEvaluationContext, run: dg.DagsterRun, what_next: str) -> bool:
+    """Marks failed a STARTED run whose worker is gone, unless it ended by itself meanwhile; whether it did."""
+    latest = context.instance.get_run_by_id(run.run_id)
+    if latest is None or latest.status != dg.DagsterRunStatus.STARTED:
+        return False
+    message = (
+        f"the run worker of run {run.run_id} is gone (its processes no longer exist on {socket.gethostname()}); "
+        f"marked failed by ccat_orphaned_attempts, {what_next}"
+    )
+    context.instance.report_run_failed(run, message=message)
+    context.log.warning(message)
+    return True
 
 
 def _relaunch_requests(
