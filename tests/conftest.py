@@ -171,7 +171,9 @@ _fault_outcomes_from_workers: list[dict] = []
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
-    _fault_outcomes_from_workers.extend(getattr(node, "workeroutput", {}).get("fault_outcomes", []))
+    from tests.faults.harness import OUTCOMES_KEY
+
+    _fault_outcomes_from_workers.extend(getattr(node, "workeroutput", {}).get(OUTCOMES_KEY, []))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

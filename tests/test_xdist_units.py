@@ -70,3 +70,32 @@ def test_slurm_files_share_one_worker_and_a_file_stays_on_one(tmp_path):
     assert len(workers) == 4, done.stdout
     assert all(len(ran_on) == 1 for ran_on in workers.values()), workers
     assert workers["test_slurm_a.py"] == workers["test_slurm_b.py"], workers
+
+
+def test_fault_figures_travel_from_a_worker_to_the_page_the_controller_writes(monkeypatch):
+    """A worker's fault figures reach the controller's writer of docs/reliability.md, under the key both sides use.
+
+    The hooks run as pytest-xdist calls them: the worker's session finish with ``config.workeroutput``, the
+    controller's node-down with the node's ``workeroutput``, then the controller's session finish."""
+    from types import SimpleNamespace
+
+    import tests.conftest as root
+    import tests.faults.conftest as faults
+    from tests.faults.harness import OUTCOMES, Outcome
+
+    written: list[list[Outcome]] = []
+    monkeypatch.setattr(faults, "write_reliability", written.append)
+    monkeypatch.setattr(root, "_fault_outcomes_from_workers", [])
+    figures = Outcome("worker_sigkill_local", survived=True, recovery_seconds=12.5, note="reattached")
+    saved = list(OUTCOMES)
+    OUTCOMES[:] = [figures]
+    try:
+        worker_config = SimpleNamespace(workeroutput={})
+        faults.pytest_sessionfinish(SimpleNamespace(config=worker_config), 0)
+        assert written == [], "a worker must not write the page itself"
+
+        root.pytest_testnodedown(SimpleNamespace(workeroutput=worker_config.workeroutput), None)
+        root.pytest_sessionfinish(SimpleNamespace(config=SimpleNamespace()), 0)
+    finally:
+        OUTCOMES[:] = saved
+    assert written == [[figures]]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import OUTCOMES, REPO, FaultWorld, Outcome, scenario_pipeline_spec
+from .harness import OUTCOMES, OUTCOMES_KEY, REPO, FaultWorld, Outcome, scenario_pipeline_spec
 
 
 def _spec(**overrides):  # type: ignore[no-untyped-def]
@@ -155,7 +155,7 @@ def pytest_sessionfinish(session, exitstatus):  # type: ignore[no-untyped-def]
     """
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
-        workeroutput["faultOUTCOMES"] = [dataclasses.asdict(outcome) for outcome in OUTCOMES]
+        workeroutput[OUTCOMES_KEY] = [dataclasses.asdict(outcome) for outcome in OUTCOMES]
         return
     if OUTCOMES:
         write_reliability(OUTCOMES)

@@ -306,6 +306,8 @@ class Outcome:
 
 # Every scenario's figures, in the order they ended; conftest writes docs/reliability.md from them.
 OUTCOMES: list[Outcome] = []
+# The key under which a pytest-xdist worker hands OUTCOMES to the controller (``workeroutput``).
+OUTCOMES_KEY = "fault_outcomes"
 
 
 @contextlib.contextmanager
