@@ -147,3 +147,6 @@ def test_compose_file_has_the_four_services_and_no_secrets():
         env = services[name]["environment"]
         assert env[OPS_DB_URL_VAR].startswith("postgresql://") and "DAGSTER_PG_URL" in env, name
         assert "healthcheck" in services[name], name
+    # The code server exits with code 2 on an invalid setting: restarted a bounded number of times, not forever.
+    assert services["code-server"]["restart"] == "on-failure:5"
+    assert compose["x-ccat-service"]["restart"] == "unless-stopped"
