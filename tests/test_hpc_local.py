@@ -24,7 +24,7 @@ from ccat_dagster.execution.hpc.base import (
     UnknownJobError,
     describe_exit_code,
 )
-from ccat_dagster.execution.hpc.local import LocalBackend, local_failure_kind
+from ccat_dagster.execution.hpc.local import LocalBackend, job_record, local_failure_kind
 from ccat_dagster.execution.hpc.local_wrapper import kernel_oom_kills
 from ccat_dagster.opsdb.enums import FailureKind
 
@@ -655,3 +655,67 @@ def test_a_job_killed_by_the_kernels_oom_killer_is_oom(backend, tmp_path, memory
     assert info.out_of_memory
     assert "OOM killer" in info.reason
     assert "survived" not in backend.logs(job_id)
+
+
+def test_the_memory_watchdog_ends_a_payload_tree_over_its_memory_even_in_another_session(tmp_path):
+    """A spec with enforce_memory (a packed task) is held to its memory_gb: the resident memory of the payload and
+    of every process below it, also one that left its process group (setsid, as a sandbox does)."""
+    from ccat_dagster.execution.hpc import local_wrapper
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    pid_file = tmp_path / "hungry.pid"
+    hungry = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+        "b = bytearray(150 * 2**20); time.sleep(60)"
+    )
+    job = spec(tmp_path, "hungry", ["/bin/sh", "-c", 'setsid "$0" -c "$1" & wait', sys.executable, hungry])
+    job = JobSpec(**{**job.__dict__, "resources": JobResources(cpu=1, memory_gb=0.1, time_hours=1.0)})
+    record = job_record(job, "a" * 32, kill_grace_seconds=1)
+    record["enforce_memory"] = True
+    local_wrapper.write_json_atomically(local_wrapper.spec_path(state_dir, "a" * 32), record)
+    done = subprocess.run(
+        [sys.executable, "-m", "ccat_dagster.execution.hpc.local_wrapper", "--state-dir", str(state_dir)]
+        + ["--job-id", "a" * 32],
+        timeout=WAIT_SECONDS,
+        check=False,
+    )
+    assert done.returncode == 0
+    status = json.loads(local_wrapper.status_path(state_dir, "a" * 32).read_text())
+    assert status["oom_killed"] is True and "memory watchdog" in status["reason"], status
+    assert status["max_rss_kib"] > 100 * 1024
+    assert local_failure_kind(status) is FailureKind.OOM
+    wait_until(lambda: process_gone(int(pid_file.read_text())), what="the payload's own session to be killed")
+
+
+def test_without_enforce_memory_the_wrapper_leaves_memory_to_the_scheduler(tmp_path):
+    """The local backend's and a Slurm job's memory are not the wrapper's business: no watchdog."""
+    from ccat_dagster.execution.hpc import local_wrapper
+
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    hold = "import time; b = bytearray(150 * 2**20); time.sleep(1.5)"
+    job = spec(tmp_path, "big", [sys.executable, "-c", hold])
+    job = JobSpec(**{**job.__dict__, "resources": JobResources(cpu=1, memory_gb=0.1, time_hours=1.0)})
+    local_wrapper.write_json_atomically(
+        local_wrapper.spec_path(state_dir, "b" * 32), job_record(job, "b" * 32, kill_grace_seconds=1)
+    )
+    assert local_wrapper.main(["--state-dir", str(state_dir), "--job-id", "b" * 32]) == 0
+    status = json.loads(local_wrapper.status_path(state_dir, "b" * 32).read_text())
+    assert status["exit_code"] == 0 and not status["oom_killed"], status
+
+
+def test_the_wrapper_wakes_at_its_payloads_exit_not_at_its_next_look():
+    """The pidfd wait returns when the child exits, long before the pause it was given."""
+    from ccat_dagster.execution.hpc import local_wrapper
+
+    child = subprocess.Popen(["/bin/sleep", "0.2"])
+    notifier = local_wrapper._exit_notifier(child.pid)
+    if notifier is None:
+        pytest.skip("this kernel has no pidfd_open: the wrapper falls back to its timed looks")
+    began = time.monotonic()
+    local_wrapper._wait_for_exit(notifier, WAIT_SECONDS)
+    woke_after = time.monotonic() - began
+    os.close(notifier)
+    child.wait()
+    assert woke_after < WAIT_SECONDS / 2

@@ -11,9 +11,10 @@ The same on the real Slurm with Parsl's HighThroughputExecutor: tests/test_packe
 from __future__ import annotations
 
 import builtins
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,9 @@ class ThreadEngine(PilotEngine):
         self.futures: dict[str, Future] = {}
         self.started: list[tuple[str, int, float]] = []
 
-    def start(self, task_id, argv, *, cpu, memory_gb):
+    def start(self, task_id, state_dir, *, cpu, memory_gb):
         self.started.append((task_id, cpu, memory_gb))
-        self.futures[task_id] = self.pool.submit(run_task, list(argv))
+        self.futures[task_id] = self.pool.submit(run_task, str(state_dir), task_id)
 
     def holds(self, task_id):
         future = self.futures.get(task_id)
@@ -256,3 +257,45 @@ def test_the_execution_mode_round_trips_through_the_pipeline_yaml():
     data["steps"][0]["execution"] = {"mode": "pilot"}
     with pytest.raises(Exception, match=r"steps\[0\]\.execution\.mode.*auto, packed, job_per_sub_group"):
         parse_pipeline_spec(data, base_dir=EXAMPLE.parent)
+
+
+@dataclass
+class HungryPreparation(ShellPreparation):
+    """Every attempt holds 150 MiB for two seconds: over a 0.1 GiB task, within the 0.2 GiB of its retry."""
+
+    def prepare(self, plan, attempt, *, resources, staged, run_id):
+        hold = "import time; block = bytearray(150 * 2**20); time.sleep(2)"
+        return replace(
+            super().prepare(plan, attempt, resources=resources, staged=staged, run_id=run_id),
+            command=[sys.executable, "-c", hold],
+        )
+
+
+def test_a_task_over_its_memory_is_ended_as_oom_and_retried_with_more(tmp_path):
+    """The allocation's --mem covers all its tasks; the wrapper holds each task to its own memory_gb."""
+    engine = ThreadEngine()
+    store = InMemoryAttemptStore()
+    small = replace(STEP, resources=replace(STEP.resources, memory_gb=0.1))
+    runner = StepRunner(
+        engine=None,
+        backend=PackedBackend(tmp_path / "tasks", engine, max_task_hours=1),
+        runtime=None,
+        stager=None,
+        config=RunnerConfig(pipeline_base_dir=tmp_path, processing_location_id=0, sif_cache_dir=tmp_path),
+        store=store,
+        preparation=HungryPreparation(base=tmp_path),
+    )
+    outcomes = runner.execute(step=small, plans=[plan("scan-1")], dagster_run_id="run-1")
+    engine.shutdown()
+    assert outcomes["scan-1"].kind is OutcomeKind.COMPLETED
+    first, second = store.attempts_of("scan-1")
+    assert (first.status, first.failure_kind) == (RunStatus.FAILED, FailureKind.OOM)
+    assert "memory watchdog" in (first.error or "") and "memory_gb=0.1" in first.error
+    assert second.status is RunStatus.COMPLETED
+    assert [memory for _, _, memory in engine.started] == [0.1, 0.2]
+
+
+def test_the_task_body_reports_a_wrapper_that_could_not_run(tmp_path):
+    """run_task forks the wrapper; a task without its spec ends the wrapper with its usage error (exit 2)."""
+    (tmp_path / "tasks").mkdir()
+    assert run_task(str(tmp_path / "tasks"), "0" * 32) == 2

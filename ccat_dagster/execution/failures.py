@@ -92,6 +92,7 @@ def failure_message(info: JobInfo, kind: FailureKind, log_tail: str = "") -> str
     code = info.exit_code
     if kind is K.OOM:
         head = f"job killed (exit code {code}): out of memory or killed by signal 9"
+        head += f" ({info.reason})" if info.reason else ""  # whose memory limit, and by how much, where known
     elif kind is K.WALLTIME:
         head = f"job exceeded its time limit (exit code {code})"
     elif kind is K.NODE_FAILURE:

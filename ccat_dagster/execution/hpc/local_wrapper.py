@@ -10,7 +10,9 @@ Status record (`<J>.json`): {"state": "running"|"finished", "wrapper_pid", "pid"
 "finished_at", "exit_code", "signal", "wall_time_seconds", "cpu_seconds", "max_rss_kib", "reason"}, and the
 evidence LocalBackend classifies a failure by: "timed_out", "cancel_requested", "warning_sent_at" (the
 pre-walltime SIGTERM), "oom_killed" (the kernel's OOM killer ran while the job did and the payload died of a
-SIGKILL nobody here sent) and "disk_full" (the path that could not be written: ENOSPC / EDQUOT).
+SIGKILL nobody here sent; or, for a spec with "enforce_memory", the wrapper's own watchdog found the payload's
+processes over the spec's memory_gb and killed them) and "disk_full" (the path that could not be written:
+ENOSPC / EDQUOT).
 
 A full file system does not lose the job's end: when the final record cannot be written whole (no space for the
 temporary file), it is written over the job's existing "running" record, whose space is already allocated.
@@ -28,6 +30,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -57,8 +60,12 @@ CANCEL_SIGNAL = signal.SIGUSR1
 CANCEL_BY = {"cancel_signal": "SIGUSR1"}
 ACTIVE_DIR = "active"
 QUEUE_DIR = "queued"
-# The first exit checks come sooner, so a short job does not hold its slot for a whole POLL_SECONDS.
+# The first exit checks come sooner, so a short job does not hold its slot for a whole POLL_SECONDS (where the
+# kernel offers a pidfd, the wrapper wakes at the payload's exit anyway; the pause bounds the other checks).
 FIRST_POLL_SECONDS = 0.005
+# A spec with "enforce_memory" (a packed task: its allocation's --mem covers all its tasks, so Slurm cannot hold
+# one of them to its own memory_gb) has the resident memory of its payload's processes summed this often.
+MEMORY_CHECK_SECONDS = 1.0
 # Job ids name files in the state directory: nothing that could leave it.
 JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 
@@ -178,6 +185,7 @@ class _Job:
         self.timed_out = False
         self.warning_sent_at: float | None = None
         self.kill_at: float | None = None  # monotonic time of the SIGKILL after a SIGTERM
+        self.over_memory_kib: int | None = None  # the resident memory that made the watchdog end the payload
         self.started_at = time.time()
         self.started_monotonic = time.monotonic()
         self.oom_kills_at_start = kernel_oom_kills()
@@ -307,6 +315,9 @@ class _Wrapper:
         # its cancel is the marker file alone, looked for about once a second.
         watch_cancel_marker = bool(spec.get("cancel_by_marker"))
         next_marker_look = 0.0
+        memory_limit_kib = int(float(spec["resources"]["memory_gb"]) * 1024 * 1024) if spec.get("enforce_memory") else 0
+        next_memory_check = MEMORY_CHECK_SECONDS
+        exit_signal = _exit_notifier(pid)
         pause = FIRST_POLL_SECONDS
         while not _exit_observed(pid):
             elapsed = time.monotonic() - job.started_monotonic
@@ -314,6 +325,15 @@ class _Wrapper:
                 next_marker_look = elapsed + CANCEL_MARKER_POLL_SECONDS
                 if cancel_marker_path(state_dir, job_id).exists():
                     job.terminate()
+            if memory_limit_kib and job.over_memory_kib is None and elapsed >= next_memory_check:
+                next_memory_check = elapsed + MEMORY_CHECK_SECONDS
+                tree, resident_kib = payload_tree(pid)
+                if resident_kib > memory_limit_kib:
+                    # Like Slurm's OverMemoryKill: the whole payload at once (every process of the tree before
+                    # its parents die and orphan them); the retry gets more memory.
+                    job.over_memory_kib = resident_kib
+                    _kill_all(tree)
+                    _signal_group(pid, signal.SIGKILL)
             if warning_lead > 0 and job.warning_sent_at is None and elapsed >= time_limit - warning_lead:
                 # Like Slurm's --signal=B:TERM@<s>: the payload's main process only, so it can save its work.
                 job.warning_sent_at = time.time()
@@ -326,8 +346,10 @@ class _Wrapper:
                 job.terminate_group()
             if job.kill_at is not None and time.monotonic() >= job.kill_at:
                 _signal_group(pid, signal.SIGKILL)
-            time.sleep(pause)
+            _wait_for_exit(exit_signal, pause)
             pause = min(pause * 2, POLL_SECONDS)
+        if exit_signal is not None:
+            os.close(exit_signal)
 
         finished_at = time.time()
         wall_time_seconds = time.monotonic() - job.started_monotonic
@@ -339,7 +361,7 @@ class _Wrapper:
         exit_code, signal_number = (returncode, 0) if returncode >= 0 else (128 - returncode, -returncode)
         described = describe_exit_code(exit_code, signal_number=signal_number or None)
         # The kernel's OOM killer SIGKILLs; a shell or container runtime reports that as exit 137.
-        oom_killed = (
+        oom_killed = job.over_memory_kib is not None or (
             (signal_number == signal.SIGKILL or exit_code == 128 + signal.SIGKILL)
             and not job.timed_out
             and not job.terminate_requested
@@ -352,6 +374,11 @@ class _Wrapper:
             reason = "cancelled"
         elif exit_code != 0 and job.warning_sent_at is not None:
             reason = f"ended after the pre-walltime signal (SIGTERM {warning_lead:.0f} s before the limit): {described}"
+        elif job.over_memory_kib is not None:
+            reason = (
+                f"{described}: out of memory, {job.over_memory_kib / 1048576:.2f} GiB resident against the task's "
+                f"memory_gb={spec['resources']['memory_gb']} (the wrapper's memory watchdog ended it)"
+            )
         elif oom_killed:
             reason = f"{described}; the kernel's OOM killer ran meanwhile: out of memory"
         elif exit_code != 0 and file_system_full(spec["log_dir"]):
@@ -368,7 +395,8 @@ class _Wrapper:
             signal=signal_number,
             wall_time_seconds=wall_time_seconds,
             cpu_seconds=usage.ru_utime + usage.ru_stime,
-            max_rss_kib=usage.ru_maxrss,
+            # The watchdog's sum covers processes that left the payload's tree of waited-for children.
+            max_rss_kib=max(usage.ru_maxrss, job.over_memory_kib or 0),
             warning_sent_at=job.warning_sent_at,
             timed_out=job.timed_out,
             cancel_requested=job.terminate_requested,
@@ -397,6 +425,70 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass  # the group is already gone
+
+
+def _exit_notifier(pid: int) -> int | None:
+    """A pidfd of the payload (readable once it exits), so the wrapper wakes at its end, not at its next look;
+    None where the kernel or Python has none (the looks alone then see the end)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _wait_for_exit(pidfd: int | None, seconds: float) -> None:
+    if pidfd is None:
+        time.sleep(seconds)
+        return
+    select.select([pidfd], [], [], seconds)
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, resident pages) of every process this wrapper can see in /proc."""
+    table: dict[int, tuple[int, int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue  # ended meanwhile
+        # After the command name (which may hold spaces and parentheses): state, ppid, ..., rss is the 22nd.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        table[int(name)] = (int(fields[1]), int(fields[21]))
+    return table
+
+
+def _descendants(pid: int, table: dict[int, tuple[int, int]]) -> list[int]:
+    """``pid`` and every process below it, whatever session, group or PID namespace they moved to (a container
+    runtime's sandbox starts one of its own)."""
+    children: dict[int, list[int]] = {}
+    for child, (parent, _rss) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        if current in table:
+            found.append(current)
+        pending.extend(children.get(current, ()))
+    return found
+
+
+def payload_tree(pid: int) -> tuple[list[int], int]:
+    """The processes of ``pid``'s tree and their resident memory in KiB (pages they share count for each)."""
+    table = _proc_table()
+    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+    tree = _descendants(pid, table)
+    return tree, sum(table[p][1] for p in tree) * page_kib
+
+
+def _kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _exit_observed(pid: int) -> bool:

@@ -5,8 +5,11 @@ failure kind, its logs, its cancel. Underneath, a job is one task of a pilot-job
 HighThroughputExecutor on a SlurmProvider), whose few allocations run all the tasks of a batch.
 
 Every task is the local backend's job wrapper (``local_wrapper``), run inside an allocation on the task's
-spec in ``state_dir`` (on the file system the compute nodes share). The wrapper writes the task's status
-record there, so what the runner learns never depends on the engine's memory:
+spec in ``state_dir`` (on the file system the compute nodes share), in a child forked by the worker
+(``task.run_task``). The wrapper holds the task to its ``memory_gb`` (the allocation's ``--mem`` covers all its
+tasks: a task over its own share is ended as out of memory and retried with more, not left to end the
+allocation under its neighbours). It writes the task's status record there, so what the runner learns never
+depends on the engine's memory:
 
 - a record that says finished is the task's outcome, read by any process, before or after a restart: a task
   whose result was written is collected once (its attempt ends with it);
@@ -21,13 +24,11 @@ records it as cancelled) and drops the task from the engine's queue; ``shutdown`
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-import ccat_dagster
 from ccat_dagster.execution.hpc.base import (
     HpcBackend,
     HpcError,
@@ -52,9 +53,6 @@ from ccat_dagster.opsdb.enums import FailureKind
 
 __all__ = ["PackedBackend"]
 
-WRAPPER_MODULE = "ccat_dagster.execution.hpc.local_wrapper"
-PACKAGE_ROOT = str(Path(ccat_dagster.__file__).resolve().parent.parent)
-
 
 class PackedBackend(HpcBackend):
     """Runs each JobSpec as one task of ``engine``; task records live in ``state_dir`` (shared with the nodes).
@@ -73,14 +71,12 @@ class PackedBackend(HpcBackend):
         *,
         max_task_hours: float,
         kill_grace_seconds: float = 10.0,
-        python: str = sys.executable,
     ) -> None:
         self.state_dir = Path(state_dir).absolute()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.engine = engine
         self.max_task_hours = max_task_hours
         self.kill_grace_seconds = kill_grace_seconds
-        self.python = python
 
     def submit(self, spec: JobSpec) -> str:
         if spec.resources.time_hours > self.max_task_hours:
@@ -97,26 +93,14 @@ class PackedBackend(HpcBackend):
         job_id = uuid.uuid4().hex
         record = job_record(spec, job_id, kill_grace_seconds=self.kill_grace_seconds)
         record["cancel_by_marker"] = True  # the task may run on a node this process cannot signal
+        # The allocation's --mem covers all its tasks: the wrapper holds each to its own memory_gb.
+        record["enforce_memory"] = True
         try:
             write_json_atomically(spec_path(self.state_dir, job_id), record)
         except OSError as exc:
             raise JobSubmissionError(f"cannot record task {spec.job_name!r} in {self.state_dir}: {exc}") from exc
-        # Without site (-S): the wrapper needs the standard library and this package only, and skipping the venv's
-        # site set-up halves the interpreter start, which is most of a short task's cost.
-        argv = [
-            "/usr/bin/env",
-            f"PYTHONPATH={PACKAGE_ROOT}",
-            self.python,
-            "-S",
-            "-m",
-            WRAPPER_MODULE,
-            "--state-dir",
-            str(self.state_dir),
-            "--job-id",
-            job_id,
-        ]
         try:
-            self.engine.start(job_id, argv, cpu=spec.resources.cpu, memory_gb=spec.resources.memory_gb)
+            self.engine.start(job_id, self.state_dir, cpu=spec.resources.cpu, memory_gb=spec.resources.memory_gb)
         except HpcError:
             spec_path(self.state_dir, job_id).unlink(missing_ok=True)
             raise

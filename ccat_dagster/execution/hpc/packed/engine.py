@@ -22,7 +22,6 @@ import shlex
 import sys
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +56,9 @@ class PilotSettings:
 
 class PilotEngine(ABC):
     @abstractmethod
-    def start(self, task_id: str, argv: Sequence[str], *, cpu: int, memory_gb: float) -> None:
-        """Queue ``argv`` as one task of ``cpu`` cores and ``memory_gb``; raises HpcError when it cannot."""
+    def start(self, task_id: str, state_dir: Path, *, cpu: int, memory_gb: float) -> None:
+        """Queue ``run_task(state_dir, task_id)`` (the job wrapper on the task's spec) as one task of ``cpu``
+        cores and ``memory_gb``; raises HpcError when it cannot."""
 
     @abstractmethod
     def holds(self, task_id: str) -> bool:
@@ -156,10 +156,10 @@ class ParslEngine(PilotEngine):
         self._app = parsl.python_app(run_task, executors=["ccat_packed"], data_flow_kernel=self._dfk)
         self._shape = (cpu, memory_gb)
 
-    def start(self, task_id: str, argv: Sequence[str], *, cpu: int, memory_gb: float) -> None:
+    def start(self, task_id: str, state_dir: Path, *, cpu: int, memory_gb: float) -> None:
         with self._lock:
             self._ensure_started(cpu, memory_gb)
-            self._futures[task_id] = self._app(list(argv))
+            self._futures[task_id] = self._app(str(state_dir), task_id)
 
     def allocation_ids(self) -> list[str]:
         """The Slurm job ids of the allocations this engine asked for so far (running or ended)."""
