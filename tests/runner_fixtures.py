@@ -23,6 +23,7 @@ from ccat_dagster.execution.hpc.local import LocalBackend
 from ccat_dagster.execution.runner import RunnerConfig, StepRunner
 from ccat_dagster.execution.runtimes import BubblewrapRuntime, ContainerRuntime
 from ccat_dagster.execution.staging import LocalStager
+from ccat_dagster.execution.step import StepDefinition
 from ccat_dagster.opsdb import models as m
 from ccat_dagster.opsdb.engine import make_engine
 from ccat_dagster.opsdb.migrate import upgrade
@@ -173,8 +174,14 @@ class RunnerWorld:
         return name
 
     def runner(
-        self, backend: HpcBackend | None = None, *, runtime: ContainerRuntime | None = None, **config: Any
+        self,
+        backend: HpcBackend | None = None,
+        *,
+        runtime: ContainerRuntime | None = None,
+        backend_for_step: Callable[[StepDefinition], HpcBackend | None] | None = None,
+        **config: Any,
     ) -> StepRunner:
+        """A runner on this world; ``backend_for_step`` is the per-step backend choice (packed execution)."""
         return StepRunner(
             engine=self.engine,
             backend=backend or self.local_backend(),
@@ -187,6 +194,7 @@ class RunnerWorld:
                 **{"poll_interval_seconds": 0.2, **config},
             ),
             report=self.reports.append,
+            **({"backend_for_step": backend_for_step} if backend_for_step is not None else {}),
         )
 
     def local_backend(self) -> LocalBackend:

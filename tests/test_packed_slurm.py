@@ -1,7 +1,7 @@
 """Packed execution on the real single-node Slurm: Parsl's HighThroughputExecutor on a SlurmProvider.
 
-Sub-groups run as tasks inside one allocation through the real StepRunner (in-memory attempt store; the
-container contract is tested with the one-job backends): one failing sub-group fails alone and is retried,
+Sub-groups run as tasks inside one allocation through the real StepRunner (in-memory attempt store; real
+containers, staging and ops-db run packed in test_packed_chai.py): one failing sub-group fails alone and is retried,
 each has its own exit code, wall time and peak memory, all in one allocation; a second batch on the same engine
 is cancelled while its tasks run and they end; closing releases the allocation. Then a run worker killed with
 SIGKILL in the middle of a batch: a new backend collects the task whose result was written and reports the
