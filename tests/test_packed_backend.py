@@ -299,3 +299,38 @@ def test_the_task_body_reports_a_wrapper_that_could_not_run(tmp_path):
     """run_task forks the wrapper; a task without its spec ends the wrapper with its usage error (exit 2)."""
     (tmp_path / "tasks").mkdir()
     assert run_task(str(tmp_path / "tasks"), "0" * 32) == 2
+
+
+def test_a_dead_launcher_is_replaced_and_the_task_it_ran_is_not_run_again(tmp_path):
+    """Each worker keeps a small launcher that forks the wrappers; one that died is replaced on the next task, and
+    the task it was running when it died is left to its record (here: none, so the backend says lost)."""
+    backend = PackedBackend(tmp_path / "tasks", ThreadEngine(workers=1), max_task_hours=1)
+    first = backend.submit(spec(tmp_path, "first", ["/bin/true"]))
+    assert wait_for(backend, first).state is JobState.COMPLETED
+    (launcher,) = _launchers(backend.engine)
+    launcher.kill()
+    launcher.wait()
+    second = backend.submit(spec(tmp_path, "second", ["/bin/true"]))
+    assert wait_for(backend, second).state is JobState.COMPLETED
+    (replacement,) = _launchers(backend.engine)
+    assert replacement.pid != launcher.pid
+
+    # The launcher dies while a task runs (its payload kills it): run_task returns, nothing starts the task again,
+    # and the orphaned wrapper still records its end, which is collected as usual.
+    kill_launcher = 'read -r _ _ _ launcher _ < /proc/$PPID/stat; kill -9 "$launcher"; sleep 0.5; echo survived'
+    third = backend.submit(spec(tmp_path, "third", ["/bin/sh", "-c", kill_launcher]))
+    info = wait_for(backend, third)
+    assert info.state is JobState.COMPLETED and "survived" in backend.logs(third)
+    assert replacement.poll() is not None
+    fourth = backend.submit(spec(tmp_path, "fourth", ["/bin/true"]))
+    assert wait_for(backend, fourth).state is JobState.COMPLETED
+    assert len(list((tmp_path / "tasks").glob("*.spec.json"))) == 4
+    backend.engine.shutdown()
+
+
+def _launchers(engine: ThreadEngine) -> list:
+    """The launchers of the engine's worker threads (one thread here)."""
+    from ccat_dagster.execution.hpc.packed import task
+
+    found = engine.pool.submit(lambda: getattr(task._local, "launcher", None)).result()
+    return [found] if found is not None else []

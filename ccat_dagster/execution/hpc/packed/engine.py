@@ -148,7 +148,7 @@ class ParslEngine(PilotEngine):
             strategy="htex_auto_scale",
             max_idletime=float(self.settings.idle_seconds),
             run_dir=str(self.settings.run_dir),
-            strategy_period=1.0,  # how soon a first allocation is asked for; squeue is polled on its own clock
+            strategy_period=0.2,  # how soon a first allocation is asked for; squeue is polled on its own clock (60 s)
             initialize_logging=False,
             retries=0,
         )
