@@ -58,6 +58,7 @@ SMALL = STEP.__class__(**{**STEP.__dict__, "resources": STEP.resources.__class__
 PARSL_ALONE = textwrap.dedent(
     """
     import subprocess, sys, time
+    began = time.time()  # importing Parsl is part of a batch's cost, as it is in ccat-dagster's packed way
     import parsl
     from parsl.config import Config
     from parsl.dataflow.dflow import DataFlowKernel
@@ -70,13 +71,12 @@ PARSL_ALONE = textwrap.dedent(
         return subprocess.run(argv, check=False).returncode
 
     n, run_dir = int(sys.argv[1]), sys.argv[2]
-    began = time.time()
     provider = SlurmProvider(nodes_per_block=1, cores_per_node=2, init_blocks=0, min_blocks=0, max_blocks=2,
                              walltime="00:30:00", exclusive=False, scheduler_options="#SBATCH --mem=1280M",
                              launcher=SingleNodeLauncher(), cmd_timeout=60)
     config = Config(executors=[HighThroughputExecutor(label="peer", address="127.0.0.1", cores_per_worker=1,
                                                       max_workers_per_node=2, provider=provider)],
-                    strategy="htex_auto_scale", strategy_period=1.0, max_idletime=60.0, run_dir=run_dir,
+                    strategy="htex_auto_scale", strategy_period=0.2, max_idletime=60.0, run_dir=run_dir,
                     initialize_logging=False)
     dfk = DataFlowKernel(config=config)
     app = parsl.python_app(run_task, executors=["peer"], data_flow_kernel=dfk)
@@ -103,6 +103,8 @@ SNAKEMAKE_GROUP_SIZE = 20
 SNAKEMAKE_GROUPED = f"Snakemake 9 + Slurm plugin, group jobs of {SNAKEMAKE_GROUP_SIZE} items"
 DAGSTER_SLURM = "dagster-slurm"
 SLOW_PEERS = (SNAKEMAKE_DEFAULT, SNAKEMAKE_GROUPED, DAGSTER_SLURM)
+PARSL_ALONE_WAY = "Parsl HTEX alone (own venv)"
+PEER_WAYS = (PARSL_ALONE_WAY, *SLOW_PEERS)
 PEERS = {
     "parsl": "parsl",
     "snakemake": "snakemake>=9,<10",
@@ -278,7 +280,7 @@ def main() -> int:
         "sbatch floor, array": array_floor,
         "ccat-dagster, one job per sub-group": lambda w, n, i: runner_batch(w, n, i + 100 * n, budget=20),
         "ccat-dagster, packed (Parsl HTEX)": packed_batch,
-        "Parsl HTEX alone (own venv)": lambda w, n, i: parsl_alone(python, w, n, i),
+        PARSL_ALONE_WAY: lambda w, n, i: parsl_alone(python, w, n, i),
         SNAKEMAKE_DEFAULT: lambda w, n, i: snakemake_batch(python, w, n, i),
         SNAKEMAKE_GROUPED: lambda w, n, i: snakemake_batch(python, w, n, i, group_size=SNAKEMAKE_GROUP_SIZE),
         DAGSTER_SLURM: lambda w, n, i: dagster_slurm_batch(python, w, n, i),
@@ -313,7 +315,7 @@ def main() -> int:
     for items in args.items:
         wall = median_walls(results, items)
         floor_wall = min(wall["sbatch floor, loop"], wall["sbatch floor, array"])
-        parsl_wall = wall["Parsl HTEX alone (own venv)"]
+        parsl_wall = wall[PARSL_ALONE_WAY]
         for name in ways:
             if (items, name) in not_run:
                 rows.append(f"| {items} | {name} | {not_run[(items, name)]} | — | — | — | — | — |")
@@ -335,10 +337,14 @@ def main() -> int:
         def verdict(ok: bool) -> str:
             return "**met**" if ok else "**not met**"
 
-        peer = wall["Parsl HTEX alone (own venv)"]
+        parsl_wall = wall[PARSL_ALONE_WAY]
+        peers = {name: wall[name] for name in PEER_WAYS if name in wall and (items, name) not in not_run}
+        fastest = min(peers, key=peers.__getitem__)
+        own_ms = (packed - parsl_wall) / items * 1000  # what packing adds to the engine it runs on
         targets.append(
-            f"- N = {items}: packed at or below Parsl alone ({packed:.1f} s vs {peer:.1f} s):"
-            f" {verdict(packed <= peer)}; packed ≥ 10× faster than the floor "
+            f"- N = {items}: packed at or below the fastest peer ({fastest}: {packed:.1f} s vs {peers[fastest]:.1f} s):"
+            f" {verdict(packed <= peers[fastest])}; ccat-dagster's own cost per sub-group (packed − Parsl alone, "
+            f"÷ N: {own_ms:.1f} ms) ≤ 30 ms: {verdict(own_ms <= 30)}; packed ≥ 10× faster than the floor "
             f"({floor_wall / packed:.1f}×): {verdict(floor_wall / packed >= 10)}; one job per sub-group within 1.2× "
             f"of the floor ({one_job / floor_wall:.2f}×): {verdict(one_job / floor_wall <= 1.2)}; ≤ 20 scheduler "
             f"calls per minute on the one-job path ({one_job_rate:.1f}): {verdict(one_job_rate <= 20)}."
@@ -353,9 +359,9 @@ def main() -> int:
         "and its Slurm are shared with other work: compare rows of one N with each other).\n\n"
         f"{machine()}\n"
         "- The single-node Slurm of scripts/slurm-single-node.sh (2 CPUs); payload `/bin/true`; ways interleaved "
-        "per N; wall = first submission to last result (packed and Parsl include starting their engine and "
-        "releasing the allocations, Snakemake is the `snakemake` process from start to exit); calls = squeue + "
-        "sacct + scontrol counted by shims on PATH.\n\n"
+        "per N; wall = first submission to last result (packed and Parsl include importing Parsl, starting its "
+        "engine and releasing the allocations, Snakemake is the `snakemake` process from start to exit); calls = "
+        "squeue + sacct + scontrol counted by shims on PATH.\n\n"
         "| N | way | wall | per item | × floor | × Parsl alone | scheduler calls | calls per minute |\n"
         "|---:|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
         "Targets (computed from the table above):\n" + "\n".join(targets) + "\n\n"
