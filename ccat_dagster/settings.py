@@ -152,10 +152,10 @@ RUNNER_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         _bounded_int(1, 6_000),
         "Slurm status calls (squeue, sacct) per minute all runs of this location may send together, 1–6000",
     ),
-    # Off by default: packed execution is new, and a task ended by Slurm's walltime signal was seen to leave Parsl
-    # asking for allocation after allocation; a site turns it on once it has tried it (mode: packed always packs).
+    # Auto by default: short CPU steps pack. A batch's allocations are bounded in all (PACKED_ALLOCATIONS_PER_BATCH),
+    # and the engine keeps Parsl from releasing allocations still waiting for their workers (see packed/engine.py).
     "PACKED_EXECUTION": (
-        "off",
+        "auto",
         _choice(("auto", "off")),
         "off, or auto (steps with execution mode auto pack when short and Parsl is installed; HPC_BACKEND=slurm)",
     ),

@@ -291,7 +291,8 @@ def test_auto_packs_short_cpu_steps_only_where_the_site_enables_it():
 
 def test_the_hpc_resource_packs_on_slurm_and_keeps_one_job_per_sub_group_elsewhere(tmp_path):
     step = STEP.__class__(**{**STEP.__dict__, "resources": JobResources(time_hours=0.25)})
-    assert HpcBackendResource(kind="slurm", packed_state_dir=str(tmp_path)).for_step(step) is None  # off by default
+    by_default = HpcBackendResource(kind="slurm", packed_state_dir=str(tmp_path)).for_step(step)
+    assert isinstance(by_default, PackedBackend)  # auto by default
     slurm = HpcBackendResource(kind="slurm", packed_execution="auto", packed_state_dir=str(tmp_path))
     packed = slurm.for_step(step)
     assert isinstance(packed, PackedBackend) and packed.state_dir == tmp_path / "tasks"

@@ -36,7 +36,7 @@ class HpcBackendResource(dg.ConfigurableResource):
     state_dir: str = ""
     max_concurrent_jobs: int = 2
     slurm_partition: str = ""
-    packed_execution: str = "off"
+    packed_execution: str = "auto"
     packed_state_dir: str = ""
     packed_max_task_minutes: int = 30
     packed_max_allocations: int = 2
