@@ -244,7 +244,11 @@ class ParslEngine(PilotEngine):
         executor = self._executor
         if executor is None or executor.launched < self.settings.allocations_per_batch:
             return False
-        return all(status.terminal for status in dict(executor.status_facade).values())
+        try:
+            statuses = list(executor.status_facade.values())
+        except RuntimeError:  # Parsl's poller thread updated the statuses meanwhile: ask again next time
+            return False
+        return all(status.terminal for status in statuses)
 
     def _spent_message(self) -> str:
         return (
