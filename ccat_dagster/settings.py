@@ -152,10 +152,10 @@ RUNNER_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         _bounded_int(1, 6_000),
         "Slurm status calls (squeue, sacct) per minute all runs of this location may send together, 1–6000",
     ),
-    # Off by default: packed execution is new, and a task ended by Slurm's walltime signal was seen to leave Parsl
-    # asking for allocation after allocation; a site turns it on once it has tried it (mode: packed always packs).
+    # Auto by default: short CPU steps pack. A batch's allocations are bounded in all (PACKED_ALLOCATIONS_PER_BATCH),
+    # and the engine keeps Parsl from releasing allocations still waiting for their workers (see packed/engine.py).
     "PACKED_EXECUTION": (
-        "off",
+        "auto",
         _choice(("auto", "off")),
         "off, or auto (steps with execution mode auto pack when short and Parsl is installed; HPC_BACKEND=slurm)",
     ),
@@ -165,6 +165,11 @@ RUNNER_SETTINGS: dict[str, tuple[str, Callable[[str, str], Any], str]] = {
         "steps of execution mode auto whose time_hours is at most this many minutes run packed, 1–10080",
     ),
     "PACKED_MAX_ALLOCATIONS": ("2", _bounded_int(1, 1_000), "Slurm allocations one packed batch may hold, 1–1000"),
+    "PACKED_ALLOCATIONS_PER_BATCH": (
+        "10",
+        _bounded_int(1, 100_000),
+        "Slurm allocations one packed batch may ask for in all, replacements of ended ones included, 1–100000",
+    ),
     "PACKED_CORES_PER_ALLOCATION": (
         "2",
         _bounded_int(1, 4_096),
@@ -224,6 +229,7 @@ class Settings:
     packed_execution: str
     packed_max_task_minutes: int
     packed_max_allocations: int
+    packed_allocations_per_batch: int
     packed_cores_per_allocation: int
     packed_walltime_minutes: int
     packed_idle_seconds: int

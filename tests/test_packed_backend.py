@@ -151,7 +151,7 @@ def test_a_restart_collects_written_results_once_and_reports_unfinished_tasks_lo
     assert wait_for(backend, done).state is JobState.COMPLETED
     # The run worker dies before its engine ran this task: the engine and its queue are gone.
     dying = ThreadEngine()
-    dying.start = lambda task_id, argv, *, cpu, memory_gb: None
+    dying.start = lambda task_id, state_dir, *, cpu, memory_gb: None
     queued = PackedBackend(tmp_path / "tasks", dying, max_task_hours=1).submit(
         spec(tmp_path, "never-ran", ["/bin/true"])
     )
@@ -175,6 +175,84 @@ def test_cancel_ends_a_running_task_through_its_marker(tmp_path):
     info = wait_for(backend, job_id)
     assert info.state is JobState.CANCELLED and time.monotonic() - began < 5
     engine.shutdown()
+
+
+class EndingAllocationEngine(ThreadEngine):
+    """Every task's "allocation" ends under it once the payload runs: SIGTERM to the job wrapper, as Slurm sends
+    every process of an allocation at its walltime (the wrapper takes any SIGTERM for a cancel)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__()
+        self.state_dir = state_dir
+
+    def start(self, task_id, state_dir, *, cpu, memory_gb):
+        super().start(task_id, state_dir, cpu=cpu, memory_gb=memory_gb)
+        self.pool.submit(self._end_allocation, task_id)
+
+    def _end_allocation(self, task_id):
+        import json
+        import os
+        import signal
+
+        record = self.state_dir / f"{task_id}.json"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                status = json.loads(record.read_text())
+            except (OSError, ValueError):
+                status = {}
+            if status.get("state") == "running" and status.get("wrapper_pid"):
+                os.kill(status["wrapper_pid"], signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+
+def test_a_task_its_allocation_ends_is_lost_not_cancelled_and_retried_within_max_retries(tmp_path):
+    engine = EndingAllocationEngine(tmp_path / "tasks")
+    backend = PackedBackend(tmp_path / "tasks", engine, max_task_hours=1, kill_grace_seconds=1)
+    store = InMemoryAttemptStore()
+    runner = StepRunner(
+        engine=None,
+        backend=backend,
+        runtime=None,
+        stager=None,
+        config=RunnerConfig(
+            pipeline_base_dir=tmp_path, processing_location_id=0, sif_cache_dir=tmp_path, max_in_flight=20
+        ),
+        store=store,
+        preparation=SleepPreparation(base=tmp_path),
+    )
+    outcomes = runner.execute(step=STEP, plans=[plan("ended")], dagster_run_id="run-1")
+    engine.shutdown()
+    assert outcomes["ended"].kind is OutcomeKind.FAILED
+    attempts = store.attempts_of("ended")
+    assert len(attempts) == 1 + STEP.max_retries  # every attempt lost, and no more than max_retries allow
+    for attempt in attempts:
+        assert (attempt.status, attempt.failure_kind) == (RunStatus.FAILED, FailureKind.LOST), attempt.error
+        assert "allocation ended" in attempt.error and "time limit" in attempt.error
+
+
+def test_a_task_its_allocation_ends_after_its_own_time_limit_is_a_walltime_failure(tmp_path):
+    import json
+
+    never = ThreadEngine()
+    never.start = lambda task_id, state_dir, *, cpu, memory_gb: None
+    backend = PackedBackend(tmp_path / "tasks", never, max_task_hours=1)
+    job_id = backend.submit(spec(tmp_path, "slow", ["/bin/true"]))
+    limit = json.loads((tmp_path / "tasks" / f"{job_id}.spec.json").read_text())["time_limit_seconds"]
+    record = {"state": "finished", "cancel_requested": True, "reason": "cancelled", "exit_code": 143}
+    (tmp_path / "tasks" / f"{job_id}.json").write_text(json.dumps({**record, "wall_time_seconds": limit + 1}))
+    info = backend.status(job_id)
+    assert (info.state, info.failure_kind) == (JobState.FAILED, FailureKind.WALLTIME), info.reason
+    (tmp_path / "tasks" / f"{job_id}.json").write_text(json.dumps({**record, "wall_time_seconds": 5}))
+    assert backend.status(job_id).failure_kind is FailureKind.LOST
+
+
+@dataclass
+class SleepPreparation(ShellPreparation):
+    def prepare(self, plan, attempt, *, resources, staged, run_id):
+        made = super().prepare(plan, attempt, resources=resources, staged=staged, run_id=run_id)
+        return JobSpec(**{**made.__dict__, "command": ["/bin/sleep", "30"]})
 
 
 def test_steps_that_do_not_fit_an_allocation_are_refused_with_the_fix(tmp_path):
@@ -214,7 +292,8 @@ def test_auto_packs_short_cpu_steps_only_where_the_site_enables_it():
 
 def test_the_hpc_resource_packs_on_slurm_and_keeps_one_job_per_sub_group_elsewhere(tmp_path):
     step = STEP.__class__(**{**STEP.__dict__, "resources": JobResources(time_hours=0.25)})
-    assert HpcBackendResource(kind="slurm", packed_state_dir=str(tmp_path)).for_step(step) is None  # off by default
+    by_default = HpcBackendResource(kind="slurm", packed_state_dir=str(tmp_path)).for_step(step)
+    assert isinstance(by_default, PackedBackend)  # auto by default
     slurm = HpcBackendResource(kind="slurm", packed_execution="auto", packed_state_dir=str(tmp_path))
     packed = slurm.for_step(step)
     assert isinstance(packed, PackedBackend) and packed.state_dir == tmp_path / "tasks"

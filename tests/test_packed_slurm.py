@@ -6,6 +6,10 @@ each has its own exit code, wall time and peak memory, all in one allocation; a 
 is cancelled while its tasks run and they end; closing releases the allocation. Then a run worker killed with
 SIGKILL in the middle of a batch: a new backend collects the task whose result was written and reports the
 unfinished one lost (its allocation ends by the heartbeat threshold; the test scancels it rather than wait).
+Last, an allocation ended under its running task as Slurm ends one at its walltime (scancel: SIGTERM to its
+processes, SIGKILL after KillWait; a real 1-minute walltime behaves the same but takes a minute): the task is
+lost, not cancelled, its retries stay within max_retries, the batch asks for no more allocations than
+PACKED_ALLOCATIONS_PER_BATCH, and none is left behind.
 """
 
 from __future__ import annotations
@@ -229,3 +233,83 @@ def test_a_killed_run_worker_loses_no_written_result_and_its_unfinished_task_is_
     # Its workers lose the interchange and end within the heartbeat threshold (about 25 s), and the allocation
     # with them; the test does not wait for that: it releases the allocation it made.
     subprocess.run(["scancel", *allocations], check=False)
+
+
+@dataclass
+class EndedOncePreparation(ScriptPreparation):
+    """``ended-once`` sleeps 60 s on its first attempt (its allocation is ended under it), else prints."""
+
+    def prepare(self, plan, attempt, *, resources, staged, run_id):
+        spec = super().prepare(plan, attempt, resources=resources, staged=staged, run_id=run_id)
+        marker = self.base / "ended-once.tried"
+        script = f"if [ ! -e {marker} ]; then touch {marker}; exec sleep 60; fi; echo second"
+        return JobSpec(**{**spec.__dict__, "command": ["/bin/sh", "-c", script]})
+
+
+def end_allocation_under_running_task(tmp_path: Path, allocations_per_batch: int):
+    """One batch, one task; its allocation is ended as Slurm ends one at its walltime (SIGTERM to every process
+    of the job, SIGKILL after KillWait) while the task runs. Returns the outcome, the attempts, the allocations."""
+    engine = ParslEngine(
+        PilotSettings(
+            **{
+                **settings(tmp_path).__dict__,
+                "allocations_per_batch": allocations_per_batch,
+                "status_poll_seconds": 3,
+            }
+        )
+    )
+    backend = PackedBackend(tmp_path / "tasks", engine, max_task_hours=10 / 60, kill_grace_seconds=1)
+    store = InMemoryAttemptStore()
+    runner = runner_for(tmp_path, backend, store)
+    runner.preparation = EndedOncePreparation(base=tmp_path)
+    outcomes: dict = {}
+    thread = threading.Thread(
+        target=lambda: outcomes.update(runner.execute(step=SMALL, plans=[plan("ended-once")], dagster_run_id="r"))
+    )
+    try:
+        thread.start()
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not (
+            (rows := store.attempts_of("ended-once")) and rows[0].status is RunStatus.RUNNING
+        ):
+            time.sleep(0.2)
+        (first_allocation,) = engine.allocation_ids()
+        subprocess.run(["scancel", first_allocation], check=True)
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the batch did not end"
+    finally:
+        runner.cancel()
+        thread.join(timeout=30)
+        backend.close()
+    return outcomes["ended-once"], store.attempts_of("ended-once"), engine.allocation_ids()
+
+
+def test_a_task_whose_allocation_ends_under_it_is_lost_retried_and_the_allocations_stay_bounded(tmp_path):
+    """Allowed two allocations: the task ended with its allocation is lost (not cancelled: nobody here cancelled
+    it), and retried within max_retries; a retry sent before the dead allocation's workers are written off (the
+    heartbeat threshold) is lost too. The last one runs in the second allocation and completes; nothing else is
+    asked for, nothing is left."""
+    _require_slurm_and_parsl()
+    outcome, attempts, allocations = end_allocation_under_running_task(tmp_path, allocations_per_batch=2)
+    described = [(a.status, a.failure_kind, a.error) for a in attempts]
+    assert outcome.kind is OutcomeKind.COMPLETED, described
+    *lost, last = attempts
+    assert 1 <= len(lost) <= SMALL.max_retries, described
+    assert all((a.status, a.failure_kind) == (RunStatus.FAILED, FailureKind.LOST) for a in lost), described
+    assert "allocation ended" in (lost[0].error or ""), described
+    assert last.status is RunStatus.COMPLETED
+    assert len(allocations) == 2, allocations
+    assert wait_released(allocations, 15) == []
+
+
+def test_a_batch_that_spent_its_allocations_fails_its_task_instead_of_asking_for_more(tmp_path):
+    """Allowed one allocation, which ends under the task: the retry can never run, so it fails with the reason
+    (lost), the next retry is refused, the batch ends, and Slurm was asked for one allocation only."""
+    _require_slurm_and_parsl()
+    outcome, attempts, allocations = end_allocation_under_running_task(tmp_path, allocations_per_batch=1)
+    assert outcome.kind is not OutcomeKind.COMPLETED, outcome
+    assert len(attempts) <= 1 + SMALL.max_retries, attempts
+    assert attempts[0].failure_kind is FailureKind.LOST
+    assert any("used all 1 Slurm allocations" in (a.error or "") for a in attempts[1:]), [a.error for a in attempts]
+    assert len(allocations) == 1, allocations
+    assert wait_released(allocations, 15) == []

@@ -36,10 +36,11 @@ class HpcBackendResource(dg.ConfigurableResource):
     state_dir: str = ""
     max_concurrent_jobs: int = 2
     slurm_partition: str = ""
-    packed_execution: str = "off"
+    packed_execution: str = "auto"
     packed_state_dir: str = ""
     packed_max_task_minutes: int = 30
     packed_max_allocations: int = 2
+    packed_allocations_per_batch: int = 10
     packed_cores_per_allocation: int = 2
     packed_walltime_minutes: int = 60
     packed_idle_seconds: int = 60
@@ -61,6 +62,7 @@ class HpcBackendResource(dg.ConfigurableResource):
         engine = ParslEngine(
             PilotSettings(
                 max_allocations=self.packed_max_allocations,
+                allocations_per_batch=self.packed_allocations_per_batch,
                 cores_per_allocation=self.packed_cores_per_allocation,
                 walltime_minutes=self.packed_walltime_minutes,
                 idle_seconds=self.packed_idle_seconds,
@@ -143,6 +145,7 @@ def resources_from_settings(settings: Settings, *, processing_location_id: int) 
             packed_state_dir=str(settings.pipeline_base_dir / ".packed"),
             packed_max_task_minutes=settings.packed_max_task_minutes,
             packed_max_allocations=settings.packed_max_allocations,
+            packed_allocations_per_batch=settings.packed_allocations_per_batch,
             packed_cores_per_allocation=settings.packed_cores_per_allocation,
             packed_walltime_minutes=settings.packed_walltime_minutes,
             packed_idle_seconds=settings.packed_idle_seconds,

@@ -28,10 +28,13 @@ CTLD_PID_FILE = Path("/run/slurmctld.pid")
 def slurm_world(fault_world):  # type: ignore[no-untyped-def]
     require_slurm()
     fault_world.code_server.env["CCAT_WORKFLOW_MANAGER_HPC_BACKEND"] = "slurm"
+    # These scenarios are of one Slurm job per sub-group (sacct, scancel of a job): their short steps stay unpacked.
+    fault_world.code_server.env["CCAT_WORKFLOW_MANAGER_PACKED_EXECUTION"] = "off"
     fault_world.code_server.restart()
     fault_world.wait_for_code_server()
     yield fault_world
     fault_world.code_server.env["CCAT_WORKFLOW_MANAGER_HPC_BACKEND"] = "local"
+    fault_world.code_server.env.pop("CCAT_WORKFLOW_MANAGER_PACKED_EXECUTION", None)
 
 
 def _slurmctld_running() -> bool:

@@ -17,6 +17,10 @@ depends on the engine's memory:
 - no finished record and no engine holding the task (the run worker that started it was killed, its engine
   and allocations went with it; or the allocation died under the task): FAILED with ``failure_kind`` lost,
   which the runner retries as a new attempt. A lost task never counts twice: its attempt is over.
+- a record that says cancelled while no cancel marker exists: Slurm ended the allocation under the task (at its
+  walltime, or a scancel of the allocation) and its SIGTERM reached the wrapper, which records any SIGTERM as a
+  cancel. FAILED, walltime when the task had used its own time limit, else lost (it started too late in the
+  allocation's life); either way retried within the runner's ``max_retries``, never cancelled.
 
 Cancel writes the cancel marker (the wrapper looks for it about once a second and ends the payload, then
 records it as cancelled) and drops the task from the engine's queue; ``shutdown`` releases the allocations.
@@ -128,6 +132,10 @@ class PackedBackend(HpcBackend):
                     reason="cancelled",
                     failure_kind=FailureKind.CANCELLED,
                 )
+            elif finished and status.get("cancel_requested"):
+                # Terminated, and not by this backend (it writes the marker first): the allocation ended under the
+                # task, and Slurm's SIGTERM reached the wrapper, which takes any SIGTERM for a cancel.
+                infos[job_id] = self._ended_with_allocation(job_id, status)
             elif finished:
                 infos[job_id] = finished_job_info(job_id, status)
             elif held:
@@ -145,7 +153,8 @@ class PackedBackend(HpcBackend):
                 infos[job_id] = JobInfo(
                     job_id=job_id,
                     state=JobState.FAILED,
-                    reason=(
+                    reason=self.engine.lost_reason(job_id)
+                    or (
                         "the packed task ended without recording an exit status: its pilot engine or allocation "
                         "is gone (the run worker restarted, or the allocation ended)"
                     ),
@@ -154,6 +163,40 @@ class PackedBackend(HpcBackend):
         if unknown:
             raise UnknownJobError(f"no packed tasks {unknown!r} in {self.state_dir}", job_ids=unknown)
         return infos
+
+    def _ended_with_allocation(self, job_id: str, status: dict) -> JobInfo:
+        """A task its allocation's end terminated: walltime if the task had used its own time limit, else lost.
+
+        Lost, not walltime, when the task was within its own limit: it started too late in the allocation's life,
+        nothing about it needs more time, and a walltime retry would ask for more than an allocation holds. Either
+        way the runner's retries (``max_retries``) bound what follows.
+        """
+        spec = read_json(spec_path(self.state_dir, job_id)) or {}
+        wall = status.get("wall_time_seconds")
+        limit = spec.get("time_limit_seconds")
+        ended = self.engine.walltime_endings()
+        cause = (
+            f"its packed allocation reached its walltime (Slurm job {', '.join(ended)} ended in TIMEOUT)"
+            if ended
+            else "its packed allocation ended (walltime, scancel or node failure)"
+        )
+        own_limit_used = wall is not None and limit is not None and wall >= limit
+        return JobInfo(
+            job_id=job_id,
+            state=JobState.FAILED,
+            exit_code=status.get("exit_code"),
+            wall_time_seconds=wall,
+            reason=(
+                f"the packed task was terminated after {wall or 0:.0f} s because {cause}; "
+                + (
+                    "the task had used its own time limit"
+                    if own_limit_used
+                    else f"its own time limit ({limit} s) was not reached "
+                    "(a retry, within max_retries, starts it in a new allocation)"
+                )
+            ),
+            failure_kind=FailureKind.WALLTIME if own_limit_used else FailureKind.LOST,
+        )
 
     def cancel(self, job_id: str) -> None:
         _check([job_id])

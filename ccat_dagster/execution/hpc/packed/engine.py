@@ -13,15 +13,32 @@ finished are lost.
 work and at shutdown. Parsl is imported on first use only: a site without it gets ``PackedEngineMissing``
 naming the extra (``pip install 'ccat-dagster[packed]'``) when a step asks for packing, and nothing else
 changes for it.
+
+Two bounds are the engine's own, on top of Parsl's scaling:
+
+- Parsl's HTEX scale-in, asked to release 0 blocks "idle longer than max_idletime", releases every block
+  whose workers have not connected yet (a block without workers counts as idle forever), and the next
+  strategy tick asks for a new one: whenever a batch had fewer queued tasks than one block's workers, it
+  asked for and cancelled an allocation about every two strategy periods, for as long as the batch lived
+  (seen after an allocation's walltime ended a task: dozens of allocations a minute). A scale-in of
+  nothing now releases nothing.
+- ``allocations_per_batch`` bounds the allocations one engine ever asks for, replacements of ended ones
+  included. Once they are all spent and none is alive, a queued task can never run: the engine lets it go
+  (``holds`` is False, ``lost_reason`` says why) and refuses new tasks, so the runner fails them (lost,
+  retried within ``max_retries``; a retry is then refused) instead of waiting for an allocation that will
+  never be asked for. Shutdown scancels, after Parsl's own clean-up, any allocation of the engine that Slurm
+  still lists.
 """
 
 from __future__ import annotations
 
 import logging
 import shlex
+import subprocess
 import sys
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +60,13 @@ class PilotSettings:
     """How large and how long-lived the engine's Slurm allocations may be (see docs/configuration.md)."""
 
     max_allocations: int = 2
+    allocations_per_batch: int = 10
+    """All the allocations one engine (one batch) may ask for, at once or one after another."""
     cores_per_allocation: int = 2
     walltime_minutes: int = 60
     idle_seconds: int = 60
+    status_poll_seconds: int = 60
+    """How often Parsl asks Slurm about the allocations (how soon an ended one is replaced); Parsl's own default."""
     partition: str = ""
     address: str = ""
     """The address the allocations reach the run worker's interchange at (empty: Parsl picks one)."""
@@ -72,6 +93,14 @@ class PilotEngine(ABC):
     def shutdown(self) -> None:
         """Stop taking tasks and release every allocation."""
 
+    def lost_reason(self, task_id: str) -> str | None:
+        """Why the engine let go of a task it never finished (None: no reason known beyond its record)."""
+        return None
+
+    def walltime_endings(self) -> list[str]:
+        """The allocations of this engine that Slurm ended at their walltime (their job ids)."""
+        return []
+
 
 class ParslEngine(PilotEngine):
     """Parsl HighThroughputExecutor + SlurmProvider; one DataFlowKernel per engine, started on the first task."""
@@ -84,6 +113,7 @@ class ParslEngine(PilotEngine):
         self._app = None
         self._shape: tuple[int, float] | None = None
         self._allocations: set[str] = set()
+        self._executor = None
 
     def _ensure_started(self, cpu: int, memory_gb: float) -> None:
         if self._dfk is not None:
@@ -110,7 +140,7 @@ class ParslEngine(PilotEngine):
         workers = max(1, cores // cpu)
         memory_mb = int(workers * memory_gb * 1024) + 256  # the workers' own processes need a little too
         hours, minutes = divmod(self.settings.walltime_minutes, 60)
-        provider = SlurmProvider(
+        provider = polled_provider_class(SlurmProvider, self.settings.status_poll_seconds)(
             partition=self.settings.partition or None,
             nodes_per_block=1,
             cores_per_node=cores,
@@ -128,7 +158,8 @@ class ParslEngine(PilotEngine):
         # Interchange and workers run by this interpreter, not found on PATH (a run worker's PATH may lack the
         # venv); the allocation inherits this process's environment, as sbatch does by default.
         python = shlex.quote(sys.executable)
-        executor = HighThroughputExecutor(
+        executor = bounded_executor_class(HighThroughputExecutor)(
+            allocations_per_batch=self.settings.allocations_per_batch,
             label="ccat_packed",
             address=self.settings.address or None,
             cores_per_worker=cpu,
@@ -152,6 +183,7 @@ class ParslEngine(PilotEngine):
             initialize_logging=False,
             retries=0,
         )
+        self._executor = executor
         self._dfk = DataFlowKernel(config=config)  # not parsl.load: several engines may live in one process
         self._app = parsl.python_app(run_task, executors=["ccat_packed"], data_flow_kernel=self._dfk)
         self._shape = (cpu, memory_gb)
@@ -159,6 +191,8 @@ class ParslEngine(PilotEngine):
     def start(self, task_id: str, state_dir: Path, *, cpu: int, memory_gb: float) -> None:
         with self._lock:
             self._ensure_started(cpu, memory_gb)
+            if self._stranded():
+                raise HpcError(self._spent_message())
             self._futures[task_id] = self._app(str(state_dir), task_id)
 
     def allocation_ids(self) -> list[str]:
@@ -172,7 +206,57 @@ class ParslEngine(PilotEngine):
 
     def holds(self, task_id: str) -> bool:
         future = self._futures.get(task_id)
-        return future is not None and not future.done()
+        return future is not None and not future.done() and not self._stranded()
+
+    def lost_reason(self, task_id: str) -> str | None:
+        future = self._futures.get(task_id)
+        if future is not None and not future.done() and self._stranded():
+            return self._spent_message()
+        return None
+
+    def walltime_endings(self) -> list[str]:
+        # Asked of Slurm's accounting, not of Parsl: HTEX reports an ended block whose workers are gone as
+        # MISSING, whatever ended it. One sacct call, made only when a task was terminated from outside.
+        job_ids = self.allocation_ids()
+        if not job_ids:
+            return []
+        try:
+            out = subprocess.run(
+                [
+                    "sacct",
+                    "--noheader",
+                    "--allocations",
+                    "--parsable2",
+                    "--format=JobID,State",
+                    f"--jobs={','.join(job_ids)}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        rows = (line.split("|") for line in out.splitlines() if "|" in line)
+        return sorted(job_id for job_id, state, *_ in rows if state.startswith("TIMEOUT"))
+
+    def _stranded(self) -> bool:
+        """All allocations of the batch spent and none alive: nothing queued can ever run."""
+        executor = self._executor
+        if executor is None or executor.launched < self.settings.allocations_per_batch:
+            return False
+        try:
+            statuses = list(executor.status_facade.values())
+        except RuntimeError:  # Parsl's poller thread updated the statuses meanwhile: ask again next time
+            return False
+        return all(status.terminal for status in statuses)
+
+    def _spent_message(self) -> str:
+        return (
+            f"the packed batch has used all {self.settings.allocations_per_batch} Slurm allocations it may ask "
+            f"for (PACKED_ALLOCATIONS_PER_BATCH; allocations {', '.join(self.allocation_ids())}) and none is "
+            "alive: the task cannot run in this batch"
+        )
 
     def cancel(self, task_id: str) -> None:
         # Parsl's app futures cannot be cancelled (NotImplementedError): the task's cancel marker, which the job
@@ -183,5 +267,75 @@ class ParslEngine(PilotEngine):
         with self._lock:
             if self._dfk is not None:
                 self.allocation_ids()
-                self._dfk.cleanup()  # cancels the blocks: scancel of every allocation
-                self._dfk = None
+                try:
+                    self._dfk.cleanup()  # cancels the blocks: scancel of every allocation
+                finally:
+                    self._dfk = None
+                    # Whatever cleanup missed (a block Parsl had already written off, a failed scancel): the
+                    # batch is over, none of its allocations may outlive it.
+                    release_allocations(self.allocation_ids())
+
+
+def release_allocations(job_ids: Sequence[str]) -> None:
+    """scancel the allocations among ``job_ids`` that Slurm still has (one squeue, one scancel)."""
+    if not job_ids:
+        return
+    try:
+        listed = subprocess.run(
+            ["squeue", "--noheader", "--format=%i", f"--jobs={','.join(job_ids)}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout.split()
+        if listed:
+            log.warning("packed allocations %s outlived their engine's shutdown: cancelling them", listed)
+            subprocess.run(["scancel", *listed], capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        log.warning("could not make sure the packed allocations %s are released: %s", list(job_ids), error)
+
+
+def polled_provider_class(base: type, seconds: int) -> type:
+    """``base`` (Parsl's SlurmProvider) asking Slurm about its blocks every ``seconds`` (its public property)."""
+
+    class PolledSlurmProvider(base):
+        @property
+        def status_polling_interval(self) -> int:
+            return seconds
+
+    return PolledSlurmProvider
+
+
+def bounded_executor_class(base: type) -> type:
+    """``base`` (Parsl's HighThroughputExecutor) with the engine's two bounds on its scaling.
+
+    Only public methods are overridden (``scale_out_facade``, which the strategy calls to ask for blocks, and
+    ``scale_in``); ``tests/test_packed_parsl_canary.py`` pins the Parsl behaviour each works around.
+    """
+
+    class BoundedHighThroughputExecutor(base):
+        def __init__(self, *, allocations_per_batch: int, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.allocations_per_batch = allocations_per_batch
+            self.launched = 0
+            self._told_spent = False
+
+        def scale_out_facade(self, n: int) -> list[str]:
+            allowed = max(0, min(n, self.allocations_per_batch - self.launched))
+            if allowed < n and not self._told_spent:
+                self._told_spent = True
+                log.warning(
+                    "packed batch: all %d allocations it may ask for are used; no more are asked for",
+                    self.allocations_per_batch,
+                )
+            if allowed <= 0:
+                return []
+            self.launched += allowed  # a block whose sbatch failed counts too: it was asked for
+            return super().scale_out_facade(allowed)
+
+        def scale_in(self, blocks: int, max_idletime: float | None = None) -> list[str]:
+            if blocks <= 0:
+                return []  # Parsl would release every block whose workers have not connected yet
+            return super().scale_in(blocks, max_idletime=max_idletime)
+
+    return BoundedHighThroughputExecutor
