@@ -413,3 +413,34 @@ def _launchers(engine: ThreadEngine) -> list:
 
     found = engine.pool.submit(lambda: getattr(task._local, "launcher", None)).result()
     return [found] if found is not None else []
+
+
+def test_the_engine_is_started_before_the_first_round_is_staged(tmp_path):
+    """The packed engine's first allocation comes up while the data is staged, not after."""
+    events: list[str] = []
+
+    class WarmEngine(ThreadEngine):
+        def warm_up(self, *, cpu, memory_gb):
+            events.append(f"warm_up cpu={cpu} memory_gb={memory_gb}")
+
+    @dataclass
+    class RecordingPreparation(ShellPreparation):
+        def stage(self, plans):
+            events.append("stage")
+            return super().stage(plans)
+
+    engine = WarmEngine()
+    runner = StepRunner(
+        engine=None,
+        backend=PackedBackend(tmp_path / "tasks", engine, max_task_hours=1),
+        runtime=None,
+        stager=None,
+        config=RunnerConfig(pipeline_base_dir=tmp_path, processing_location_id=0, sif_cache_dir=tmp_path),
+        store=InMemoryAttemptStore(),
+        preparation=RecordingPreparation(base=tmp_path),
+    )
+    outcomes = runner.execute(step=STEP, plans=[plan("scan-1"), plan("scan-2")], dagster_run_id="run-1")
+    engine.shutdown()
+    assert all(o.kind is OutcomeKind.COMPLETED for o in outcomes.values())
+    assert events[:2] == [f"warm_up cpu=1 memory_gb={STEP.resources.memory_gb}", "stage"]
+    assert events.count(events[0]) == 1

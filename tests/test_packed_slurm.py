@@ -313,3 +313,44 @@ def test_a_batch_that_spent_its_allocations_fails_its_task_instead_of_asking_for
     assert any("used all 1 Slurm allocations" in (a.error or "") for a in attempts[1:]), [a.error for a in attempts]
     assert len(allocations) == 1, allocations
     assert wait_released(allocations, 15) == []
+
+
+@dataclass
+class HungryPreparation(ScriptPreparation):
+    """``hungry`` holds 150 MiB for two seconds: over a 0.1 GiB task, within the 0.2 GiB of its retry."""
+
+    def prepare(self, plan, attempt, *, resources, staged, run_id):
+        spec = super().prepare(plan, attempt, resources=resources, staged=staged, run_id=run_id)
+        if plan.sub_group_key != "hungry":
+            return spec
+        hold = "import time; block = bytearray(150 * 2**20); time.sleep(2)"
+        return JobSpec(**{**spec.__dict__, "command": [sys.executable, "-c", hold]})
+
+
+def test_a_task_over_its_memory_is_retried_with_more_in_an_allocation_sized_for_it(tmp_path):
+    """The retry after oom asks for twice the memory: Parsl runs it in an allocation of that shape of its own,
+    beside the batch's allocation, and both are released at the end."""
+    _require_slurm_and_parsl()
+    engine = ParslEngine(settings(tmp_path))
+    backend = PackedBackend(tmp_path / "tasks", engine, max_task_hours=1)
+    store = InMemoryAttemptStore()
+    small = STEP.__class__(
+        **{**STEP.__dict__, "resources": STEP.resources.__class__(cpu=1, memory_gb=0.1, time_hours=0.1)}
+    )
+    runner = runner_for(tmp_path, backend, store)
+    runner.preparation = HungryPreparation(base=tmp_path)
+    try:
+        outcomes = runner.execute(step=small, plans=[plan("hungry"), plan("modest")], dagster_run_id="oom-run")
+        allocations = engine.allocation_ids()
+    finally:
+        backend.close()
+    assert {k: o.kind for k, o in outcomes.items()} == {
+        "hungry": OutcomeKind.COMPLETED,
+        "modest": OutcomeKind.COMPLETED,
+    }
+    first, retry = store.attempts_of("hungry")
+    assert (first.status, first.failure_kind) == (RunStatus.FAILED, FailureKind.OOM), first.error
+    assert "memory watchdog" in (first.error or "")
+    assert retry.status is RunStatus.COMPLETED
+    assert len(allocations) == 2, allocations  # the batch's own, and one sized for the retry
+    assert wait_released(allocations, 60) == []

@@ -260,6 +260,8 @@ class StepRunner(AttemptSubmission, AttemptCollection):
             + "".join(f"\n  skipped {k}: {o.detail}" for k, o in list(outcomes.items())[:20])
         )
         if total:
+            if queue:  # the packed engine's first allocation comes up while the first round is staged
+                best_effort(lambda: self.backend.prepare_for(step.resources))
             outcomes.update(self._loop(queue, adopted, step, preparation, total))
         return outcomes
 

@@ -339,5 +339,10 @@ class HpcBackend(ABC):
     def logs(self, job_id: str, *, tail_lines: int = 50) -> str:
         """The last lines of the job's stdout and stderr."""
 
+    def prepare_for(self, resources: JobResources) -> None:  # noqa: B027 - an optional hook, like close
+        """A batch of jobs of ``resources`` is about to be staged and submitted: start what they will need, so that
+        it comes up while the data is staged (the packed backend asks for its first allocation). Must not raise for
+        a problem that submitting would report anyway."""
+
     def close(self) -> None:  # noqa: B027 - an optional hook, a no-op for backends that hold nothing
         """The batch is over: release what the backend holds for it (the packed backend's allocations)."""

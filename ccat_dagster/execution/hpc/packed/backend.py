@@ -28,6 +28,7 @@ records it as cancelled) and drops the task from the engine's queue; ``shutdown`
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from ccat_dagster.execution.hpc.base import (
     HpcError,
     InvalidJobSpecError,
     JobInfo,
+    JobResources,
     JobSpec,
     JobState,
     JobSubmissionError,
@@ -56,6 +58,8 @@ from ccat_dagster.execution.hpc.packed.engine import PilotEngine
 from ccat_dagster.opsdb.enums import FailureKind
 
 __all__ = ["PackedBackend"]
+
+log = logging.getLogger(__name__)
 
 
 class PackedBackend(HpcBackend):
@@ -112,6 +116,15 @@ class PackedBackend(HpcBackend):
             spec_path(self.state_dir, job_id).unlink(missing_ok=True)
             raise JobSubmissionError(f"the pilot engine refused task {spec.job_name!r}: {exc}") from exc
         return job_id
+
+    def prepare_for(self, resources: JobResources) -> None:
+        """Start the engine and ask for its first allocation now, before the batch's data is staged."""
+        if resources.time_hours > self.max_task_hours or resources.gpus:
+            return  # submit refuses these tasks, with the fix
+        try:
+            self.engine.warm_up(cpu=resources.cpu, memory_gb=resources.memory_gb)
+        except HpcError as error:  # the first submission reports it, per sub-group
+            log.info("packed engine not started ahead of the batch: %s", error)
 
     def status_many(self, job_ids: Sequence[str]) -> dict[str, JobInfo]:
         wanted = list(dict.fromkeys(job_ids))

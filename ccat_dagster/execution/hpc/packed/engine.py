@@ -50,6 +50,11 @@ __all__ = ["PackedEngineMissing", "ParslEngine", "PilotEngine", "PilotSettings",
 
 log = logging.getLogger(__name__)
 
+# An allocation's --mem beyond what its tasks ask for: Parsl's manager process, and per worker the worker process
+# and its launcher (resident sizes measured on this machine, with room to spare).
+ALLOCATION_BASE_MB = 256
+WORKER_OVERHEAD_MB = 160
+
 
 class PackedEngineMissing(HpcError):
     """The packed execution mode needs its pilot-job engine, which is not installed here."""
@@ -93,6 +98,9 @@ class PilotEngine(ABC):
     def shutdown(self) -> None:
         """Stop taking tasks and release every allocation."""
 
+    def warm_up(self, *, cpu: int, memory_gb: float) -> None:  # noqa: B027 - optional: an engine may start lazily
+        """Start now for tasks of this shape and ask for a first allocation, before any task is queued."""
+
     def lost_reason(self, task_id: str) -> str | None:
         """Why the engine let go of a task it never finished (None: no reason known beyond its record)."""
         return None
@@ -102,27 +110,36 @@ class PilotEngine(ABC):
         return []
 
 
+@dataclass
+class _Shape:
+    """The executor (its own Slurm allocations) and the app of the tasks of one (cpu, memory_gb)."""
+
+    label: str
+    executor: object
+    app: object
+
+
 class ParslEngine(PilotEngine):
-    """Parsl HighThroughputExecutor + SlurmProvider; one DataFlowKernel per engine, started on the first task."""
+    """Parsl HighThroughputExecutor + SlurmProvider; one DataFlowKernel per engine, started on the first task.
+
+    Allocations are sized for one task shape (cores and memory per worker). A task of another shape (the retry
+    of an out-of-memory task asks for more) gets an executor of its own in the same DataFlowKernel, with
+    allocations sized for it, at most one at a time.
+    """
 
     def __init__(self, settings: PilotSettings) -> None:
         self.settings = settings
         self._futures: dict[str, Future] = {}
+        self._task_shape: dict[str, _Shape] = {}
         self._lock = threading.Lock()
         self._dfk = None
-        self._app = None
-        self._shape: tuple[int, float] | None = None
+        self._shapes: dict[tuple[int, float], _Shape] = {}
         self._allocations: set[str] = set()
-        self._executor = None
 
-    def _ensure_started(self, cpu: int, memory_gb: float) -> None:
-        if self._dfk is not None:
-            if self._shape != (cpu, memory_gb):
-                raise HpcError(
-                    f"a packed engine sizes its allocations for one task shape ({self._shape}); got cpu={cpu}, "
-                    f"memory_gb={memory_gb}: run steps with different resources in different batches"
-                )
-            return
+    def _ensure_started(self, cpu: int, memory_gb: float, *, first_allocation_now: bool = False) -> _Shape:
+        shape = self._shapes.get((cpu, memory_gb))
+        if shape is not None:
+            return shape
         try:
             import parsl
             from parsl.config import Config
@@ -136,18 +153,22 @@ class ParslEngine(PilotEngine):
                 f"packed execution needs Parsl ({error}): install it with pip install 'ccat-dagster[packed]', or "
                 "give the step execution: {mode: job_per_sub_group}"
             ) from None
+        first = not self._shapes
         cores = max(self.settings.cores_per_allocation, cpu)
         workers = max(1, cores // cpu)
-        memory_mb = int(workers * memory_gb * 1024) + 256  # the workers' own processes need a little too
+        # Parsl's manager and each worker are Python processes of ~80-100 MB resident, each worker's wrapper
+        # launcher ~15 MB: what the tasks may use comes on top of that.
+        memory_mb = int(workers * memory_gb * 1024) + ALLOCATION_BASE_MB + workers * WORKER_OVERHEAD_MB
         hours, minutes = divmod(self.settings.walltime_minutes, 60)
         provider = polled_provider_class(SlurmProvider, self.settings.status_poll_seconds)(
             partition=self.settings.partition or None,
             nodes_per_block=1,
             cores_per_node=cores,
             mem_per_node=None,
-            init_blocks=0,
+            init_blocks=1 if first_allocation_now else 0,
             min_blocks=0,
-            max_blocks=self.settings.max_allocations,
+            # A further shape is the odd retry: one allocation of it at a time.
+            max_blocks=self.settings.max_allocations if first else 1,
             walltime=f"{hours:02d}:{minutes:02d}:00",
             exclusive=False,
             scheduler_options=f"#SBATCH --mem={memory_mb}M",
@@ -158,9 +179,10 @@ class ParslEngine(PilotEngine):
         # Interchange and workers run by this interpreter, not found on PATH (a run worker's PATH may lack the
         # venv); the allocation inherits this process's environment, as sbatch does by default.
         python = shlex.quote(sys.executable)
+        label = "ccat_packed" if first else f"ccat_packed_{len(self._shapes)}"
         executor = bounded_executor_class(HighThroughputExecutor)(
             allocations_per_batch=self.settings.allocations_per_batch,
-            label="ccat_packed",
+            label=label,
             address=self.settings.address or None,
             cores_per_worker=cpu,
             max_workers_per_node=workers,
@@ -169,49 +191,65 @@ class ParslEngine(PilotEngine):
             # allocation with them; a heartbeat is a few bytes.
             heartbeat_period=5,
             heartbeat_threshold=20,
+            # Parsl's default handler puts the executor in a bad state (every task failed, none ever run again)
+            # once its allocations have all failed, here after the first one ended badly. An allocation that
+            # dies costs its running tasks (lost, retried by the runner); allocations_per_batch bounds the rest.
+            block_error_handler=False,
             interchange_launch_cmd=[sys.executable, "-m", "parsl.executors.high_throughput.interchange"],
             launch_cmd=DEFAULT_LAUNCH_CMD.replace(
                 "process_worker_pool.py", f"{python} -m parsl.executors.high_throughput.process_worker_pool", 1
             ),
         )
-        config = Config(
-            executors=[executor],
-            strategy="htex_auto_scale",
-            max_idletime=float(self.settings.idle_seconds),
-            run_dir=str(self.settings.run_dir),
-            strategy_period=0.2,  # how soon a first allocation is asked for; squeue is polled on its own clock (60 s)
-            initialize_logging=False,
-            retries=0,
-        )
-        self._executor = executor
-        self._dfk = DataFlowKernel(config=config)  # not parsl.load: several engines may live in one process
-        self._app = parsl.python_app(run_task, executors=["ccat_packed"], data_flow_kernel=self._dfk)
-        self._shape = (cpu, memory_gb)
+        if first:
+            config = Config(
+                executors=[executor],
+                strategy="htex_auto_scale",
+                max_idletime=float(self.settings.idle_seconds),
+                run_dir=str(self.settings.run_dir),
+                # How soon an allocation is asked for; squeue is polled on its own clock (status_poll_seconds).
+                strategy_period=0.2,
+                initialize_logging=False,
+                retries=0,
+            )
+            self._dfk = DataFlowKernel(config=config)  # not parsl.load: several engines may live in one process
+        else:
+            log.info("packed batch: tasks of cpu=%s memory_gb=%s get allocations of their own", cpu, memory_gb)
+            self._dfk.add_executors([executor])  # type: ignore[attr-defined]
+        shape = _Shape(label, executor, parsl.python_app(run_task, executors=[label], data_flow_kernel=self._dfk))
+        self._shapes[(cpu, memory_gb)] = shape
+        return shape
+
+    def warm_up(self, *, cpu: int, memory_gb: float) -> None:
+        # The DataFlowKernel's start (~1-2 s) and the allocation's way through the queue overlap the staging; an
+        # allocation that then has no task for idle_seconds is released like any other.
+        with self._lock:
+            if not self._shapes:
+                self._ensure_started(cpu, memory_gb, first_allocation_now=True)
 
     def start(self, task_id: str, state_dir: Path, *, cpu: int, memory_gb: float) -> None:
         with self._lock:
-            self._ensure_started(cpu, memory_gb)
-            if self._stranded():
-                raise HpcError(self._spent_message())
-            self._futures[task_id] = self._app(str(state_dir), task_id)
+            shape = self._ensure_started(cpu, memory_gb)
+            if self._stranded(shape):
+                raise HpcError(self._spent_message(shape))
+            self._futures[task_id] = shape.app(str(state_dir), task_id)  # type: ignore[operator]
+            self._task_shape[task_id] = shape
 
     def allocation_ids(self) -> list[str]:
         """The Slurm job ids of the allocations this engine asked for so far (running or ended)."""
-        if self._dfk is None and not self._allocations:
-            return []
         if self._dfk is not None:
-            executor = self._dfk.executors["ccat_packed"]
-            self._allocations.update(str(job_id) for job_id in executor.blocks_to_job_id.values())
+            for shape in self._shapes.values():
+                self._allocations.update(str(job_id) for job_id in shape.executor.blocks_to_job_id.values())  # type: ignore[attr-defined]
         return sorted(self._allocations)
 
     def holds(self, task_id: str) -> bool:
         future = self._futures.get(task_id)
-        return future is not None and not future.done() and not self._stranded()
+        return future is not None and not future.done() and not self._stranded(self._task_shape.get(task_id))
 
     def lost_reason(self, task_id: str) -> str | None:
         future = self._futures.get(task_id)
-        if future is not None and not future.done() and self._stranded():
-            return self._spent_message()
+        shape = self._task_shape.get(task_id)
+        if future is not None and not future.done() and self._stranded(shape):
+            return self._spent_message(shape)
         return None
 
     def walltime_endings(self) -> list[str]:
@@ -240,22 +278,22 @@ class ParslEngine(PilotEngine):
         rows = (line.split("|") for line in out.splitlines() if "|" in line)
         return sorted(job_id for job_id, state, *_ in rows if state.startswith("TIMEOUT"))
 
-    def _stranded(self) -> bool:
-        """All allocations of the batch spent and none alive: nothing queued can ever run."""
-        executor = self._executor
-        if executor is None or executor.launched < self.settings.allocations_per_batch:
+    def _stranded(self, shape: _Shape | None) -> bool:
+        """All allocations the shape may ask for spent and none alive: nothing queued of it can ever run."""
+        executor = shape.executor if shape is not None else None
+        if executor is None or executor.launched < self.settings.allocations_per_batch:  # type: ignore[attr-defined]
             return False
         try:
-            statuses = list(executor.status_facade.values())
+            statuses = list(executor.status_facade.values())  # type: ignore[attr-defined]
         except RuntimeError:  # Parsl's poller thread updated the statuses meanwhile: ask again next time
             return False
         return all(status.terminal for status in statuses)
 
-    def _spent_message(self) -> str:
+    def _spent_message(self, shape: _Shape | None) -> str:
         return (
             f"the packed batch has used all {self.settings.allocations_per_batch} Slurm allocations it may ask "
-            f"for (PACKED_ALLOCATIONS_PER_BATCH; allocations {', '.join(self.allocation_ids())}) and none is "
-            "alive: the task cannot run in this batch"
+            f"for (PACKED_ALLOCATIONS_PER_BATCH, per task shape; allocations {', '.join(self.allocation_ids())}) "
+            "and none is alive: the task cannot run in this batch"
         )
 
     def cancel(self, task_id: str) -> None:
@@ -268,9 +306,10 @@ class ParslEngine(PilotEngine):
             if self._dfk is not None:
                 self.allocation_ids()
                 try:
-                    self._dfk.cleanup()  # cancels the blocks: scancel of every allocation
+                    self._dfk.cleanup()  # cancels the blocks of every executor: scancel of every allocation
                 finally:
                     self._dfk = None
+                    self._shapes.clear()
                     # Whatever cleanup missed (a block Parsl had already written off, a failed scancel): the
                     # batch is over, none of its allocations may outlive it.
                     release_allocations(self.allocation_ids())
