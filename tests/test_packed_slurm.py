@@ -7,9 +7,9 @@ is cancelled while its tasks run and they end; closing releases the allocation. 
 SIGKILL in the middle of a batch: a new backend collects the task whose result was written and reports the
 unfinished one lost (its allocation ends by the heartbeat threshold; the test scancels it rather than wait).
 A task over its memory: the watchdog ends it as oom and its retry, asking for twice the memory, runs in an
-allocation sized for it. Last, an allocation ended under its running task as Slurm ends one at its walltime (scancel: SIGTERM to its
-processes, SIGKILL after KillWait; a real 1-minute walltime behaves the same but takes a minute): the task is
-lost, not cancelled, its retries stay within max_retries, the batch asks for no more allocations than
+allocation sized for it. Last, an allocation ended under its running task as Slurm ends one at its walltime
+(scancel: SIGTERM to its processes, SIGKILL after KillWait; a real 1-minute walltime behaves the same but takes
+a minute): the task is lost, not cancelled, its retries stay within max_retries, the batch asks for no more allocations than
 PACKED_ALLOCATIONS_PER_BATCH, and none is left behind.
 """
 
