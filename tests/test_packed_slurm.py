@@ -9,8 +9,8 @@ unfinished one lost (its allocation ends by the heartbeat threshold; the test sc
 A task over its memory: the watchdog ends it as oom and its retry, asking for twice the memory, runs in an
 allocation sized for it. Last, an allocation ended under its running task as Slurm ends one at its walltime
 (scancel: SIGTERM to its processes, SIGKILL after KillWait; a real 1-minute walltime behaves the same but takes
-a minute): the task is lost, not cancelled, its retries stay within max_retries, the batch asks for no more allocations than
-PACKED_ALLOCATIONS_PER_BATCH, and none is left behind.
+a minute): the task is lost, not cancelled, its retries stay within max_retries, the batch asks for no more
+allocations than PACKED_ALLOCATIONS_PER_BATCH, and none is left behind.
 """
 
 from __future__ import annotations
