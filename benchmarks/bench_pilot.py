@@ -293,16 +293,18 @@ def _sshd_running(pid_file: Path) -> int | None:
         return None
 
 
-def local_sshd(remote_path: str) -> tuple[Path, Path]:
+def local_sshd(shims_dir: Path, peers_bin: Path) -> tuple[Path, Path]:
     """An SSH "login node" on this host, for dagster-slurm: sshd on 127.0.0.1:SSH_PORT, key authentication only,
     with its own host key, config and pid file in SSH_DIR, and a throwaway client key there that root@localhost
     accepts. Idempotent: installs OpenSSH only where it is missing, appends the key to root's authorized_keys only
     once, and reuses an sshd already running from SSH_DIR (left running at the end, as it was found).
 
-    ``remote_path`` becomes PATH of every command run over this sshd (sshd's ``SetEnv``): dagster-slurm runs its
-    remote commands as ``bash --noprofile --norc -c ...``, so PATH is what sshd hands the session, and Slurm
-    exports it to the jobs. It puts the squeue / sacct / scontrol shims first, as for the other ways. Returns
-    the client key and the known_hosts file that pins the host key."""
+    PATH of the remote commands: dagster-slurm runs each as ``bash --noprofile --norc -c ...`` over SSH, so it
+    is what sshd hands the session (its ``SetEnv``; a client's PATH is not taken) plus what root's ~/.bashrc
+    prepends (bash reads it when sshd starts it; nothing there is a Slurm command), and Slurm exports it to the
+    jobs. It starts with SSH_DIR/shims and SSH_DIR/peers-bin, links to this run's squeue / sacct / scontrol shims
+    and to the peers' venv, so that the shims stay ahead of the real commands as for the other ways, also for
+    an sshd started by an earlier run. Returns the client key and the known_hosts file that pins the host key."""
     missing = sorted({package for path, package in SSH_PACKAGES.items() if not Path(path).exists()})
     if missing:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -330,6 +332,9 @@ def local_sshd(remote_path: str) -> tuple[Path, Path]:
         AUTHORIZED_KEYS.chmod(0o600)
     known_hosts = SSH_DIR / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{SSH_PORT} {(SSH_DIR / 'host_ed25519.pub').read_text().strip()}\n")
+    for link, target in ((SSH_DIR / "shims", shims_dir), (SSH_DIR / "peers-bin", peers_bin)):
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
     pid_file = SSH_DIR / "sshd.pid"
     if _sshd_running(pid_file):
         return client_key, known_hosts
@@ -338,7 +343,8 @@ def local_sshd(remote_path: str) -> tuple[Path, Path]:
         f"Port {SSH_PORT}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {pid_file}\n"
         "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
         "PermitRootLogin prohibit-password\nUsePAM no\nX11Forwarding no\nAllowUsers root\n"
-        f"SetEnv PATH={remote_path}\nSubsystem sftp internal-sftp\n"
+        f"SetEnv PATH={SSH_DIR / 'shims'}:{SSH_DIR / 'peers-bin'}:/usr/local/bin:/usr/bin:/bin\n"
+        "Subsystem sftp internal-sftp\n"
     )
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(config)], check=True)
@@ -385,8 +391,7 @@ def dagster_slurm_batch(python: Path, work: Path, jobs: int, index: int) -> floa
     "pre-deployed" one (its production setting, instead of packing one with pixi for each run): the cluster is
     this host, so the peers' venv serves, laid out as dagster-slurm expects (activate.sh and env/bin/python).
     Wall = the `dagster` process from start to exit."""
-    shims_and_peers = f"{work / 'bin'}{os.pathsep}{python.parent}{os.pathsep}/usr/local/bin:/usr/bin:/bin"
-    key, known_hosts = local_sshd(shims_and_peers)
+    key, known_hosts = local_sshd(work / "bin", python.parent)
     name = f"dagster-slurm-{jobs}-{index}"
     run_dir = work / name
     env_dir = work / "dagster-slurm-env"
