@@ -16,7 +16,9 @@ Ways, interleaved within each N (same load for all):
   BashLauncher, `dagster asset materialize` with the multiprocess executor, its default status polling (2 s,
   growing by 1.5× to 5 s). It reaches Slurm only over SSH to a login node: the script sets one up on this host
   (OpenSSH from apt where missing, a throwaway key pair and an sshd on 127.0.0.1:2222 from /tmp/ccat-bench-ssh,
-  stopped at the end) and uses the peers' venv as dagster-slurm's "pre-deployed" cluster-side environment.
+  stopped at the end) and uses the peers' venv as dagster-slurm's "pre-deployed" cluster-side environment;
+- dagster-slurm, session mode: the same assets as srun steps in one allocation for the run (its "slurm-session"
+  mode), with the in-process executor, the only one under which it completes here: the items run in series.
 
 The peers (Parsl, Snakemake and its plugin, dagster-slurm) live in a venv of their own, created and filled from
 PyPI on first use (`--peers-venv`). Snakemake and dagster-slurm take seconds per item, so they run only up to
@@ -106,8 +108,9 @@ SNAKEFILE = textwrap.dedent(
 SNAKEMAKE_DEFAULT = "Snakemake 9 + Slurm plugin, one job per item"
 SNAKEMAKE_GROUP_SIZE = 20
 SNAKEMAKE_GROUPED = f"Snakemake 9 + Slurm plugin, group jobs of {SNAKEMAKE_GROUP_SIZE} items"
-DAGSTER_SLURM = "dagster-slurm"
-SLOW_PEERS = (SNAKEMAKE_DEFAULT, SNAKEMAKE_GROUPED, DAGSTER_SLURM)
+DAGSTER_SLURM = "dagster-slurm, one job per item"
+DAGSTER_SLURM_SESSION = "dagster-slurm, session mode (one allocation, items one after another)"
+SLOW_PEERS = (SNAKEMAKE_DEFAULT, SNAKEMAKE_GROUPED, DAGSTER_SLURM, DAGSTER_SLURM_SESSION)
 PEERS = {
     "parsl": "parsl",
     "snakemake": "snakemake>=9,<10",
@@ -245,7 +248,8 @@ _started_sshd: list[int] = []
 DAGSTER_SLURM_DEFS = textwrap.dedent(
     """
     import dagster as dg
-    from dagster_slurm import BashLauncher, ComputeResource, SlurmQueueConfig, SlurmResource, SSHConnectionResource
+    from dagster_slurm import (BashLauncher, ComputeResource, SlurmQueueConfig, SlurmResource, SlurmSessionResource,
+                               SSHConnectionResource)
 
     ITEMS, PAYLOAD = {items}, {payload!r}
 
@@ -262,11 +266,13 @@ DAGSTER_SLURM_DEFS = textwrap.dedent(
                                 known_hosts_file={known_hosts!r})
     slurm = SlurmResource(ssh=ssh, remote_base={remote_base!r},
                           queue=SlurmQueueConfig(partition="debug", cpus=1, mem="256M", time_limit="00:05:00"))
+    session = SlurmSessionResource(slurm=slurm, num_nodes=1, partition="debug", cpus_per_task=2, mem="1280M",
+                                   time_limit="00:10:00", max_concurrent_jobs={concurrency})
     defs = dg.Definitions(
         assets=[item(i) for i in range(ITEMS)],
-        resources={{"compute": ComputeResource(mode="slurm", slurm=slurm, default_launcher=BashLauncher(),
-                                              pre_deployed_env_path={env!r})}},
-        executor=dg.multiprocess_executor.configured({{"max_concurrent": {concurrency}}}),
+        resources={{"compute": ComputeResource(mode={mode!r}, slurm=slurm, default_launcher=BashLauncher(),
+                                              pre_deployed_env_path={env!r}, **{session_args})}},
+        executor={executor},
     )
     """
 )
@@ -383,16 +389,21 @@ def stop_local_sshd() -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-def dagster_slurm_batch(python: Path, work: Path, jobs: int, index: int) -> float:
+def dagster_slurm_batch(python: Path, work: Path, jobs: int, index: int, *, session: bool = False) -> float:
     """N assets, each running the payload through dagster-slurm's ComputeResource in its default mode ("slurm",
     one sbatch job per asset) with its BashLauncher, materialized with `dagster asset materialize` in the peers'
     venv (Dagster's multiprocess executor, up to N steps at a time). dagster-slurm reaches Slurm only over SSH to
     a login node, here the local sshd of local_sshd. The Python environment on the cluster side is a
     "pre-deployed" one (its production setting, instead of packing one with pixi for each run): the cluster is
     this host, so the peers' venv serves, laid out as dagster-slurm expects (activate.sh and env/bin/python).
-    Wall = the `dagster` process from start to exit."""
+    Wall = the `dagster` process from start to exit.
+
+    With ``session``, its "slurm-session" mode instead: one allocation (SlurmSessionResource, the node's 2 CPUs)
+    for the run, each asset an srun step in it. That needs Dagster's in-process executor, so the items run one
+    after another: with the multiprocess executor, every step process attaches to the allocation, and the one
+    that created it cancels it as soon as its own step is done, which kills the others' steps."""
     key, known_hosts = local_sshd(work / "bin", python.parent)
-    name = f"dagster-slurm-{jobs}-{index}"
+    name = f"dagster-slurm-{'session' if session else 'default'}-{jobs}-{index}"
     run_dir = work / name
     env_dir = work / "dagster-slurm-env"
     if not env_dir.exists():
@@ -412,6 +423,11 @@ def dagster_slurm_batch(python: Path, work: Path, jobs: int, index: int) -> floa
             remote_base=str(run_dir / "remote"),
             env=str(env_dir),
             concurrency=jobs,
+            mode="slurm-session" if session else "slurm",
+            session_args='{"session": session}' if session else "{}",
+            executor="dg.in_process_executor"
+            if session
+            else f'dg.multiprocess_executor.configured({{"max_concurrent": {jobs}}})',
         )
     )
     (run_dir / "home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -464,6 +480,7 @@ def main() -> int:
         SNAKEMAKE_DEFAULT: lambda w, n, i: snakemake_batch(python, w, n, i),
         SNAKEMAKE_GROUPED: lambda w, n, i: snakemake_batch(python, w, n, i, group_size=SNAKEMAKE_GROUP_SIZE),
         DAGSTER_SLURM: lambda w, n, i: dagster_slurm_batch(python, w, n, i),
+        DAGSTER_SLURM_SESSION: lambda w, n, i: dagster_slurm_batch(python, w, n, i, session=True),
     }
     results: dict[tuple[int, str], list[tuple[float, int]]] = {}
     not_run: dict[tuple[int, str], str] = {}
@@ -539,14 +556,19 @@ def main() -> int:
         f"{machine()}\n"
         "- The single-node Slurm of scripts/slurm-single-node.sh (2 CPUs); payload `/bin/true`; ways interleaved "
         "per N; wall = first submission to last result (packed and Parsl include starting their engine and "
-        "releasing the allocations, Snakemake is the `snakemake` process from start to exit); calls = squeue + "
-        "sacct + scontrol counted by shims on PATH.\n\n"
+        "releasing the allocations, Snakemake and dagster-slurm are the `snakemake` / `dagster asset materialize` "
+        "process from start to exit); calls = squeue + sacct + scontrol counted by shims on PATH (for "
+        "dagster-slurm, on the PATH its SSH sessions get).\n\n"
         "| N | way | wall | per item | × floor | × Parsl alone | scheduler calls | calls per minute |\n"
         "|---:|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
         "Targets (computed from the table above):\n" + "\n".join(targets) + "\n\n"
         f"Snakemake and dagster-slurm run only up to N = {args.slow_peers_max_items} (seconds per item); Snakemake "
         "at its Slurm plugin's default pacing (first status query 40 s after submitting), its group jobs with "
-        f"{SNAKEMAKE_GROUP_SIZE} items each and `--cores 1`, so that a group job asks for one CPU. A row that says "
+        f"{SNAKEMAKE_GROUP_SIZE} items each and `--cores 1`, so that a group job asks for one CPU. "
+        "dagster-slurm over SSH to an sshd on 127.0.0.1 that the script starts, with the peers' venv as its "
+        "pre-deployed environment, at its default status polling (2 s, growing to 5 s); its session mode only "
+        "with Dagster's in-process executor (with the multiprocess one, the step that created the allocation "
+        "cancels it when it is done, under the others' steps), so its items run in series. A row that says "
         '"not run" gives the reason found on this machine. A batch shorter than a minute reads high in calls '
         "per minute: the first poll right after submitting counts for the whole batch.\n"
     )
