@@ -314,13 +314,12 @@ def local_sshd(shims_dir: Path, peers_bin: Path) -> tuple[Path, Path]:
     missing = sorted({package for path, package in SSH_PACKAGES.items() if not Path(path).exists()})
     if missing:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-            check=True,
-            env=env,
-            capture_output=True,
-        )
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+        for argv in (["apt-get", "update", "-qq"], install):
+            out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                detail = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+                raise NotRun(f"dagster-slurm needs an SSH server; `{' '.join(argv)}` failed here ({detail})")
     SSH_DIR.mkdir(mode=0o700, exist_ok=True)
     host_key, client_key = SSH_DIR / "host_ed25519", SSH_DIR / "client_ed25519"
     for key in (host_key, client_key):
