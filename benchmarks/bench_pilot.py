@@ -12,8 +12,13 @@ Ways, interleaved within each N (same load for all):
   a rule running `true`, `--executor slurm` at the plugin's default pacing (first status query 40 s after
   submitting, then every 40 s, longer while nothing finishes);
 - Snakemake, group jobs: the same with `--groups` / `--group-components`, 20 items per Slurm job;
-- dagster-slurm: reaches Slurm only over SSH to a login node; where this host has no SSH server, its row says
-  "not run" and why.
+- dagster-slurm, one Slurm job per item (its default mode "slurm"): N assets through its ComputeResource and
+  BashLauncher, `dagster asset materialize` with the multiprocess executor, its default status polling (2 s,
+  growing by 1.5× to 5 s). It reaches Slurm only over SSH to a login node: the script sets one up on this host
+  (OpenSSH from apt where missing, a throwaway key pair and an sshd on 127.0.0.1:2222 from /tmp/ccat-bench-ssh,
+  stopped at the end) and uses the peers' venv as dagster-slurm's "pre-deployed" cluster-side environment;
+- dagster-slurm, session mode: the same assets as srun steps in one allocation for the run (its "slurm-session"
+  mode), with the in-process executor, the only one under which it completes here: the items run in series.
 
 The peers (Parsl, Snakemake and its plugin, dagster-slurm) live in a venv of their own, created and filled from
 PyPI on first use (`--peers-venv`). Snakemake and dagster-slurm take seconds per item, so they run only up to
@@ -21,7 +26,8 @@ PyPI on first use (`--peers-venv`). Snakemake and dagster-slurm take seconds per
 
 The StepRunner ways use the in-memory attempt store and no container (the loop and the backend are measured,
 not ops-db or Apptainer). squeue, sacct and scontrol are shims on PATH that log every call, for all ways (the
-peers run with the shims ahead of their venv and of the real commands).
+peers run with the shims ahead of their venv and of the real commands; dagster-slurm's remote commands get that
+PATH from the sshd's configuration).
 
 Run:  .venv/bin/python benchmarks/bench_pilot.py [--items 50 200] [--rounds 1] [--slow-peers-max-items 50]
       [--write-docs]
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -101,8 +108,9 @@ SNAKEFILE = textwrap.dedent(
 SNAKEMAKE_DEFAULT = "Snakemake 9 + Slurm plugin, one job per item"
 SNAKEMAKE_GROUP_SIZE = 20
 SNAKEMAKE_GROUPED = f"Snakemake 9 + Slurm plugin, group jobs of {SNAKEMAKE_GROUP_SIZE} items"
-DAGSTER_SLURM = "dagster-slurm"
-SLOW_PEERS = (SNAKEMAKE_DEFAULT, SNAKEMAKE_GROUPED, DAGSTER_SLURM)
+DAGSTER_SLURM = "dagster-slurm, one job per item"
+DAGSTER_SLURM_SESSION = "dagster-slurm, session mode (one allocation, items one after another)"
+SLOW_PEERS = (SNAKEMAKE_DEFAULT, SNAKEMAKE_GROUPED, DAGSTER_SLURM, DAGSTER_SLURM_SESSION)
 PARSL_ALONE_WAY = "Parsl HTEX alone (own venv)"
 PEER_WAYS = (PARSL_ALONE_WAY, *SLOW_PEERS)
 PEERS = {
@@ -232,27 +240,216 @@ def snakemake_batch(python: Path, work: Path, jobs: int, index: int, *, group_si
     return elapsed
 
 
-def dagster_slurm_batch(python: Path, work: Path, jobs: int, index: int) -> float:
-    """dagster-slurm reaches Slurm only through SSH to a login node: its SlurmResource requires an
-    SSHConnectionResource and runs sbatch, squeue and sacct over it (its "local" mode runs the payload as a plain
-    subprocess, without Slurm, so it measures nothing comparable). On a host without an SSH server it cannot run;
-    the way says so instead of showing a figure."""
-    probe = subprocess.run(
-        ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", "localhost", "true"],
+SSH_DIR = Path(tempfile.gettempdir()) / "ccat-bench-ssh"
+SSH_PORT = 2222
+SSH_PACKAGES = {"/usr/sbin/sshd": "openssh-server", "/usr/bin/ssh": "openssh-client", "/usr/bin/scp": "openssh-client"}
+AUTHORIZED_KEYS = Path("/root/.ssh/authorized_keys")
+SSH_CONTROL_DIR = SSH_DIR / "control"
+# The sshd this script started, stopped at the end (empty when none was started or one was running before).
+_started_sshd: list[int] = []
+DAGSTER_SLURM_DEFS = textwrap.dedent(
+    """
+    import dagster as dg
+    from dagster_slurm import (BashLauncher, ComputeResource, SlurmQueueConfig, SlurmResource, SlurmSessionResource,
+                               SSHConnectionResource)
+
+    ITEMS, PAYLOAD = {items}, {payload!r}
+
+
+    def item(i):
+        @dg.asset(name=f"item_{{i}}")
+        def _item(context: dg.AssetExecutionContext, compute: ComputeResource):
+            return compute.run(context=context, payload_path=PAYLOAD).get_materialize_result()
+
+        return _item
+
+
+    ssh = SSHConnectionResource(host="127.0.0.1", port={port}, user="root", key_path={key!r},
+                                known_hosts_file={known_hosts!r})
+    slurm = SlurmResource(ssh=ssh, remote_base={remote_base!r},
+                          queue=SlurmQueueConfig(partition="debug", cpus=1, mem="256M", time_limit="00:05:00"))
+    session = SlurmSessionResource(slurm=slurm, num_nodes=1, partition="debug", cpus_per_task=2, mem="1280M",
+                                   time_limit="00:10:00", max_concurrent_jobs={concurrency})
+    defs = dg.Definitions(
+        assets=[item(i) for i in range(ITEMS)],
+        resources={{"compute": ComputeResource(mode={mode!r}, slurm=slurm, default_launcher=BashLauncher(),
+                                              pre_deployed_env_path={env!r}, **{session_args})}},
+        executor={executor},
+    )
+    """
+)
+DAGSTER_SLURM_PAYLOAD = textwrap.dedent(
+    """
+    import subprocess
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        code = subprocess.run(["/bin/true"], check=False).returncode
+        pipes.report_asset_materialization(metadata={"returncode": code})
+        if code:
+            raise SystemExit(code)
+    """
+)
+
+
+def _sshd_running(pid_file: Path) -> int | None:
+    """The pid of the sshd that ``pid_file`` names, if it is alive and is an sshd."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        return pid if "sshd" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def local_sshd(shims_dir: Path, peers_bin: Path) -> tuple[Path, Path]:
+    """An SSH "login node" on this host, for dagster-slurm: sshd on 127.0.0.1:SSH_PORT, key authentication only,
+    with its own host key, config and pid file in SSH_DIR, and a throwaway client key there that root@localhost
+    accepts. Idempotent: installs OpenSSH only where it is missing, appends the key to root's authorized_keys only
+    once, and reuses an sshd already running from SSH_DIR (left running at the end, as it was found).
+
+    PATH of the remote commands: dagster-slurm runs each as ``bash --noprofile --norc -c ...`` over SSH, so it
+    is what sshd hands the session (its ``SetEnv``; a client's PATH is not taken) plus what root's ~/.bashrc
+    prepends (bash reads it when sshd starts it; nothing there is a Slurm command), and Slurm exports it to the
+    jobs. It starts with SSH_DIR/shims and SSH_DIR/peers-bin, links to this run's squeue / sacct / scontrol shims
+    and to the peers' venv, so that the shims stay ahead of the real commands as for the other ways, also for
+    an sshd started by an earlier run. Returns the client key and the known_hosts file that pins the host key."""
+    missing = sorted({package for path, package in SSH_PACKAGES.items() if not Path(path).exists()})
+    if missing:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+        for argv in (["apt-get", "update", "-qq"], install):
+            out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                detail = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+                raise NotRun(f"dagster-slurm needs an SSH server; `{' '.join(argv)}` failed here ({detail})")
+    SSH_DIR.mkdir(mode=0o700, exist_ok=True)
+    host_key, client_key = SSH_DIR / "host_ed25519", SSH_DIR / "client_ed25519"
+    for key in (host_key, client_key):
+        if not key.exists():
+            subprocess.run(
+                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ccat-bench", "-f", str(key)], check=True
+            )
+        key.chmod(0o600)
+    public = (SSH_DIR / "client_ed25519.pub").read_text().strip()
+    AUTHORIZED_KEYS.parent.mkdir(mode=0o700, exist_ok=True)
+    present = AUTHORIZED_KEYS.read_text().splitlines() if AUTHORIZED_KEYS.exists() else []
+    if public not in (line.strip() for line in present):
+        with AUTHORIZED_KEYS.open("a") as keys:
+            keys.write(("\n" if present and not AUTHORIZED_KEYS.read_text().endswith("\n") else "") + public + "\n")
+        AUTHORIZED_KEYS.chmod(0o600)
+    known_hosts = SSH_DIR / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{SSH_PORT} {(SSH_DIR / 'host_ed25519.pub').read_text().strip()}\n")
+    for link, target in ((SSH_DIR / "shims", shims_dir), (SSH_DIR / "peers-bin", peers_bin)):
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+    pid_file = SSH_DIR / "sshd.pid"
+    if _sshd_running(pid_file):
+        return client_key, known_hosts
+    config = SSH_DIR / "sshd_config"
+    config.write_text(
+        f"Port {SSH_PORT}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {pid_file}\n"
+        "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+        "PermitRootLogin prohibit-password\nUsePAM no\nX11Forwarding no\nAllowUsers root\n"
+        f"SetEnv PATH={SSH_DIR / 'shims'}:{SSH_DIR / 'peers-bin'}:/usr/local/bin:/usr/bin:/bin\n"
+        "Subsystem sftp internal-sftp\n"
+    )
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    subprocess.run(["/usr/sbin/sshd", "-t", "-f", str(config)], check=True)
+    subprocess.run(["/usr/sbin/sshd", "-f", str(config), "-E", str(SSH_DIR / "sshd.log")], check=True)
+    for _ in range(50):
+        pid = _sshd_running(pid_file)
+        if pid:
+            _started_sshd.append(pid)
+            return client_key, known_hosts
+        time.sleep(0.1)
+    raise NotRun(f"sshd did not start on 127.0.0.1:{SSH_PORT} (see {SSH_DIR / 'sshd.log'})")
+
+
+def stop_local_sshd() -> None:
+    """Closes dagster-slurm's SSH ControlMasters (it keeps one per host for 10 minutes after its last command,
+    here with its sockets in SSH_CONTROL_DIR) and stops the sshd that local_sshd started, if any (not one that
+    was running before)."""
+    for socket in sorted(SSH_CONTROL_DIR.glob("*")) if SSH_CONTROL_DIR.exists() else []:
+        subprocess.run(
+            ["ssh", "-O", "exit", "-o", f"ControlPath={socket}", "-p", str(SSH_PORT), "root@127.0.0.1"],
+            capture_output=True,
+            check=False,
+        )
+    # Steps that start at once each start a master; those that lose the race for the socket keep running
+    # without one, so they are found by the control directory on their command line.
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv[0] == "ssh" and "-M" in argv and any(a.startswith(f"ControlPath={SSH_CONTROL_DIR}/") for a in argv):
+            os.kill(int(proc.name), signal.SIGTERM)
+    while _started_sshd:
+        pid = _started_sshd.pop()
+        if _sshd_running(SSH_DIR / "sshd.pid") == pid:
+            os.kill(pid, signal.SIGTERM)
+
+
+def dagster_slurm_batch(python: Path, work: Path, jobs: int, index: int, *, session: bool = False) -> float:
+    """N assets, each running the payload through dagster-slurm's ComputeResource in its default mode ("slurm",
+    one sbatch job per asset) with its BashLauncher, materialized with `dagster asset materialize` in the peers'
+    venv (Dagster's multiprocess executor, up to N steps at a time). dagster-slurm reaches Slurm only over SSH to
+    a login node, here the local sshd of local_sshd. The Python environment on the cluster side is a
+    "pre-deployed" one (its production setting, instead of packing one with pixi for each run): the cluster is
+    this host, so the peers' venv serves, laid out as dagster-slurm expects (activate.sh and env/bin/python).
+    Wall = the `dagster` process from start to exit.
+
+    With ``session``, its "slurm-session" mode instead: one allocation (SlurmSessionResource, the node's 2 CPUs)
+    for the run, each asset an srun step in it. That needs Dagster's in-process executor, so the items run one
+    after another: with the multiprocess executor, every step process attaches to the allocation, and the one
+    that created it cancels it as soon as its own step is done, which kills the others' steps."""
+    key, known_hosts = local_sshd(work / "bin", python.parent)
+    name = f"dagster-slurm-{'session' if session else 'default'}-{jobs}-{index}"
+    run_dir = work / name
+    env_dir = work / "dagster-slurm-env"
+    if not env_dir.exists():
+        env_dir.mkdir()
+        (env_dir / "env").symlink_to(python.parent.parent)
+        (env_dir / "activate.sh").write_text(f'export PATH="{python.parent}:$PATH"\n')
+    (run_dir / "home").mkdir(parents=True)
+    payload = run_dir / "payload.py"
+    payload.write_text(DAGSTER_SLURM_PAYLOAD)
+    (run_dir / "defs.py").write_text(
+        DAGSTER_SLURM_DEFS.format(
+            items=jobs,
+            payload=str(payload),
+            port=SSH_PORT,
+            key=str(key),
+            known_hosts=str(known_hosts),
+            remote_base=str(run_dir / "remote"),
+            env=str(env_dir),
+            concurrency=jobs,
+            mode="slurm-session" if session else "slurm",
+            session_args='{"session": session}' if session else "{}",
+            executor="dg.in_process_executor"
+            if session
+            else f'dg.multiprocess_executor.configured({{"max_concurrent": {jobs}}})',
+        )
+    )
+    (run_dir / "home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    argv = [str(python.parent / "dagster"), "asset", "materialize", "-f", str(run_dir / "defs.py"), "--select", "*"]
+    began = time.time()
+    out = subprocess.run(
+        argv,
         capture_output=True,
         text=True,
-        check=False,
+        env={
+            **peers_env(python),
+            "DAGSTER_HOME": str(run_dir / "home"),
+            "DAGSTER_SLURM_SSH_CONTROL_DIR": str(SSH_CONTROL_DIR),
+        },
     )
-    if probe.returncode != 0:
-        detail = (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
-        raise NotRun(
-            "dagster-slurm submits to Slurm only over SSH to a login node (its SlurmResource needs an "
-            f"SSHConnectionResource) and `ssh localhost` fails here ({detail})"
-        )
-    raise NotRun(
-        "dagster-slurm submits to Slurm only over SSH to a login node; SSH to this host works, but this script "
-        "does not drive dagster-slurm over it"
-    )
+    elapsed = time.time() - began
+    (run_dir / "dagster.log").write_text(out.stdout + out.stderr)
+    done = out.stderr.count("ASSET_MATERIALIZATION")
+    if out.returncode != 0 or done < jobs:
+        raise SystemExit(f"dagster-slurm ({name}) failed, {done} of {jobs} done: {out.stderr[-3000:]}")
+    return elapsed
 
 
 def median_walls(results: dict[tuple[int, str], list[tuple[float, int]]], items: int) -> dict[str, float]:
@@ -284,6 +481,7 @@ def main() -> int:
         SNAKEMAKE_DEFAULT: lambda w, n, i: snakemake_batch(python, w, n, i),
         SNAKEMAKE_GROUPED: lambda w, n, i: snakemake_batch(python, w, n, i, group_size=SNAKEMAKE_GROUP_SIZE),
         DAGSTER_SLURM: lambda w, n, i: dagster_slurm_batch(python, w, n, i),
+        DAGSTER_SLURM_SESSION: lambda w, n, i: dagster_slurm_batch(python, w, n, i, session=True),
     }
     results: dict[tuple[int, str], list[tuple[float, int]]] = {}
     not_run: dict[tuple[int, str], str] = {}
@@ -292,24 +490,27 @@ def main() -> int:
         log = work / "calls.log"
         shims(work / "bin", log)
         os.environ["PATH"] = f"{work / 'bin'}{os.pathsep}{os.environ['PATH']}"
-        for items in args.items:
-            for index in range(args.rounds):
-                for name, way in ways.items():
-                    if name in SLOW_PEERS and items > args.slow_peers_max_items:
-                        not_run[(items, name)] = f"not run (N > {args.slow_peers_max_items})"
-                        continue
-                    if (items, name) in not_run:
-                        continue
-                    began = time.time()
-                    try:
-                        elapsed = way(work, items, index)
-                    except NotRun as reason:
-                        not_run[(items, name)] = f"not run: {reason}"
-                        print(f"N={items} round {index}: {name}: not run: {reason}", flush=True)
-                        continue
-                    calls = len(calls_since(log, began))
-                    results.setdefault((items, name), []).append((elapsed, calls))
-                    print(f"N={items} round {index}: {name}: {elapsed:.1f} s, {calls} scheduler calls", flush=True)
+        try:
+            for items in args.items:
+                for index in range(args.rounds):
+                    for name, way in ways.items():
+                        if name in SLOW_PEERS and items > args.slow_peers_max_items:
+                            not_run[(items, name)] = f"not run (N > {args.slow_peers_max_items})"
+                            continue
+                        if (items, name) in not_run:
+                            continue
+                        began = time.time()
+                        try:
+                            elapsed = way(work, items, index)
+                        except NotRun as reason:
+                            not_run[(items, name)] = f"not run: {reason}"
+                            print(f"N={items} round {index}: {name}: not run: {reason}", flush=True)
+                            continue
+                        calls = len(calls_since(log, began))
+                        results.setdefault((items, name), []).append((elapsed, calls))
+                        print(f"N={items} round {index}: {name}: {elapsed:.1f} s, {calls} scheduler calls", flush=True)
+        finally:
+            stop_local_sshd()
     load_after = os.getloadavg()
     rows = []
     for items in args.items:
@@ -360,14 +561,19 @@ def main() -> int:
         f"{machine()}\n"
         "- The single-node Slurm of scripts/slurm-single-node.sh (2 CPUs); payload `/bin/true`; ways interleaved "
         "per N; wall = first submission to last result (packed and Parsl include importing Parsl, starting its "
-        "engine and releasing the allocations, Snakemake is the `snakemake` process from start to exit); calls = "
-        "squeue + sacct + scontrol counted by shims on PATH.\n\n"
+        "engine and releasing the allocations, Snakemake and dagster-slurm are the `snakemake` / `dagster asset "
+        "materialize` process from start to exit); calls = squeue + sacct + scontrol counted by shims on PATH (for "
+        "dagster-slurm, on the PATH its SSH sessions get).\n\n"
         "| N | way | wall | per item | × floor | × Parsl alone | scheduler calls | calls per minute |\n"
         "|---:|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
         "Targets (computed from the table above):\n" + "\n".join(targets) + "\n\n"
         f"Snakemake and dagster-slurm run only up to N = {args.slow_peers_max_items} (seconds per item); Snakemake "
         "at its Slurm plugin's default pacing (first status query 40 s after submitting), its group jobs with "
-        f"{SNAKEMAKE_GROUP_SIZE} items each and `--cores 1`, so that a group job asks for one CPU. A row that says "
+        f"{SNAKEMAKE_GROUP_SIZE} items each and `--cores 1`, so that a group job asks for one CPU. "
+        "dagster-slurm over SSH to an sshd on 127.0.0.1 that the script starts, with the peers' venv as its "
+        "pre-deployed environment, at its default status polling (2 s, growing to 5 s); its session mode only "
+        "with Dagster's in-process executor (with the multiprocess one, the step that created the allocation "
+        "cancels it when it is done, under the others' steps), so its items run in series. A row that says "
         '"not run" gives the reason found on this machine. A batch shorter than a minute reads high in calls '
         "per minute: the first poll right after submitting counts for the whole batch.\n"
     )
