@@ -61,7 +61,10 @@ from ccat_dagster.execution.runner import OutcomeKind, RunnerConfig, StepRunner 
 from tests.loop_fakes import STEP, plan  # noqa: E402
 
 SECTION = "## Many sub-groups per allocation: packed execution against the floor and Parsl"
-SMALL = STEP.__class__(**{**STEP.__dict__, "resources": STEP.resources.__class__(cpu=1, memory_gb=0.5, time_hours=0.1)})
+# The shape of the tasks TruePreparation submits (0.25 GB): the packed engine sizes its allocations for it.
+SMALL = STEP.__class__(
+    **{**STEP.__dict__, "resources": STEP.resources.__class__(cpu=1, memory_gb=0.25, time_hours=0.1)}
+)
 PARSL_ALONE = textwrap.dedent(
     """
     import subprocess, sys, time

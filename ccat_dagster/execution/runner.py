@@ -261,7 +261,7 @@ class StepRunner(AttemptSubmission, AttemptCollection):
         )
         if total:
             if queue:  # the packed engine's first allocation comes up while the first round is staged
-                best_effort(lambda: self.backend.prepare_for(step.resources))
+                best_effort(lambda: self.backend.prepare_for(queue[0].resources))
             outcomes.update(self._loop(queue, adopted, step, preparation, total))
         return outcomes
 
