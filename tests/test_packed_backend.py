@@ -65,6 +65,19 @@ class ThreadEngine(PilotEngine):
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def packed_runner(tmp_path: Path, backend, store: InMemoryAttemptStore, preparation, **config) -> StepRunner:  # type: ignore[no-untyped-def]
+    """The real StepRunner on ``backend``, with the in-memory attempt store and no containers."""
+    return StepRunner(
+        engine=None,
+        backend=backend,
+        runtime=None,
+        stager=None,
+        config=RunnerConfig(pipeline_base_dir=tmp_path, processing_location_id=0, sif_cache_dir=tmp_path, **config),
+        store=store,
+        preparation=preparation,
+    )
+
+
 def spec(tmp_path: Path, name: str, command: list[str], **resources) -> JobSpec:
     return JobSpec(
         command=command,
@@ -118,17 +131,7 @@ def test_each_packed_sub_group_has_its_own_outcome_failure_and_retry(tmp_path):
     engine = ThreadEngine()
     backend = PackedBackend(tmp_path / "tasks", engine, max_task_hours=1)
     store = InMemoryAttemptStore()
-    runner = StepRunner(
-        engine=None,
-        backend=backend,
-        runtime=None,
-        stager=None,
-        config=RunnerConfig(
-            pipeline_base_dir=tmp_path, processing_location_id=0, sif_cache_dir=tmp_path, max_in_flight=20
-        ),
-        store=store,
-        preparation=ShellPreparation(base=tmp_path),
-    )
+    runner = packed_runner(tmp_path, backend, store, ShellPreparation(base=tmp_path), max_in_flight=20)
     keys = ["scan-1", "scan-2", "fail-once", "scan-3"]
     outcomes = runner.execute(step=STEP, plans=[plan(k) for k in keys], dagster_run_id="run-1")
     engine.shutdown()
@@ -211,17 +214,7 @@ def test_a_task_its_allocation_ends_is_lost_not_cancelled_and_retried_within_max
     engine = EndingAllocationEngine(tmp_path / "tasks")
     backend = PackedBackend(tmp_path / "tasks", engine, max_task_hours=1, kill_grace_seconds=1)
     store = InMemoryAttemptStore()
-    runner = StepRunner(
-        engine=None,
-        backend=backend,
-        runtime=None,
-        stager=None,
-        config=RunnerConfig(
-            pipeline_base_dir=tmp_path, processing_location_id=0, sif_cache_dir=tmp_path, max_in_flight=20
-        ),
-        store=store,
-        preparation=SleepPreparation(base=tmp_path),
-    )
+    runner = packed_runner(tmp_path, backend, store, SleepPreparation(base=tmp_path), max_in_flight=20)
     outcomes = runner.execute(step=STEP, plans=[plan("ended")], dagster_run_id="run-1")
     engine.shutdown()
     assert outcomes["ended"].kind is OutcomeKind.FAILED
@@ -355,14 +348,8 @@ def test_a_task_over_its_memory_is_ended_as_oom_and_retried_with_more(tmp_path):
     engine = ThreadEngine()
     store = InMemoryAttemptStore()
     small = replace(STEP, resources=replace(STEP.resources, memory_gb=0.1))
-    runner = StepRunner(
-        engine=None,
-        backend=PackedBackend(tmp_path / "tasks", engine, max_task_hours=1),
-        runtime=None,
-        stager=None,
-        config=RunnerConfig(pipeline_base_dir=tmp_path, processing_location_id=0, sif_cache_dir=tmp_path),
-        store=store,
-        preparation=HungryPreparation(base=tmp_path),
+    runner = packed_runner(
+        tmp_path, PackedBackend(tmp_path / "tasks", engine, max_task_hours=1), store, HungryPreparation(base=tmp_path)
     )
     outcomes = runner.execute(step=small, plans=[plan("scan-1")], dagster_run_id="run-1")
     engine.shutdown()
@@ -430,14 +417,11 @@ def test_the_engine_is_started_before_the_first_round_is_staged(tmp_path):
             return super().stage(plans)
 
     engine = WarmEngine()
-    runner = StepRunner(
-        engine=None,
-        backend=PackedBackend(tmp_path / "tasks", engine, max_task_hours=1),
-        runtime=None,
-        stager=None,
-        config=RunnerConfig(pipeline_base_dir=tmp_path, processing_location_id=0, sif_cache_dir=tmp_path),
-        store=InMemoryAttemptStore(),
-        preparation=RecordingPreparation(base=tmp_path),
+    runner = packed_runner(
+        tmp_path,
+        PackedBackend(tmp_path / "tasks", engine, max_task_hours=1),
+        InMemoryAttemptStore(),
+        RecordingPreparation(base=tmp_path),
     )
     outcomes = runner.execute(step=STEP, plans=[plan("scan-1"), plan("scan-2")], dagster_run_id="run-1")
     engine.shutdown()
