@@ -86,18 +86,24 @@ class PackedBackend(HpcBackend):
         self.max_task_hours = max_task_hours
         self.kill_grace_seconds = kill_grace_seconds
 
-    def submit(self, spec: JobSpec) -> str:
-        if spec.resources.time_hours > self.max_task_hours:
-            raise InvalidJobSpecError(
-                f"time_hours={spec.resources.time_hours} is longer than a packed allocation lives "
+    def _refusal(self, resources: JobResources) -> str | None:
+        """Why a task of ``resources`` cannot be packed, with the fix (None: it can)."""
+        if resources.time_hours > self.max_task_hours:
+            return (
+                f"time_hours={resources.time_hours} is longer than a packed allocation lives "
                 f"({self.max_task_hours:g} h, PACKED_WALLTIME_MINUTES): give the step "
                 "execution: {mode: job_per_sub_group}, or raise the setting"
             )
-        if spec.resources.gpus:
-            raise InvalidJobSpecError(
-                f"gpus={spec.resources.gpus}: packed allocations hold CPU tasks only; give the step "
+        if resources.gpus:
+            return (
+                f"gpus={resources.gpus}: packed allocations hold CPU tasks only; give the step "
                 "execution: {mode: job_per_sub_group}"
             )
+        return None
+
+    def submit(self, spec: JobSpec) -> str:
+        if (refusal := self._refusal(spec.resources)) is not None:
+            raise InvalidJobSpecError(refusal)
         job_id = uuid.uuid4().hex
         record = job_record(spec, job_id, kill_grace_seconds=self.kill_grace_seconds)
         record["cancel_by_marker"] = True  # the task may run on a node this process cannot signal
@@ -119,7 +125,7 @@ class PackedBackend(HpcBackend):
 
     def prepare_for(self, resources: JobResources) -> None:
         """Start the engine and ask for its first allocation now, before the batch's data is staged."""
-        if resources.time_hours > self.max_task_hours or resources.gpus:
+        if self._refusal(resources) is not None:
             return  # submit refuses these tasks, with the fix
         try:
             self.engine.warm_up(cpu=resources.cpu, memory_gb=resources.memory_gb)
