@@ -220,11 +220,12 @@ class ParslEngine(PilotEngine):
         return shape
 
     def warm_up(self, *, cpu: int, memory_gb: float) -> None:
-        # The DataFlowKernel's start (~1-2 s) and the allocation's way through the queue overlap the staging; an
-        # allocation that then has no task for idle_seconds is released like any other.
+        # The DataFlowKernel's start (~1-2 s) overlaps the staging. Its first allocation is still asked for by the
+        # strategy once tasks are queued (0.2 s later): an initial block, counted against allocations_per_batch
+        # before its status was known, made a batch whose allocation ended under it give up too early.
         with self._lock:
             if not self._shapes:
-                self._ensure_started(cpu, memory_gb, first_allocation_now=True)
+                self._ensure_started(cpu, memory_gb)
 
     def start(self, task_id: str, state_dir: Path, *, cpu: int, memory_gb: float) -> None:
         with self._lock:
@@ -287,7 +288,8 @@ class ParslEngine(PilotEngine):
             statuses = list(executor.status_facade.values())  # type: ignore[attr-defined]
         except RuntimeError:  # Parsl's poller thread updated the statuses meanwhile: ask again next time
             return False
-        return all(status.terminal for status in statuses)
+        # No status yet (a block just asked for, not polled): it may well come up, so the shape is not stranded.
+        return bool(statuses) and all(status.terminal for status in statuses)
 
     def _spent_message(self, shape: _Shape | None) -> str:
         return (
